@@ -1,0 +1,42 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Both build .venv from nothing (torch first, DeepSpeed after it without build
+# isolation, because DeepSpeed's setup imports torch).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast test-cluster bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dipro demo
+
+# pytest exits 5 when it collected no test; that is a failure of the suite here.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not cluster" tests
+	$(BIN)/python -m pytest -m cluster tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no cluster tests collected"; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not cluster" tests
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,1 @@
+"""Raw MIMIC ingestion (readers, cohort, labels, EHR), the synthetic cohort and WebDataset shards."""

@@ -1,0 +1,5 @@
+import sys
+
+from dipro.cli import main
+
+sys.exit(main())

@@ -1,0 +1,357 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``key=value`` overrides.
+
+Every command that trains or evaluates resolves one :class:`Config`:
+
+    cfg = load_config("configs/mortality.yaml", ["trainer.num_workers=2", "seed=29"])
+
+* Fields are documented where they are declared and validated in ``__post_init__``.
+* An unknown key (in YAML or an override) is a :class:`~dipro.errors.ConfigError`
+  naming the key and the keys that are allowed there.
+* Override values are parsed as YAML scalars (``1e-5``, ``true``, ``[1,2]``, ``null``).
+* The resolved config round-trips through :func:`to_dict` / :func:`from_dict` and is
+  saved with every run (``config.yaml``).
+Defaults are the paper's full configuration; ``configs/demo.yaml`` shrinks it for CPU.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dipro.errors import ConfigError
+
+TASKS = ("disease_progression", "mortality", "length_of_stay")
+# The validation metric that drives best-checkpoint selection and early stopping.
+TASK_MONITOR = {
+    "disease_progression": "f1_macro",
+    "mortality": "auprc",
+    "length_of_stay": "accuracy",
+}
+
+
+@dataclass
+class DataConfig:
+    shards: str = "demo_output/shards"
+    """Shard root written by ``dipro shard`` (holds manifest.parquet)."""
+    batch_size: int = 4
+    """Micro batch per worker."""
+    num_loader_workers: int = 2
+    """DataLoader worker processes per training worker."""
+    shuffle_buffer: int = 256
+    """Sample shuffle buffer for training (0 disables)."""
+    max_corrupt_fraction: float = 0.01
+    """Stop the run when more than this fraction of samples in an epoch is corrupt."""
+    augment: bool = True
+    """Training augmentations (never applied to evaluation)."""
+    max_cxrs: int = 14
+    """Upper bound on CXRs per sample (the cohort rule's 14)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.num_loader_workers >= 0, "data.num_loader_workers must be >= 0")
+        _check(0.0 <= self.max_corrupt_fraction <= 1.0, "data.max_corrupt_fraction must be in [0, 1]")
+        _check(2 <= self.max_cxrs <= 14, "data.max_cxrs must be in [2, 14]")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    """Region encoder: resnet50 (paper) | resnet34 | resnet18 | tiny (a 4-layer CNN for tests)."""
+    backbone_weights: str | None = None
+    """Local file with ImageNet or CXR-pretrained backbone weights; none = random init (logged)."""
+    crop_size: int = 224
+    """Side of the square region crops fed to the backbone."""
+    d_model: int = 256
+    num_layers: int = 2
+    """Transformer layers of the EHR encoder / fusion blocks."""
+    num_heads: int = 4
+    dropout: float = 0.1
+    group_k: int = 8
+    """K of the group embedding of static features with demographics."""
+    channels_last: bool = False
+    # --- ablation switches (the paper's ablations) ---
+    use_ehr: bool = True
+    """False = CXR only."""
+    last_cxr_only: bool = False
+    """Use only the last two CXRs (the "Last" column of the paper's ICU table)."""
+    use_pae: bool = True
+    """Progression-aware enhancement (reversed pairs)."""
+    use_std_losses: bool = True
+    """Orthogonality and temporal-consistency losses."""
+    local_fusion: bool = True
+    global_fusion: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.backbone in ("resnet50", "resnet34", "resnet18", "tiny"),
+               f"model.backbone must be resnet50|resnet34|resnet18|tiny, got {self.backbone!r}")
+        _check(self.d_model % self.num_heads == 0, "model.d_model must be divisible by model.num_heads")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.crop_size >= 16, "model.crop_size must be >= 16")
+        _check(self.group_k >= 1, "model.group_k must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the paper's total loss (authors' settings table)."""
+    lambda_ce: float = 2.0
+    """Task cross-entropy (progression / mortality BCE / LOS CE)."""
+    orth: float = 1.0
+    """L_orth (STD)."""
+    consistency: float = 0.0
+    """L_temp, temporal consistency of static features (STD)."""
+    static_order: float = 0.5
+    """lambda_static: ||S - S_reversed||^2 inside L_PAE."""
+    dynamic_order: float = 2.0
+    """Weight of the region-level progression CE (original + reversed) inside L_PAE."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check(getattr(self, f.name) >= 0, f"loss.{f.name} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    weight_decay: float = 0.01
+    min_lr: float = 1e-7
+    """Cosine decay floor."""
+    warmup_steps: int = 0
+    grad_accum: int = 4
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr must be > 0")
+        _check(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    """Ray Train workers (one process per GPU, or per CPU slot)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    strategy: str = "ddp"
+    """ddp | deepspeed."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """DeepSpeed ZeRO optimizer offload to CPU."""
+    precision: str = "bf16"
+    """bf16 | fp16 | fp32 (fp16 needs a GPU)."""
+    max_epochs: int = 100
+    max_steps_per_epoch: int | None = None
+    """Cap on optimizer steps per epoch (None = one pass over the training shards)."""
+    patience: int = 10
+    """Early stopping on the task's validation monitor."""
+    checkpoint_every_n_steps: int = 0
+    """Extra checkpoints every N optimizer steps inside an epoch (0 = only per epoch)."""
+    num_to_keep: int = 2
+    max_failures: int = 0
+    """Ray FailureConfig: worker-group restarts from the last checkpoint."""
+    storage_path: str = "runs"
+    """Ray storage path for checkpoints (must be shared storage on a cluster)."""
+    run_name: str | None = None
+    """Unique run name; generated when None."""
+    log_every_n_steps: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "trainer.num_workers must be >= 1")
+        _check(self.strategy in ("ddp", "deepspeed"), f"trainer.strategy must be ddp|deepspeed, got {self.strategy!r}")
+        _check(self.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3")
+        _check(self.precision in ("bf16", "fp16", "fp32"), f"trainer.precision must be bf16|fp16|fp32, got {self.precision!r}")
+        _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
+        _check(self.max_failures >= -1, "trainer.max_failures must be >= -1 (-1 = unlimited)")
+        _check(self.num_to_keep >= 1, "trainer.num_to_keep must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory."""
+    experiment: str = "dipro"
+    register: bool = True
+    """Register the best checkpoint as a new version of dipro-{task}."""
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    task: str = "mortality"
+    """disease_progression | mortality | length_of_stay."""
+    seed: int = 23
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+
+    @property
+    def monitor(self) -> str:
+        """Validation metric (higher is better) for checkpoint selection / early stopping."""
+        return TASK_MONITOR[self.task]
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.data.batch_size * self.trainer.num_workers * self.optim.grad_accum
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- I/O
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the declared field type, naming the key on error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: expected {tp}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain dict; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} (allowed under {prefix.rstrip('.') or 'the root'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            kwargs[name] = from_dict(value or {}, tp, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["trainer.num_workers=2", "model.use_ehr=false"]`` -> nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML config file; ``base: other.yaml`` (relative path) is merged underneath."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(load_yaml(p.parent / base), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a config: dataclass defaults <- YAML file (with ``base``) <- overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = _deep_merge(data, parse_overrides(list(overrides)))
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def replace(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied (validated again)."""
+    return from_dict(_deep_merge(to_dict(cfg), parse_overrides(list(overrides))))
