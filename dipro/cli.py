@@ -36,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        module = importlib.import_module(f"dipro.commands.{name}")
+        module_name = f"dipro.commands.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # Only a command module that is absent from this checkout is tolerated
+            # (tests/test_cli.py asserts all are present); a missing dependency
+            # inside a command module is a real error and propagates.
+            if exc.name != module_name:
+                raise
+            continue
         module.register(sub)
     return parser
 
