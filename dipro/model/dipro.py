@@ -1,0 +1,191 @@
+"""DiPro: region encoder -> STD (+ PAE) -> MMF -> task head, with the paper's losses.
+
+``out = model(batch)`` takes a batch as docs/ARCHITECTURE.md §3 defines it and returns
+
+* ``logits``: progression [B,7,3] | mortality [B] | LOS [B,4]
+* ``region_attention`` [B,R]: the task tokens' region-pooling attention, summed over
+  the CXR pairs and averaged over heads and task tokens (sums to 1 per sample)
+* ``S``, ``D`` [B,P,R,d] (STD), ``S_rev``, ``D_rev``, ``region_logits``,
+  ``region_logits_rev`` [B,P,R,7,3] (PAE, when enabled),
+  ``pair_valid`` [B,P] and ``pair_index`` [B,P] (which of the batch's pairs, i.e. which
+  ``region_labels`` row, each pair is; it differs from 0..P-1 only with ``last_cxr_only``).
+
+``loss, terms = model.compute_loss(batch, out)``; ``model.predict_proba(out)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_sharding.constants import NOT_MENTIONED, NUM_LOS_BINS, NUM_REGIONS
+from dipro.config import LossConfig, ModelConfig
+from dipro.errors import DataError
+from dipro.model import losses as L
+from dipro.model.heads import TASK_OUTPUTS, TaskHeads
+from dipro.model.mmf import MultiscaleMultimodalFusion
+from dipro.model.pae import RegionProgressionHead, pae_progression_loss, static_consistency_loss
+from dipro.model.region_encoder import RegionEncoder
+from dipro.model.std import SpatiotemporalDisentanglement, orthogonality_loss, pair_validity, temporal_consistency_loss
+
+_CXR_KEYS = ("crops", "region_mask", "cxr_mask", "cxr_hours", "demographics")
+_EHR_KEYS = ("ehr_values", "ehr_obs_mask", "ehr_hours", "ehr_mask")
+
+
+def _sample_names(batch: Mapping[str, Any], rows: torch.Tensor) -> str:
+    keys = batch.get("sample_key")
+    idx = [int(i) for i in rows.nonzero().flatten()[:5]]
+    names = [str(keys[i]) for i in idx] if keys is not None else [f"row {i}" for i in idx]
+    return ", ".join(names)
+
+
+class DiPro(nn.Module):
+    """The DiPro network for one task (disease_progression | mortality | length_of_stay).
+
+    ``label_stats`` (processed/label_stats.json) gives the class weights; None gives
+    uniform placeholders to be overwritten by ``load_state_dict``.  ``load_pretrained``
+    False skips reading ``model.backbone_weights`` (rebuilding from a checkpoint).
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        task: str,
+        label_stats: Mapping[str, Any] | None = None,
+        loss_cfg: LossConfig | None = None,
+        load_pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        if task not in TASK_OUTPUTS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_OUTPUTS)}")
+        self.cfg, self.task = model_cfg, task
+        self.loss_cfg = loss_cfg or LossConfig()
+        d = model_cfg.d_model
+        self.region_encoder = RegionEncoder(
+            model_cfg.backbone,
+            d,
+            NUM_REGIONS,
+            model_cfg.dropout,
+            weights_path=model_cfg.backbone_weights,
+            channels_last=model_cfg.channels_last,
+            load_pretrained=load_pretrained,
+        )
+        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout)
+        self.region_head = RegionProgressionHead(d) if model_cfg.use_pae else None
+        num_tokens = TASK_OUTPUTS[task][0]
+        self.mmf = MultiscaleMultimodalFusion(model_cfg, num_tokens)
+        self.heads = TaskHeads(task, d, model_cfg.dropout)
+        self.class_weights = L.ClassWeights(task, label_stats)
+
+    # ------------------------------------------------------------------ inputs
+    def _check_batch(self, batch: Mapping[str, Any]) -> None:
+        needed = _CXR_KEYS + (_EHR_KEYS if self.cfg.use_ehr else ())
+        missing = [k for k in needed if k not in batch]
+        if missing:
+            raise DataError(f"batch is missing {', '.join(missing)} (docs/ARCHITECTURE.md §3)")
+        crops = batch["crops"]
+        if crops.ndim != 5 or crops.shape[2] != NUM_REGIONS or crops.dtype != torch.uint8:
+            raise DataError(f"batch crops: expected uint8 [B,T,{NUM_REGIONS},C,C], got {crops.dtype} {tuple(crops.shape)}")
+        if crops.shape[-1] != self.cfg.crop_size or crops.shape[-2] != self.cfg.crop_size:
+            raise DataError(
+                f"batch crops are {crops.shape[-2]}x{crops.shape[-1]} but model.crop_size is {self.cfg.crop_size} "
+                "(shard with the same --crop-size or set model.crop_size)"
+            )
+        cxr_mask = batch["cxr_mask"].bool()
+        n = cxr_mask.sum(dim=1)
+        prefix = torch.arange(cxr_mask.shape[1], device=cxr_mask.device)[None, :] < n[:, None]
+        bad = (n < 2) | (prefix != cxr_mask).any(dim=1)
+        if bool(bad.any()):
+            raise DataError(
+                "every sample needs >= 2 real CXRs first, then padding (cxr_mask); offending samples: "
+                + _sample_names(batch, bad)
+            )
+
+    def _select_cxrs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """(crops, region_mask, cxr_mask, cxr_hours, pair_index); ``last_cxr_only`` keeps the last two real CXRs."""
+        crops, cxr_mask = batch["crops"], batch["cxr_mask"].bool()
+        region_mask, hours = batch["region_mask"].bool(), batch["cxr_hours"].float()
+        b, t = cxr_mask.shape
+        if self.cfg.last_cxr_only and t > 2:
+            n = cxr_mask.sum(dim=1)
+            idx = torch.stack([n - 2, n - 1], dim=1)  # [B,2]
+            rows = torch.arange(b, device=idx.device)[:, None]
+            crops, region_mask, hours = crops[rows, idx], region_mask[rows, idx], hours[rows, idx]
+            cxr_mask = torch.ones(b, 2, dtype=torch.bool, device=cxr_mask.device)
+            return crops, region_mask, cxr_mask, hours, (n - 2)[:, None]
+        pair_index = torch.arange(t - 1, device=cxr_mask.device).expand(b, -1)
+        return crops, region_mask, cxr_mask, hours, pair_index
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        self._check_batch(batch)
+        crops, region_mask, cxr_mask, hours, pair_index = self._select_cxrs(batch)
+        features = self.region_encoder(crops, region_mask & cxr_mask[:, :, None])  # F [B,T,R,d]
+        valid = pair_validity(cxr_mask)
+        static, dynamic = self.std(features)  # S, D (STD)
+        out: dict[str, torch.Tensor] = {"S": static, "D": dynamic, "pair_valid": valid, "pair_index": pair_index}
+        if self.region_head is not None:
+            static_rev, dynamic_rev = self.std(features, reverse=True)  # S~, D~ (PAE)
+            out.update(
+                S_rev=static_rev,
+                D_rev=dynamic_rev,
+                region_logits=self.region_head(dynamic),
+                region_logits_rev=self.region_head(dynamic_rev),
+            )
+        tokens, region_attention = self.mmf(static, dynamic, valid, hours, batch)
+        out["logits"] = self.heads(tokens)
+        out["region_attention"] = region_attention
+        return out
+
+    # ------------------------------------------------------------------ losses
+    def _task_loss(self, batch: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor:
+        cw = self.class_weights
+        if self.task == "disease_progression":
+            y = batch["progression"].long()
+            _check_labels(y, 0, NOT_MENTIONED, "progression", batch)
+            return L.masked_class_weighted_ce(logits, y, cw.progression)
+        if self.task == "mortality":
+            y = batch["mortality"]
+            _check_labels(y, 0, 1, "mortality", batch)
+            return L.mortality_bce(logits, y, cw.mortality_pos_weight)
+        y = batch["los_bin"].long()
+        _check_labels(y, 0, NUM_LOS_BINS - 1, "los_bin", batch)
+        return L.los_ce(logits, y)
+
+    def compute_loss(self, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its terms {task_ce, orth, temp, pae_ce, static, total} (all tensors)."""
+        logits = out["logits"]
+        zero = logits.new_zeros((), dtype=torch.float32)
+        terms = {name: zero for name in L.TERM_NAMES}
+        terms["task_ce"] = self._task_loss(batch, logits)
+        valid = out["pair_valid"]
+        if self.cfg.use_std_losses:
+            terms["orth"] = orthogonality_loss(out["S"], out["D"], valid)
+            terms["temp"] = temporal_consistency_loss(out["S"], valid)
+        if self.region_head is not None:
+            labels = batch["region_labels"].long()
+            _check_labels(labels, 0, NOT_MENTIONED, "region_labels", batch)
+            rows = torch.arange(labels.shape[0], device=labels.device)[:, None]
+            labels = labels[rows, out["pair_index"]]  # [B,P,R,7] for the pairs the model used
+            terms["pae_ce"] = pae_progression_loss(
+                out["region_logits"], out["region_logits_rev"], labels, valid, self.class_weights.region
+            )
+            terms["static"] = static_consistency_loss(out["S"], out["S_rev"], valid)
+        terms["total"] = L.total_loss(terms, self.loss_cfg)
+        return terms["total"], terms
+
+    def predict_proba(self, out: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """progression [B,7,3] softmax | mortality [B] sigmoid | LOS [B,4] softmax (float32)."""
+        logits = out["logits"].float()
+        if self.task == "mortality":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+
+
+def _check_labels(y: torch.Tensor, low: int, high: int, name: str, batch: Mapping[str, Any]) -> None:
+    flat = y.reshape(y.shape[0], -1)
+    bad = ((flat < low) | (flat > high)).any(dim=1)
+    if bool(bad.any()):
+        raise DataError(f"batch {name}: values must be in [{low}, {high}]; offending samples: {_sample_names(batch, bad)}")

@@ -1,0 +1,135 @@
+"""Building blocks shared by STD, PAE and MMF: masked multi-head attention and time embeddings.
+
+The attention here is written out (rather than ``nn.MultiheadAttention``) because the
+paper's local interval encoding needs a per-query additive mask with ``-inf`` entries
+(MMF, AttnMask_ij) and the region-attention figure needs the attention weights; both
+are plain tensors here.  A query row whose keys are all masked gets all-zero weights
+(and so a zero attention output) instead of the NaN a plain softmax would produce; the
+caller decides what such a row means (see :mod:`dipro.model.mmf`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def masked_softmax(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis where ``valid`` is False / scores are -inf contribute 0.
+
+    A row with no valid (finite) entry returns all zeros, never NaN.
+    """
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    exp = torch.exp(scores - row_max)
+    denom = exp.sum(dim=-1, keepdim=True)
+    return exp / denom.clamp_min(torch.finfo(exp.dtype).tiny)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product multi-head attention with key masks and an additive bias.
+
+    ``forward(query [B,Q,d], key_value [B,K,d], key_valid [B,K] bool | None,
+    bias [B,Q,K] float | None) -> (out [B,Q,d], weights [B,Q,K] averaged over heads)``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.attn_drop = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B,H,N,hd]
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, nq, d = query.shape
+        q = self._split(self.q_proj(query))
+        k = self._split(self.k_proj(key_value))
+        v = self._split(self.v_proj(key_value))
+        # Scores and softmax in float32 (the hour-scale bias needs the precision under bf16).
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # [B,H,Q,K]
+        if bias is not None:
+            scores = scores + bias.unsqueeze(1).float()
+        valid = None
+        if key_valid is not None:
+            valid = key_valid[:, None, None, :]
+        weights = masked_softmax(scores, valid)
+        out = self.attn_drop(weights).to(v.dtype) @ v  # [B,H,Q,hd]
+        out = out.transpose(1, 2).reshape(b, nq, d)
+        return self.out_proj(out), weights.mean(dim=1)
+
+
+class CrossAttentionBlock(nn.Module):
+    """``LayerNorm(q + CrossAttn(q, kv))`` (the post-norm residual form used by every
+    fusion step of the paper: D_fuse, H_global and the final static fusion)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, weights = self.attn(query, key_value, key_valid, bias)
+        return self.norm(query + self.drop(out)), weights
+
+
+def sinusoidal_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Continuous sinusoidal features of a scalar time (hours): [...] -> [..., dim] (float32)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float().unsqueeze(-1) * freqs
+    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        feats = F.pad(feats, (0, 1))
+    return feats
+
+
+class TimeEmbedding(nn.Module):
+    """Hour stamp -> d_model: sinusoidal features of the continuous time, then a linear map."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, hours: torch.Tensor) -> torch.Tensor:
+        feats = sinusoidal_features(hours, self.d_model)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+def make_transformer_encoder(d_model: int, num_heads: int, num_layers: int, dropout: float) -> nn.TransformerEncoder:
+    """Post-norm transformer encoder (batch first, GELU, 4x feed-forward)."""
+    layer = nn.TransformerEncoderLayer(
+        d_model=d_model,
+        nhead=num_heads,
+        dim_feedforward=4 * d_model,
+        dropout=dropout,
+        activation="gelu",
+        batch_first=True,
+    )
+    return nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
