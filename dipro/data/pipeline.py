@@ -1,0 +1,256 @@
+"""The sample pipeline of one (rank, loader worker) stream, as named stages.
+
+Modelled on open_clip's ``src/open_clip_train/data.py``::
+
+    plan -> read -> shuffle -> decode -> select_cxrs -> augment -> batch -> with_epoch
+    (train only: shuffle, augment, with_epoch)
+
+* ``plan``: the epoch's segments for this stream (:mod:`dipro.data.plan`):
+  shards shuffled with (seed, epoch) identically on every rank, then split by
+  rank ("node") and by loader worker -- the split is explicit, so nothing
+  depends on WebDataset's default node splitter.  Training repeats the pass
+  (``with_epoch`` semantics); evaluation reads it once.
+* ``read``: tar members grouped into samples (:mod:`dipro.data.reader`).
+* ``shuffle``: WebDataset's sample shuffle buffer, seeded per (seed, epoch, rank, worker).
+* ``decode``: members -> validated arrays; a corrupt sample becomes a
+  :class:`~dipro.data.reader.Skipped` record that flows on to ``batch``.
+* ``batch``: padding and masks (:mod:`dipro.data.collate`); each batch carries
+  ``num_corrupt``, the samples skipped since the previous batch of the stream,
+  so the main process can count them across workers.
+* ``with_epoch``: exactly this worker's share of the rank's steps.
+
+The epoch lives on the dataset object (``set_epoch`` before each ``iter``);
+the loader does not use persistent workers, so every epoch's workers receive it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dipro.data.augment import AugmentConfig, augment_sample
+from dipro.data.collate import collate
+from dipro.data.decode import CorruptSample, decode_sample, select_cxrs
+from dipro.data.plan import ShardSet, eval_segments, stream_seed, train_segments, worker_share
+from dipro.data.reader import Skipped, read_segment
+from dipro.errors import DataError
+
+MAX_NOTES_PER_BATCH = 8  # corrupt-sample descriptions carried per batch (the count is always exact)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a loader worker needs to build its stream (picklable)."""
+
+    shard_set: ShardSet
+    train: bool
+    batch_size: int
+    steps: int
+    """Training: steps of every rank per epoch.  Evaluation: unused (0)."""
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 1
+    """Streams per rank (DataLoader workers, or 1 for in-process loading)."""
+    shuffle: bool = True
+    shuffle_buffer: int = 256
+    augment: bool = False
+    augment_cfg: AugmentConfig = field(default_factory=AugmentConfig)
+    max_cxrs: int = 14
+    last_cxr_only: bool = False
+    crop_size: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    """Identity of one stream: the spec plus epoch and loader worker."""
+
+    spec: LoaderSpec
+    epoch: int
+    worker: int
+
+    def seed(self, purpose: str) -> int:
+        return stream_seed(self.spec.seed, self.epoch, self.spec.rank, self.worker, purpose)
+
+    @property
+    def worker_steps(self) -> int:
+        return worker_share(self.spec.steps, self.worker, self.spec.num_workers)[1]
+
+
+Stage = Callable[[Iterator[Any] | None, StreamContext], Iterator[Any]]
+
+
+# ----------------------------------------------------------------------------- stages
+
+def plan_stage(_: None, ctx: StreamContext) -> Iterator[Any]:
+    """Segments of this stream; training cycles through them until ``with_epoch`` has enough batches."""
+    spec = ctx.spec
+    if spec.train:
+        segments = train_segments(spec.shard_set, seed=spec.seed, epoch=ctx.epoch, rank=spec.rank,
+                                  world_size=spec.world_size, worker=ctx.worker, num_workers=spec.num_workers,
+                                  steps=spec.steps)
+        if segments:
+            yield from itertools.cycle(segments)
+    else:
+        yield from eval_segments(spec.shard_set, batch_size=spec.batch_size, rank=spec.rank,
+                                 world_size=spec.world_size, worker=ctx.worker, num_workers=spec.num_workers)
+
+
+def read_stage(segments: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    for segment in segments:
+        yield from read_segment(segment)
+
+
+def shuffle_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    """WebDataset's shuffle buffer with a seed of (seed, epoch, rank, worker)."""
+    from webdataset.filters import _shuffle
+
+    size = ctx.spec.shuffle_buffer
+    return _shuffle(samples, bufsize=size, initial=size, seed=ctx.seed("shuffle"))
+
+
+def decode_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    """Decode and validate; corrupt samples become :class:`Skipped`.
+
+    A training stream cycles through its range, so a range in which every
+    sample is corrupt would never end: after a whole pass without one good
+    sample the stream stops with a :class:`DataError`.
+    """
+    spec = ctx.spec
+    since_good = 0
+    pass_len = None
+    if spec.train:
+        pass_len = sum(len(s) for s in train_segments(
+            spec.shard_set, seed=spec.seed, epoch=ctx.epoch, rank=spec.rank, world_size=spec.world_size,
+            worker=ctx.worker, num_workers=spec.num_workers, steps=spec.steps))
+    for raw in samples:
+        if isinstance(raw, Skipped):
+            item: Any = raw
+        elif "__error__" in raw:
+            item = Skipped(raw["__shard__"], raw["__key__"], raw["__error__"])
+        else:
+            try:
+                item = decode_sample(raw, spec.shard_set.task_dir, spec.crop_size)
+            except CorruptSample as exc:
+                item = Skipped(exc.shard, exc.key, exc.reason)
+        if isinstance(item, Skipped):
+            since_good += item.count
+            if pass_len is not None and since_good >= max(pass_len, 1):
+                raise DataError(f"training stream (rank {spec.rank}, loader worker {ctx.worker}) read a whole pass of "
+                                f"{pass_len} samples without one valid sample; last: {item.describe()}")
+        else:
+            since_good = 0
+        yield item
+
+
+def select_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    for s in samples:
+        yield s if isinstance(s, Skipped) else select_cxrs(s, ctx.spec.max_cxrs, ctx.spec.last_cxr_only)
+
+
+def augment_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    rng = np.random.default_rng(ctx.seed("augment"))
+    for s in samples:
+        yield s if isinstance(s, Skipped) else augment_sample(s, rng, ctx.spec.augment_cfg)
+
+
+def batch_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[dict[str, Any]]:
+    """Collate full batches (evaluation also yields the last partial one).
+
+    Skipped samples are attached to the next batch yielded (``num_corrupt`` and
+    ``corrupt_samples``).  Evaluation holds each batch until the next one is
+    complete, so skips after the last full batch still reach the last batch.
+    """
+    spec = ctx.spec
+    task_dir = spec.shard_set.task_dir
+    buf: list[dict[str, Any]] = []
+    pending, notes = 0, []
+    held: dict[str, Any] | None = None
+    produced = 0
+    last_skip: Skipped | None = None
+
+    def attach(batch: dict[str, Any]) -> dict[str, Any]:
+        nonlocal pending, notes
+        batch["num_corrupt"] = pending
+        batch["corrupt_samples"] = notes[:MAX_NOTES_PER_BATCH]
+        pending, notes = 0, []
+        return batch
+
+    for item in samples:
+        if isinstance(item, Skipped):
+            pending += item.count
+            notes.append(item.describe())
+            last_skip = item
+            continue
+        buf.append(item)
+        if len(buf) < spec.batch_size:
+            continue
+        batch = collate(buf, task_dir)
+        buf = []
+        if spec.train:
+            produced += 1
+            yield attach(batch)
+            continue
+        if held is not None:
+            produced += 1
+            yield attach(held)
+        held = batch
+    if buf:  # evaluation only: a training stream is infinite
+        if held is not None:
+            produced += 1
+            yield attach(held)
+        held = collate(buf, task_dir)
+    if held is not None:
+        produced += 1
+        yield attach(held)
+    elif produced == 0 and pending:
+        raise DataError(f"loader stream (rank {spec.rank}, worker {ctx.worker}) has no valid sample: "
+                        f"{pending} corrupt, last: {last_skip.describe() if last_skip else '?'}")
+
+
+def with_epoch_stage(batches: Iterator[dict[str, Any]], ctx: StreamContext) -> Iterator[dict[str, Any]]:
+    """Exactly this worker's share of the rank's training steps."""
+    return itertools.islice(batches, ctx.worker_steps)
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+class SamplePipeline(IterableDataset):
+    """An ``IterableDataset`` running the named stages for the calling loader worker."""
+
+    def __init__(self, spec: LoaderSpec):
+        super().__init__()
+        self.spec = spec
+        self.epoch = 0
+
+    @property
+    def stages(self) -> list[tuple[str, Stage]]:
+        spec = self.spec
+        stages: list[tuple[str, Stage]] = [("plan", plan_stage), ("read", read_stage)]
+        if spec.train and spec.shuffle and spec.shuffle_buffer > 1:
+            stages.append(("shuffle", shuffle_stage))
+        stages += [("decode", decode_stage), ("select_cxrs", select_stage)]
+        if spec.augment:
+            stages.append(("augment", augment_stage))
+        stages.append(("batch", batch_stage))
+        if spec.train:
+            stages.append(("with_epoch", with_epoch_stage))
+        return stages
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.spec.num_workers:
+            raise RuntimeError(f"pipeline planned for {self.spec.num_workers} loader workers, running in {info.num_workers}")
+        ctx = StreamContext(self.spec, self.epoch, worker)
+        stream: Iterator[Any] | None = None
+        for _name, stage in self.stages:
+            stream = stage(stream, ctx)
+        assert stream is not None
+        return stream

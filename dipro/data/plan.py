@@ -1,0 +1,241 @@
+"""Epoch plan: which samples of which shards each (rank, loader worker) reads, and how many steps.
+
+Everything here is a pure function of the manifest and (seed, epoch, rank,
+world_size, worker, num_workers), so every rank computes the same global plan
+without talking to the others.
+
+Training (open_clip style, but exact instead of resampled):
+
+1. the split's shards are shuffled with ``Random((seed, epoch))`` -- the same
+   permutation on every rank -- *before* any splitting;
+2. the shuffled shards are laid end to end as one virtual sequence of
+   ``N`` samples (counts from ``manifest.parquet``), and each rank takes a
+   contiguous ``1/world_size`` of it, each loader worker a contiguous part of
+   its rank's range proportional to the batches it must produce.  Splitting
+   samples rather than whole shards keeps every stream busy even with fewer
+   shards than ``world_size * num_workers`` and whatever the shard sizes;
+3. ``steps = floor(N / (batch_size * world_size))`` (or ``steps_per_epoch``)
+   is the same on every rank; each worker yields exactly its share of it and
+   repeats its range when it runs short (``with_epoch`` semantics), so DDP
+   never waits on a rank that ran dry.
+
+Evaluation: the shards in manifest order form a sequence of global sample
+indices; rank ``r`` reads the contiguous block :func:`eval_index_for_rank`
+(each sample exactly once over all ranks, nothing padded, counts differ by at
+most one), its loader workers split that block on batch boundaries.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_sharding.constants import SPLITS, TASK_TO_SHARD_DIR
+from dipro.errors import ConfigError, DataError
+
+MANIFEST_NAME = "manifest.parquet"
+MANIFEST_COLUMNS = ("task", "split", "path", "samples")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of the manifest: ``path`` absolute, ``rel`` as in the manifest."""
+
+    path: str
+    rel: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``[start, stop)`` (ordinal positions inside the tar) of one shard."""
+
+    shard: ShardInfo
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one (task directory, split), in manifest (path) order."""
+
+    shard_dir: str
+    task_dir: str
+    split: str
+    shards: tuple[ShardInfo, ...]
+    settings: dict
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def read_manifest(shard_dir: str | Path, task: str, split: str) -> ShardSet:
+    """Load the shard list of ``task``/``split`` from ``shard_dir/manifest.parquet``.
+
+    Raises :class:`DataError` naming the file when the manifest is missing or
+    lacks a column, or when it lists no shard (or a missing shard file) for the split.
+    """
+    import pyarrow.parquet as pq
+
+    if task not in TASK_TO_SHARD_DIR:
+        raise ConfigError(f"unknown task {task!r}: expected one of {', '.join(TASK_TO_SHARD_DIR)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    root = Path(shard_dir)
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise DataError(f"shard manifest not found: {manifest} (run `dipro shard` first)")
+    try:
+        table = pq.read_table(manifest)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"cannot read shard manifest {manifest}: {exc}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"shard manifest {manifest} lacks column(s) {', '.join(missing)}; has {', '.join(table.column_names)}")
+    task_dir = TASK_TO_SHARD_DIR[task]
+    rows = table.to_pylist()
+    chosen = sorted(
+        (r for r in rows if r["task"] in (task_dir, task) and r["split"] == split),
+        key=lambda r: r["path"],
+    )
+    if not chosen:
+        raise DataError(f"shard manifest {manifest} lists no {task_dir!r} shards for split {split!r}")
+    shards = []
+    for r in chosen:
+        path = root / r["path"]
+        if not path.is_file():
+            raise DataError(f"shard {path} is listed in {manifest} but does not exist (run `dipro shards verify {root}`)")
+        samples = int(r["samples"])
+        if samples < 0:
+            raise DataError(f"shard manifest {manifest}: shard {r['path']} has a negative sample count {samples}")
+        shards.append(ShardInfo(path=str(path), rel=str(r["path"]), samples=samples))
+    settings: dict = {}
+    raw = chosen[0].get("settings")
+    if raw:
+        try:
+            settings = json.loads(raw)
+        except (TypeError, ValueError):
+            raise DataError(f"shard manifest {manifest}: settings of {chosen[0]['path']} is not JSON: {raw!r}") from None
+    return ShardSet(str(root), task_dir, split, tuple(shards), settings if isinstance(settings, dict) else {})
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def stream_seed(seed: int, epoch: int, rank: int, worker: int, purpose: str) -> int:
+    """A 63-bit seed for one stream and purpose, stable across Python processes (no ``hash()``)."""
+    return random.Random(f"{seed}/{epoch}/{rank}/{worker}/{purpose}").getrandbits(63)
+
+
+def shuffled_shards(shards: tuple[ShardInfo, ...], seed: int, epoch: int) -> list[ShardInfo]:
+    """Shard order of one training epoch: identical on every rank for the same (seed, epoch)."""
+    order = list(shards)
+    random.Random(f"{seed}/{epoch}/shards").shuffle(order)
+    return order
+
+
+def segments_for_range(shards: list[ShardInfo] | tuple[ShardInfo, ...], start: int, stop: int) -> list[Segment]:
+    """Cut the global sample range ``[start, stop)`` of shards laid end to end into per-shard segments."""
+    out: list[Segment] = []
+    offset = 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.samples)
+        if lo < hi:
+            out.append(Segment(shard, lo - offset, hi - offset))
+        offset += shard.samples
+        if offset >= stop:
+            break
+    return out
+
+
+def _block(n: int, part: int, parts: int) -> tuple[int, int]:
+    """``[start, stop)`` of block ``part`` when ``n`` items are cut into ``parts`` contiguous blocks."""
+    return (n * part) // parts, (n * (part + 1)) // parts
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_num_steps(num_samples: int, batch_size: int, world_size: int, steps_per_epoch: int | None = None) -> int:
+    """Steps every rank runs in a training epoch: ``floor(N / (B * W))`` unless given explicitly."""
+    if steps_per_epoch is not None:
+        if steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        return int(steps_per_epoch)
+    steps = num_samples // (batch_size * world_size)
+    if steps < 1:
+        raise ConfigError(
+            f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {world_size} rank(s); "
+            "lower data.batch_size or trainer.num_workers"
+        )
+    return steps
+
+
+def worker_share(steps: int, worker: int, num_workers: int) -> tuple[int, int]:
+    """``(first_step, num_steps)`` of ``worker``: steps dealt out as evenly as possible, lower workers first."""
+    base, extra = divmod(steps, num_workers)
+    first = worker * base + min(worker, extra)
+    return first, base + (1 if worker < extra else 0)
+
+
+def train_segments(
+    shard_set: ShardSet, *, seed: int, epoch: int, rank: int, world_size: int,
+    worker: int, num_workers: int, steps: int,
+) -> list[Segment]:
+    """One pass of the training samples assigned to (rank, worker) in ``epoch``.
+
+    The worker's part of its rank's block is proportional to the steps it must
+    produce; the pipeline repeats the pass if corrupt samples or rounding leave
+    it short of ``steps_of_worker * batch_size`` samples.
+    """
+    order = shuffled_shards(shard_set.shards, seed, epoch)
+    r_lo, r_hi = _block(shard_set.num_samples, rank, world_size)
+    n_rank = r_hi - r_lo
+    first, count = worker_share(steps, worker, num_workers)
+    if count == 0:
+        return []
+    lo = r_lo + (n_rank * first) // steps
+    hi = r_lo + (n_rank * (first + count)) // steps
+    return segments_for_range(order, lo, hi)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_index_for_rank(num_samples: int, rank: int, world_size: int) -> range:
+    """Global sample indices (manifest order) that ``rank`` evaluates: a contiguous block.
+
+    Over ranks ``0..world_size-1`` the blocks partition ``range(num_samples)``;
+    sizes differ by at most one and nothing is padded.  The training loop
+    gathers per-rank predictions with a padding-aware ``all_gather`` (pad to the
+    largest rank count, gather, drop the padding using the gathered counts).
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world size {world_size}")
+    return range(*_block(num_samples, rank, world_size))
+
+
+def eval_num_steps(num_samples: int, batch_size: int, rank: int, world_size: int, num_workers: int = 1) -> int:
+    """Batches ``rank`` yields in evaluation (exact when no sample is corrupt)."""
+    return sum(
+        math.ceil(len(r) / batch_size) if len(r) else 0
+        for r in (_eval_worker_range(num_samples, batch_size, rank, world_size, w, num_workers) for w in range(num_workers))
+    )
+
+
+def _eval_worker_range(num_samples: int, batch_size: int, rank: int, world_size: int, worker: int, num_workers: int) -> range:
+    block = eval_index_for_rank(num_samples, rank, world_size)
+    n_batches = math.ceil(len(block) / batch_size)
+    b_lo, b_hi = _block(n_batches, worker, num_workers)
+    lo = block.start + b_lo * batch_size
+    hi = min(block.stop, block.start + b_hi * batch_size)
+    return range(lo, max(lo, hi))
+
+
+def eval_segments(shard_set: ShardSet, *, batch_size: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[Segment]:
+    """The evaluation samples of (rank, worker): whole batches of the rank's block, in manifest order."""
+    r = _eval_worker_range(shard_set.num_samples, batch_size, rank, world_size, worker, num_workers)
+    return segments_for_range(shard_set.shards, r.start, r.stop)
