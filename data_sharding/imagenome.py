@@ -1,0 +1,304 @@
+"""Chest ImaGenome 1.0.0: scene graphs (region boxes, comparison relationships) and the gold file.
+
+Scene graph (``silver_dataset/scene_graph/{dicom_id}_SceneGraph.json``):
+
+* ``objects[]`` -> the full-image box ``original_x1, original_y1, original_x2,
+  original_y2`` of each of the 10 regions of :data:`~data_sharding.constants.REGIONS`.
+  A box that is not four finite numbers, has no area, or lies outside the image
+  is *impossible*: it is dropped (the region then has no crop) and counted.
+* ``relationships[]`` with ``relationship_names`` like ``"comparison|yes|worsened"``
+  compare a region of this image (``subject_id = "{dicom}_{bbox}"``) with the same
+  region of a prior image (``object_id = "{prior dicom}_{bbox}"``); the
+  ``attributes`` name the findings (``"anatomicalfinding|yes|lung opacity"``).
+  Finding names are mapped explicitly to the paper's 7 diseases with
+  :data:`~data_sharding.constants.IMAGENOME_FINDING_TO_DISEASE` (ImaGenome's
+  "pulmonary edema/hazy opacity" is the paper's pulmonary edema).
+
+Region labels are int8 ``[10 regions][7 diseases]`` in the paper's encoding
+(worsened 0, improved 1, no change 2, not mentioned 3).  When several
+relationships give one (region, disease) different comparisons, the most
+severe wins (worsened > improved > no change) and the conflict is counted.
+
+Gold (``gold_dataset/gold_object_comparison_with_coordinates.txt``, TSV): a pair
+(current, previous) present in the gold file is labelled by gold alone -- the
+radiologist annotation of that pair replaces the silver one entirely.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_sharding.constants import (
+    COMPARISON_TO_LABEL,
+    DISEASES,
+    IMAGENOME_FINDING_TO_DISEASE,
+    IMPROVED,
+    NO_CHANGE,
+    NOT_MENTIONED,
+    NUM_DISEASES,
+    NUM_REGIONS,
+    REGIONS,
+    WORSENED,
+)
+from data_sharding.readers import check_columns, read_table
+from dipro.errors import DataError
+
+REGION_INDEX = {r: i for i, r in enumerate(REGIONS)}
+DISEASE_INDEX = {d: i for i, d in enumerate(DISEASES)}
+#: Severity order used to resolve conflicting comparisons (lower = wins).
+_SEVERITY = {WORSENED: 0, IMPROVED: 1, NO_CHANGE: 2, NOT_MENTIONED: 3}
+
+Box = tuple[float, float, float, float]
+
+
+def empty_region_labels() -> np.ndarray:
+    """``[10][7]`` all "not mentioned"."""
+    return np.full((NUM_REGIONS, NUM_DISEASES), NOT_MENTIONED, dtype=np.int8)
+
+
+def merge_label(current: int, new: int) -> int:
+    """The more severe of two comparison labels (worsened > improved > no change > not mentioned)."""
+    return new if _SEVERITY[new] < _SEVERITY[current] else current
+
+
+@dataclass
+class SceneGraph:
+    """What the pipeline uses from one scene graph."""
+
+    dicom_id: str
+    boxes: dict[int, Box] = field(default_factory=dict)
+    """region index -> (x1, y1, x2, y2) in full-image pixels (only valid boxes)."""
+    comparisons: dict[str, np.ndarray] = field(default_factory=dict)
+    """prior dicom_id -> region labels [10][7] from this image's relationships."""
+
+
+def split_object_id(object_id: str) -> tuple[str, str]:
+    """``"{dicom_id}_{bbox name}"`` -> (dicom_id, bbox name).  DICOM ids hold no underscore."""
+    dicom, sep, bbox = str(object_id).partition("_")
+    if not sep or not dicom or not bbox:
+        raise ValueError(f"object id {object_id!r} is not of the form '<dicom_id>_<bbox name>'")
+    return dicom, bbox
+
+
+def finding_to_disease(name: str) -> str | None:
+    """ImaGenome finding name -> paper disease name (None if not one of the 7)."""
+    return IMAGENOME_FINDING_TO_DISEASE.get(str(name).strip().lower())
+
+
+def validate_box(raw: Box, width: int | None, height: int | None) -> Box | None:
+    """A box clipped to the image, or None when it is impossible (non-finite, empty, outside)."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in raw)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+        return None
+    if width is not None and height is not None:
+        x1, x2 = max(0.0, x1), min(float(width), x2)
+        y1, y2 = max(0.0, y1), min(float(height), y2)
+        if x2 <= x1 or y2 <= y1:
+            return None
+    return (x1, y1, x2, y2)
+
+
+def _flatten(values) -> list[str]:
+    out: list[str] = []
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+        elif isinstance(v, str):
+            out.append(v)
+    return out
+
+
+def _comparison_of(names: list[str]) -> set[int]:
+    out = set()
+    for n in names:
+        parts = [p.strip().lower() for p in n.split("|")]
+        if len(parts) == 3 and parts[0] == "comparison" and parts[1] == "yes" and parts[2] in COMPARISON_TO_LABEL:
+            out.add(COMPARISON_TO_LABEL[parts[2]])
+    return out
+
+
+def _diseases_of(attributes: list[str]) -> set[int]:
+    out = set()
+    for a in attributes:
+        parts = [p.strip().lower() for p in a.split("|")]
+        if len(parts) == 3 and parts[1] == "yes":
+            d = finding_to_disease(parts[2])
+            if d is not None:
+                out.add(DISEASE_INDEX[d])
+    return out
+
+
+def parse_scene_graph(
+    doc: dict, dicom_id: str, width: int | None, height: int | None, counts: Counter
+) -> SceneGraph:
+    """Extract valid boxes and comparison labels; bad objects / relationships are counted in ``counts``.
+
+    Raises ValueError when the document itself is malformed (the caller skips the image).
+    """
+    if not isinstance(doc, dict):
+        raise ValueError("scene graph is not a JSON object")
+    objects = doc.get("objects")
+    if not isinstance(objects, list):
+        raise ValueError("scene graph has no 'objects' list")
+    relationships = doc.get("relationships", [])
+    if relationships is None:
+        relationships = []
+    if not isinstance(relationships, list):
+        raise ValueError("'relationships' is not a list")
+
+    sg = SceneGraph(dicom_id=dicom_id)
+    for obj in objects:
+        if not isinstance(obj, dict):
+            counts["scene graph object malformed"] += 1
+            continue
+        region = REGION_INDEX.get(str(obj.get("bbox_name", "")).strip().lower())
+        if region is None:
+            continue  # one of ImaGenome's other 26 regions
+        box = validate_box(tuple(obj.get(k) for k in ("original_x1", "original_y1", "original_x2", "original_y2")),
+                           width, height)
+        if box is None:
+            counts["impossible box"] += 1
+            continue
+        sg.boxes[region] = box
+
+    for rel in relationships:
+        if not isinstance(rel, dict):
+            counts["relationship malformed"] += 1
+            continue
+        try:
+            cur, _ = split_object_id(rel.get("subject_id", ""))
+            prior, bbox = split_object_id(rel.get("object_id", ""))
+        except ValueError:
+            counts["relationship malformed"] += 1
+            continue
+        if cur != dicom_id or prior == dicom_id:
+            counts["relationship malformed"] += 1
+            continue
+        region = REGION_INDEX.get(str(rel.get("bbox_name", bbox)).strip().lower())
+        if region is None:
+            continue
+        comps = _comparison_of(_flatten(rel.get("relationship_names", [])))
+        if not comps:
+            continue  # not a comparison relationship
+        if len(comps) > 1:
+            counts["relationship with conflicting comparisons"] += 1
+        label = min(comps, key=_SEVERITY.__getitem__)
+        labels = sg.comparisons.setdefault(prior, empty_region_labels())
+        for d in _diseases_of(_flatten(rel.get("attributes", []))):
+            old = int(labels[region, d])
+            if old != NOT_MENTIONED and old != label:
+                counts["conflicting region label"] += 1
+            labels[region, d] = merge_label(old, label)
+    return sg
+
+
+class SceneGraphSource:
+    """Scene graphs from ``silver_dataset/scene_graph/`` (a folder, or PhysioNet's ``scene_graph.zip``)."""
+
+    def __init__(self, imagenome_root: Path):
+        self.dir = imagenome_root / "silver_dataset" / "scene_graph"
+        self.zip_path = imagenome_root / "silver_dataset" / "scene_graph.zip"
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_names: dict[str, str] = {}
+        if not self.dir.is_dir():
+            if not self.zip_path.is_file():
+                raise DataError(
+                    f"Chest ImaGenome scene graphs not found: expected the folder {self.dir} "
+                    f"(files {{dicom_id}}_SceneGraph.json) or {self.zip_path}"
+                )
+            self._zip = zipfile.ZipFile(self.zip_path)
+            for name in self._zip.namelist():
+                if name.endswith("_SceneGraph.json"):
+                    self._zip_names[name.rsplit("/", 1)[-1]] = name
+
+    def load(self, dicom_id: str) -> dict | None:
+        """The parsed JSON document, None when the file is absent; ValueError when it is not JSON."""
+        fname = f"{dicom_id}_SceneGraph.json"
+        try:
+            if self._zip is not None:
+                member = self._zip_names.get(fname)
+                if member is None:
+                    return None
+                return json.loads(self._zip.read(member))
+            p = self.dir / fname
+            if not p.is_file():
+                return None
+            return json.loads(p.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def _strip_image_id(v: str) -> str:
+    v = str(v).strip()
+    for ext in (".dcm", ".jpg"):
+        if v.endswith(ext):
+            v = v[: -len(ext)]
+    return v
+
+
+@dataclass
+class GoldLabels:
+    """Gold comparisons: (current dicom, previous dicom) -> region labels [10][7]; gold subjects."""
+
+    pairs: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    subjects: set[int] = field(default_factory=set)
+
+
+def read_gold(path: Path, counts: Counter) -> GoldLabels:
+    """Read the gold comparison TSV (absent file = no gold labels).  Bad rows are counted and skipped."""
+    gold = GoldLabels()
+    if not path.is_file():
+        counts["gold file absent"] += 1
+        return gold
+    check_columns(path, "gold_object_comparison", delimiter="\t")
+    cols = ["patient_id", "current_image_id", "previous_image_id", "bbox", "label_name", "comparison"]
+    df = read_table(path, "gold_object_comparison", cols, delimiter="\t")
+    for row in df.itertuples(index=False):
+        try:
+            subject = int(float(row.patient_id))
+        except (TypeError, ValueError):
+            counts["gold row with unparseable patient_id"] += 1
+            continue
+        gold.subjects.add(subject)
+        region = REGION_INDEX.get(str(row.bbox).strip().lower())
+        disease = finding_to_disease(row.label_name) if row.label_name is not None else None
+        comp = COMPARISON_TO_LABEL.get(str(row.comparison).strip().lower())
+        if row.current_image_id is None or row.previous_image_id is None or comp is None:
+            counts["gold row malformed"] += 1
+            continue
+        key = (_strip_image_id(row.current_image_id), _strip_image_id(row.previous_image_id))
+        labels = gold.pairs.setdefault(key, empty_region_labels())
+        if region is None or disease is None:
+            continue  # a region or finding outside the paper's 10 x 7 (pair still covered by gold)
+        d = DISEASE_INDEX[disease]
+        labels[region, d] = merge_label(int(labels[region, d]), comp)
+    return gold
+
+
+def region_labels_for_pair(
+    prior: str, current: str, scene_graphs: dict[str, SceneGraph], gold: GoldLabels
+) -> tuple[np.ndarray, str]:
+    """Region labels [10][7] for the pair (prior -> current) and their source ("gold" or "silver")."""
+    g = gold.pairs.get((current, prior))
+    if g is not None:
+        return g.copy(), "gold"
+    sg = scene_graphs.get(current)
+    if sg is not None and prior in sg.comparisons:
+        return sg.comparisons[prior].copy(), "silver"
+    return empty_region_labels(), "silver"
+

@@ -1,0 +1,46 @@
+"""``dipro prepare``: raw MIMIC files -> processed Parquet tables (cohort, CXRs, tasks, EHR, demographics)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="build the cohort, labels, hourly EHR and splits from the raw MIMIC files",
+        description=(
+            "Read MIMIC-CXR-JPG 2.0.0, MIMIC-IV 2.0 and Chest ImaGenome 1.0.0 as PhysioNet ships them "
+            "(or as `dipro synth` writes them), apply the paper's cohort rules, build the labels of the three "
+            "tasks, the 38-variable hourly EHR and the 17 demographic features, split by patient, and write "
+            "the processed layout (docs/ARCHITECTURE.md section 1) atomically, with report.json."
+        ),
+    )
+    p.add_argument("--raw", metavar="DIR",
+                   help="folder holding mimic-cxr-jpg/2.0.0, mimiciv/2.0 and chest-imagenome/1.0.0")
+    p.add_argument("--cxr-root", metavar="DIR", help="MIMIC-CXR-JPG 2.0.0 root (overrides --raw)")
+    p.add_argument("--mimiciv-root", metavar="DIR", help="MIMIC-IV 2.0 root with hosp/ and icu/ (overrides --raw)")
+    p.add_argument("--imagenome-root", metavar="DIR", help="Chest ImaGenome 1.0.0 root (overrides --raw)")
+    p.add_argument("--out", metavar="DIR", required=True, help="processed output folder (written atomically)")
+    p.add_argument("--split-seed", type=int, default=23, help="seed of the patient-level split (default 23)")
+    p.add_argument("--block-mb", type=int, default=16, help="MB per streamed block of the event tables (default 16)")
+    p.add_argument("--full-jpeg-decode", action="store_true",
+                   help="decode every pixel of each JPEG (default: header, markers and end-of-image check)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_sharding.prepare import PrepareOptions, format_summary, prepare
+    from data_sharding.readers import resolve_roots
+    from dipro.errors import UserError
+
+    if args.block_mb < 1:
+        raise UserError("--block-mb must be >= 1")
+    roots = resolve_roots(args.raw, args.cxr_root, args.mimiciv_root, args.imagenome_root)
+    opts = PrepareOptions(split_seed=args.split_seed, block_size=args.block_mb << 20,
+                          full_jpeg_decode=args.full_jpeg_decode, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    result = prepare(roots, args.out, opts)
+    print(format_summary(result))
+    return 0
