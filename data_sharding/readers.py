@@ -248,15 +248,16 @@ def check_jpeg(path: Path, full_decode: bool = False) -> tuple[int, int] | str:
             if im.format != "JPEG":
                 return "not a JPEG"
             size = im.size
-            im.verify()
-        if full_decode:
-            with Image.open(path) as im:
-                im.load()
         with open(path, "rb") as fh:
             fh.seek(max(0, path.stat().st_size - 64))
             tail = fh.read().rstrip(b"\x00\r\n ")
         if not tail.endswith(b"\xff\xd9"):
             return "truncated JPEG"
+        with Image.open(path) as im:
+            im.verify()
+        if full_decode:
+            with Image.open(path) as im:
+                im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "unreadable JPEG"
     if size[0] <= 0 or size[1] <= 0:
