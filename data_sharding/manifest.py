@@ -1,0 +1,222 @@
+"""``S/manifest.parquet``: one row per shard, and the input fingerprint that decides rebuilds.
+
+Columns (docs/ARCHITECTURE.md section 2): task, split, path (relative to S),
+samples, bytes, sha256, fingerprint, settings (JSON string); plus ``counts``
+(JSON: regions missing, invalid boxes, unreadable images ... in that shard).
+
+The fingerprint of a shard is a sha256 over the format version, the settings,
+and for each of its samples the task row, the CXR rows (without the absolute
+``image_path``, so moving the processed dir rebuilds nothing) with the sha256 of
+each image file's bytes, the stay's demographics row, and every EHR row of its
+stays.  Two builds with equal fingerprints produce byte-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dipro.errors import DataError
+
+FORMAT_VERSION = 1
+"""Bump when the shard layout or encoding changes: every shard's fingerprint changes with it."""
+MANIFEST_NAME = "manifest.parquet"
+MANIFEST_COLUMNS = ("task", "split", "path", "samples", "bytes", "sha256", "fingerprint", "settings", "counts")
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything besides the inputs that changes shard bytes."""
+
+    crop_size: int = 224
+    """Side of the square region crops (the paper's 224)."""
+    max_samples_per_shard: int = 1000
+    max_shard_bytes: int = 512 * 1024 * 1024
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 8:
+            raise DataError(f"crop size must be >= 8 pixels, got {self.crop_size}")
+        if self.max_samples_per_shard < 1:
+            raise DataError(f"max samples per shard must be >= 1, got {self.max_samples_per_shard}")
+        if self.max_shard_bytes < 20480:
+            raise DataError(f"max shard bytes must be >= 20480, got {self.max_shard_bytes}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardSettings":
+        try:
+            data = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: int(v) for k, v in data.items() if k in known})
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"manifest settings {text!r} are not valid shard settings: {exc}") from None
+
+
+@dataclass
+class ShardRecord:
+    """One manifest row."""
+
+    task: str
+    split: str
+    path: str
+    samples: int
+    bytes: int
+    sha256: str
+    fingerprint: str
+    settings: str
+    counts: str = "{}"
+
+
+@dataclass
+class Manifest:
+    """All shards of a shard directory, sorted by (task, split, path)."""
+
+    records: list[ShardRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.records = sorted(self.records, key=lambda r: (r.task, r.split, r.path))
+
+    def by_path(self) -> dict[str, ShardRecord]:
+        return {r.path: r for r in self.records}
+
+    def totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """(task, split) -> (shards, samples, bytes)."""
+        out: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for r in self.records:
+            n, s, b = out.get((r.task, r.split), (0, 0, 0))
+            out[(r.task, r.split)] = (n + 1, s + r.samples, b + r.bytes)
+        return out
+
+    def summary_table(self) -> str:
+        lines = [f"{'task':<20} {'split':<6} {'shards':>6} {'samples':>8} {'MiB':>9}"]
+        for (task, split), (n, s, b) in sorted(self.totals().items()):
+            lines.append(f"{task:<20} {split:<6} {n:>6} {s:>8} {b / 2**20:>9.2f}")
+        return "\n".join(lines)
+
+
+def manifest_path(shard_dir: str | Path) -> Path:
+    return Path(shard_dir) / MANIFEST_NAME
+
+
+def read_manifest(shard_dir: str | Path) -> Manifest:
+    """Load ``S/manifest.parquet``; DataError naming the file when absent or malformed."""
+    import pyarrow.parquet as pq
+
+    path = manifest_path(shard_dir)
+    if not path.is_file():
+        raise DataError(f"no shard manifest at {path} (run `dipro shard` first)")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in MANIFEST_COLUMNS[:-1] if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    records = []
+    for row in table.to_pylist():
+        records.append(ShardRecord(**{f.name: row.get(f.name, "{}") for f in fields(ShardRecord)}))
+    return Manifest(records)
+
+
+def write_manifest(shard_dir: str | Path, manifest: Manifest) -> Path:
+    """Write the manifest to a temp file, fsync, then atomically replace the old one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = manifest_path(shard_dir)
+    schema = pa.schema([("task", pa.string()), ("split", pa.string()), ("path", pa.string()),
+                        ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
+                        ("fingerprint", pa.string()), ("settings", pa.string()), ("counts", pa.string())])
+    table = pa.Table.from_pylist([asdict(r) for r in manifest.records], schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canon(value: Any) -> Any:
+    """JSON-ready canonical form of a Parquet value (floats by repr, NaN/inf as strings)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _canon(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canon(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars / arrays
+        return _canon(value.tolist())
+    return str(value)
+
+
+def shard_fingerprint(
+    view: Any,
+    task_dir: str,
+    rows: Iterable[int],
+    settings: ShardSettings,
+    image_digest: Callable[[str], str],
+    ehr: dict[int, Any] | None = None,
+) -> str:
+    """sha256 over everything that determines one shard's bytes (see module docstring).
+
+    ``view`` is a :class:`data_sharding.samples.ProcessedView`; ``image_digest``
+    maps an image path to the sha256 of its bytes (the writer passes the
+    digests of the bytes it decoded, regeneration hashes the files); ``ehr``
+    (stay_id -> StayEHR) reuses rows the caller already read.
+    """
+    from data_sharding.samples import row_cxrs
+
+    h = hashlib.sha256()
+
+    def add(tag: str, obj: Any) -> None:
+        h.update(tag.encode() + b"\0" + json.dumps(_canon(obj), sort_keys=True, separators=(",", ":")).encode()
+                 + b"\n")
+
+    add("settings", settings.to_json())
+    table = view.task_rows(task_dir)
+    stays: list[int] = []
+    for index in rows:
+        row = table[index]
+        add("task_row", {"index": index, "task_dir": task_dir, "row": row})
+        stay_id = int(row["stay_id"])
+        where = f"{view.task_path(task_dir)} row {index}"
+        for dicom in row_cxrs(task_dir, row)[0]:
+            cxr = view.cxr_row(stay_id, dicom, where)
+            add("cxr_row", {k: v for k, v in cxr.items() if k != "image_path"})
+            add("image", image_digest(str(cxr["image_path"])))
+        if not stays or stays[-1] != stay_id:
+            stays.append(stay_id)
+    for stay_id in sorted(set(stays)):
+        add("demographics", view.demographics(stay_id, f"stay {stay_id}"))
+    if ehr is None or not set(stays) <= set(ehr):
+        ehr = view.read_ehr(sorted(set(stays)))
+    for stay_id in sorted(set(stays)):
+        add("ehr", {"stay_id": stay_id, "sha256": ehr[stay_id].digest()})
+    return h.hexdigest()

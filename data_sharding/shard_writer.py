@@ -1,0 +1,287 @@
+"""``dipro shard``: deterministic WebDataset shards from a processed directory.
+
+1. :func:`plan_shards` groups task rows into shards: one series per (task
+   table, split), rows sorted by (stay_id, row), cut greedily so that each
+   shard holds at most ``max_samples_per_shard`` samples and at most
+   ``max_shard_bytes`` bytes (sample sizes are known before any image is
+   decoded: see :func:`data_sharding.samples.estimate_sample_bytes`).  The plan
+   depends only on the task tables and the settings, so a change to one stay's
+   EHR or images touches only the shards holding that stay's samples.
+2. :func:`build_shard` builds one planned shard in one process and writes it
+   under a temp name: ustar members with fixed mtime/uid/gid/names, members in
+   a fixed order -> the same inputs give the same bytes whatever the worker count.
+3. :func:`commit_shards` renames the temp files into place, replaces the
+   manifest atomically and removes shards no longer planned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Iterable
+
+from data_sharding.constants import SPLITS
+from data_sharding.manifest import (
+    Manifest,
+    ShardRecord,
+    ShardSettings,
+    manifest_path,
+    read_manifest,
+    shard_fingerprint,
+    write_manifest,
+)
+from dipro.errors import DataError
+
+SHARD_MTIME = 0
+"""mtime stamped on every tar member (a wall-clock stamp would break byte identity)."""
+TMP_SUFFIX = ".tmp"
+STATS_FILES = ("label_stats.json", "ehr_stats.json")
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which task rows (indices into ``tasks/{task}.parquet``) go into one shard."""
+
+    task: str
+    split: str
+    index: int
+    rows: tuple[int, ...]
+    est_bytes: int
+
+    @property
+    def path(self) -> str:
+        """Path relative to the shard root: ``{task}/{split}-{NNNNNN}.tar``."""
+        return f"{self.task}/{self.split}-{self.index:06d}.tar"
+
+
+def plan_shards(view, task_dirs: Iterable[str], settings: dict[str, ShardSettings]) -> list[ShardPlan]:
+    """Deterministic shard plan for ``task_dirs`` (``view``: a ProcessedView)."""
+    from data_sharding.samples import estimate_sample_bytes
+
+    plans: list[ShardPlan] = []
+    for task in task_dirs:
+        s = settings[task]
+        capacity = (s.max_shard_bytes // 10240) * 10240 - 1024  # see samples.tar_size
+        rows = view.task_rows(task)
+        by_split: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_split.setdefault(row["split"], []).append(i)
+        for split in SPLITS:
+            ordered = sorted(by_split.get(split, []), key=lambda i: (int(rows[i]["stay_id"]), i))
+            current: list[int] = []
+            used = n = 0
+            for i in ordered:
+                size = estimate_sample_bytes(task, rows[i], i, s.crop_size)
+                if size > capacity:
+                    raise DataError(
+                        f"{view.task_path(task)} row {i}: one sample takes up to {size} bytes, more than "
+                        f"--max-shard-bytes {s.max_shard_bytes} allows; raise it or lower --crop-size")
+                if current and (len(current) >= s.max_samples_per_shard or used + size > capacity):
+                    plans.append(ShardPlan(task, split, n, tuple(current), used))
+                    n += 1
+                    current, used = [], 0
+                current.append(i)
+                used += size
+            if current:
+                plans.append(ShardPlan(task, split, n, tuple(current), used))
+    return plans
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes (one pass, no re-read)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = SHARD_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def tmp_path(final: Path) -> Path:
+    return final.with_name(final.name + TMP_SUFFIX)
+
+
+def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings, out: str | Path) -> ShardRecord:
+    """Build one planned shard into ``out/{plan.path}.tmp``; return its manifest row (path = final path)."""
+    from data_sharding.samples import SampleBuilder, encode_sample, open_processed
+
+    view = open_processed(processed)
+    builder = SampleBuilder(view, plan.task, settings.crop_size)
+    builder.prefetch(list(plan.rows))
+    final = Path(out) / plan.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(final)
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in plan.rows:
+                for name, payload in encode_sample(builder.build(index)):
+                    tar.addfile(_tar_info(name, len(payload)), BytesIO(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    if writer.size > settings.max_shard_bytes:
+        raise RuntimeError(f"{plan.path}: {writer.size} bytes exceed the planned bound {settings.max_shard_bytes}")
+    fingerprint = shard_fingerprint(view, plan.task, plan.rows, settings, builder.image_digests.__getitem__,
+                                    ehr=builder.ehr)
+    return ShardRecord(task=plan.task, split=plan.split, path=plan.path, samples=len(plan.rows), bytes=writer.size,
+                       sha256=writer.sha.hexdigest(), fingerprint=fingerprint, settings=settings.to_json(),
+                       counts=json.dumps(dict(sorted(builder.counts.items())), separators=(",", ":")))
+
+
+def remove_tmp_files(out: Path, task_dirs: Iterable[str]) -> None:
+    """Delete temp shards left by an interrupted run (never referenced by a manifest)."""
+    for task in task_dirs:
+        for p in (out / task).glob(f"*{TMP_SUFFIX}"):
+            p.unlink()
+
+
+def commit_shards(out: Path, manifest: Manifest, built: Iterable[str], managed: Iterable[str],
+                  processed: Path) -> list[str]:
+    """Rename built temp shards into place, replace the manifest, drop shards it no longer lists.
+
+    ``managed`` are the task dirs this run planned: their shard files missing
+    from ``manifest`` are removed (after the manifest is replaced).  The stats
+    JSONs are copied only when they changed.  Returns the removed paths.
+    """
+    for rel in built:
+        os.replace(tmp_path(out / rel), out / rel)
+    write_manifest(out, manifest)
+    listed = set(manifest.by_path())
+    removed = []
+    for task in managed:
+        for p in sorted((out / task).glob("*.tar")):
+            rel = f"{task}/{p.name}"
+            if SHARD_NAME.match(p.name) and rel not in listed:
+                p.unlink()
+                removed.append(rel)
+    for name in STATS_FILES:
+        src, dst = processed / name, out / name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            tmp = tmp_path(dst)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return removed
+
+
+def check_stats_files(processed: Path) -> None:
+    for name in STATS_FILES:
+        if not (processed / name).is_file():
+            raise DataError(f"processed input missing: {processed / name} (run `dipro prepare` first)")
+
+
+def selected_task_dirs(view, task: str) -> tuple[str, ...]:
+    """Task dirs to build: the requested ones; for ``all`` those whose task table exists."""
+    from data_sharding.samples import resolve_task_dirs
+
+    task_dirs = resolve_task_dirs(task)
+    if task == "all":
+        task_dirs = tuple(t for t in task_dirs if view.has_task(t))
+        if not task_dirs:
+            raise DataError(f"{view.root / 'tasks'}: no task tables (expected disease_progression.parquet "
+                            "and/or mortality_los.parquet)")
+    for t in task_dirs:
+        if not view.has_task(t):
+            raise DataError(f"processed input missing: {view.task_path(t)}")
+    return task_dirs
+
+
+def previous_records(out: Path, keep_tasks: Iterable[str]) -> list[ShardRecord]:
+    """Manifest rows of task dirs this run does not rebuild (kept when their files still exist)."""
+    if not manifest_path(out).exists():
+        return []
+    keep = set(keep_tasks)
+    return [r for r in read_manifest(out).records if r.task in keep and (out / r.path).exists()]
+
+
+def _build_job(job: tuple[str, ShardPlan, ShardSettings, str]) -> ShardRecord:
+    return build_shard(*job)
+
+
+def write_shards(
+    processed: str | Path,
+    out: str | Path,
+    task: str = "all",
+    settings: ShardSettings | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Build every shard of ``task`` (all | disease_progression | mortality_los) from scratch.
+
+    Shards are built in parallel over ``workers`` processes (default: all CPU
+    cores; 1 = in this process), all under temp names; only when every one
+    succeeded are they renamed into place and the manifest replaced.  Shard
+    series of other task dirs already in ``out`` are kept.
+    """
+    from tqdm import tqdm
+
+    from data_sharding.samples import TASK_DIRS, open_processed
+
+    settings = settings or ShardSettings()
+    processed, out = Path(processed).resolve(), Path(out).resolve()
+    view = open_processed(processed)
+    check_stats_files(processed)
+    task_dirs = selected_task_dirs(view, task)
+    plans = plan_shards(view, task_dirs, {t: settings for t in task_dirs})
+    out.mkdir(parents=True, exist_ok=True)
+    remove_tmp_files(out, task_dirs)
+    kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs])
+
+    jobs = [(str(processed), plan, settings, str(out)) for plan in plans]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    records: list[ShardRecord] = []
+    bar = tqdm(total=sum(len(p.rows) for p in plans), unit="sample", desc="dipro shard", disable=not progress)
+    try:
+        if workers == 1:
+            results: Iterable[ShardRecord] = map(_build_job, jobs)
+            for record in results:
+                records.append(record)
+                bar.update(record.samples)
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                for record in pool.imap_unordered(_build_job, jobs):
+                    records.append(record)
+                    bar.update(record.samples)
+    except BaseException:
+        remove_tmp_files(out, task_dirs)
+        raise
+    finally:
+        bar.close()
+    manifest = Manifest(kept + records)
+    commit_shards(out, manifest, [r.path for r in records], task_dirs, processed)
+    return manifest
+
+
+def total_counts(records: Iterable[ShardRecord]) -> Counter:
+    """Sum of the per-shard anomaly counts (missing regions, unreadable images ...)."""
+    total: Counter = Counter()
+    for r in records:
+        total.update(json.loads(r.counts or "{}"))
+    return total

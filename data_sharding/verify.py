@@ -1,0 +1,272 @@
+"""``dipro shards verify``: every shard against the manifest, every sample decoded and checked.
+
+Per shard, one streaming pass: the bytes are hashed while tarfile parses
+them, so presence, size, sha256, truncation and member-level damage are found
+together.  Every sample must have exactly the members of
+:data:`data_sharding.samples.MEMBERS`, decode without pickle, and have the
+shapes, dtypes and label ranges of docs/ARCHITECTURE.md section 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
+from data_sharding.manifest import MANIFEST_NAME, ShardRecord, ShardSettings, read_manifest
+from data_sharding.samples import KEY_PATTERN, MEMBERS, TASK_DIRS
+from data_sharding.shard_writer import SHARD_NAME
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a shard directory."""
+
+    shard: str
+    """Shard path relative to the shard root (or the manifest's name)."""
+    kind: str
+    """missing | size | sha256 | unreadable | sample | count | duplicate_key | unlisted | manifest."""
+    detail: str
+    sample: str = ""
+
+
+class _HashingReader:
+    """Read-only file wrapper that hashes and counts every byte read."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def check_sample(key: str, members: dict[str, bytes], record: ShardRecord, crop_size: int) -> list[str]:
+    """Problems with one decoded sample (empty list = fine)."""
+    errors: list[str] = []
+    if not KEY_PATTERN.match(key):
+        errors.append("key has characters outside [A-Za-z0-9_-]")
+    missing = [m for m in MEMBERS if m not in members]
+    extra = sorted(set(members) - set(MEMBERS))
+    if missing:
+        errors.append(f"missing member(s) {', '.join(missing)}")
+    if extra:
+        errors.append(f"unexpected member(s) {', '.join(extra)}")
+    if missing:
+        return errors
+    try:
+        arrays = {m: _load_npy(members[m]) for m in MEMBERS if m.endswith(".npy")}
+        labels = json.loads(members["labels.json"].decode("utf-8"))
+        meta = json.loads(members["meta.json"].decode("utf-8"))
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+        return errors + [f"does not decode: {exc}"]
+
+    crops = arrays["crops.npy"]
+    t = crops.shape[0] if crops.ndim == 4 else -1
+    length = arrays["ehr_values.npy"].shape[0] if arrays["ehr_values.npy"].ndim == 2 else -1
+    expected = {
+        "crops.npy": (np.uint8, (t, NUM_REGIONS, crop_size, crop_size)),
+        "region_present.npy": (np.uint8, (t, NUM_REGIONS)),
+        "cxr_hours.npy": (np.float32, (t,)),
+        "ehr_values.npy": (np.float32, (length, NUM_EHR_VARIABLES)),
+        "ehr_masks.npy": (np.uint8, (length, NUM_EHR_VARIABLES)),
+        "ehr_hours.npy": (np.float32, (length,)),
+        "demographics.npy": (np.float32, (NUM_DEMOGRAPHICS,)),
+        "region_labels.npy": (np.int8, (t - 1, NUM_REGIONS, NUM_DISEASES)),
+    }
+    for name, (dtype, shape) in expected.items():
+        arr = arrays[name]
+        if arr.dtype != dtype or arr.shape != shape or min(shape) < 0:
+            errors.append(f"{name}: {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+    if errors:
+        return errors
+    if t < 2:
+        errors.append(f"{t} CXRs, expected >= 2")
+    present = arrays["region_present.npy"]
+    if not np.isin(present, (0, 1)).all():
+        errors.append("region_present.npy: values other than 0/1")
+    elif crops[present == 0].any():
+        errors.append("crops.npy: non-zero crop where region_present is 0")
+    if not np.isin(arrays["ehr_masks.npy"], (0, 1)).all():
+        errors.append("ehr_masks.npy: values other than 0/1")
+    for name in ("cxr_hours.npy", "ehr_values.npy", "ehr_hours.npy", "demographics.npy"):
+        if not np.isfinite(arrays[name]).all():
+            errors.append(f"{name}: non-finite values")
+    rl = arrays["region_labels.npy"]
+    if rl.size and (rl.min() < 0 or rl.max() > 3):
+        errors.append("region_labels.npy: values outside 0..3")
+    errors += _check_labels(record.task, labels)
+    errors += _check_meta(key, record, meta, t)
+    return errors
+
+
+def _in_range(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _check_labels(task: str, labels: Any) -> list[str]:
+    if not isinstance(labels, dict):
+        return ["labels.json: not an object"]
+    if task == "disease_progression":
+        prog = labels.get("progression")
+        if not (isinstance(prog, list) and len(prog) == NUM_DISEASES and all(_in_range(v, 0, 3) for v in prog)):
+            return [f"labels.json: progression {prog!r}, expected {NUM_DISEASES} ints in 0..3"]
+        return []
+    errors = []
+    if not _in_range(labels.get("mortality"), 0, 1):
+        errors.append(f"labels.json: mortality {labels.get('mortality')!r}, expected 0 or 1")
+    if not _in_range(labels.get("los_bin"), 0, 3):
+        errors.append(f"labels.json: los_bin {labels.get('los_bin')!r}, expected 0..3")
+    los = labels.get("los_days")
+    if not (isinstance(los, (int, float)) and not isinstance(los, bool) and np.isfinite(los) and los >= 0):
+        errors.append(f"labels.json: los_days {los!r}, expected a finite number >= 0")
+    return errors
+
+
+def _check_meta(key: str, record: ShardRecord, meta: Any, t: int) -> list[str]:
+    if not isinstance(meta, dict):
+        return ["meta.json: not an object"]
+    errors = []
+    for field_ in ("subject_id", "stay_id", "dicom_ids", "split", "task_dir", "row"):
+        if field_ not in meta:
+            errors.append(f"meta.json: no {field_!r}")
+    if errors:
+        return errors
+    if meta["task_dir"] != record.task or meta["split"] != record.split:
+        errors.append(f"meta.json: task_dir/split {meta['task_dir']}/{meta['split']} in a "
+                      f"{record.task}/{record.split} shard")
+    if not isinstance(meta["dicom_ids"], list) or len(meta["dicom_ids"]) != t:
+        errors.append(f"meta.json: dicom_ids does not list the {t} CXRs")
+    if key != f"s{meta['stay_id']}_{meta['row']}":
+        errors.append("meta.json: stay_id/row do not match the key")
+    return errors
+
+
+def verify_shard(root: str | Path, record: ShardRecord) -> tuple[list[Problem], list[str]]:
+    """Problems of one shard, and the sample keys found in it."""
+    path = Path(root) / record.path
+    if not path.is_file():
+        return [Problem(record.path, "missing", "file not found")], []
+    problems: list[Problem] = []
+    try:
+        settings = ShardSettings.from_json(record.settings)
+    except Exception as exc:  # a damaged manifest row
+        return [Problem(record.path, "manifest", f"settings {record.settings!r}: {exc}")], []
+    size = path.stat().st_size
+    if size != record.bytes:
+        problems.append(Problem(record.path, "size", f"{size} bytes, manifest says {record.bytes}"))
+    keys: list[str] = []
+    current_key, members = None, {}
+
+    def finish() -> None:
+        if current_key is None:
+            return
+        keys.append(current_key)
+        for err in check_sample(current_key, members, record, settings.crop_size):
+            problems.append(Problem(record.path, "sample", err, current_key))
+
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        problems.append(Problem(record.path, "unreadable", f"non-file member {info.name!r}"))
+                        continue
+                    key, _, member = os.path.basename(info.name).partition(".")
+                    if key != current_key:
+                        finish()
+                        if key in keys:
+                            problems.append(Problem(record.path, "duplicate_key", "key appears twice", key))
+                        current_key, members = key, {}
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} truncated")
+                    members[member] = data
+            finish()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            problems.append(Problem(record.path, "unreadable", f"tar stream broken after {len(keys)} samples: {exc}",
+                                    current_key or ""))
+        reader.drain()
+    if reader.sha.hexdigest() != record.sha256:
+        problems.append(Problem(record.path, "sha256", f"{reader.sha.hexdigest()[:16]}..., manifest says "
+                                                       f"{record.sha256[:16]}..."))
+    if len(keys) != record.samples:
+        problems.append(Problem(record.path, "count", f"{len(keys)} samples read, manifest says {record.samples}"))
+    return problems, keys
+
+
+def _verify_job(job: tuple[str, ShardRecord]) -> tuple[list[Problem], list[str]]:
+    return verify_shard(*job)
+
+
+def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = False) -> list[Problem]:
+    """All problems of a shard directory (empty list = valid).
+
+    Raises :class:`dipro.errors.DataError` when there is no readable manifest.
+    ``workers`` > 1 checks shards in that many processes.
+    """
+    from tqdm import tqdm
+
+    root = Path(shard_dir)
+    manifest = read_manifest(root)
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    jobs = [(str(root), r) for r in manifest.records]
+    bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            results = list(_progress(pool.imap(_verify_job, jobs), bar))
+    else:
+        results = list(_progress(map(_verify_job, jobs), bar))
+    bar.close()
+    for record, (shard_problems, keys) in zip(manifest.records, results):
+        problems += shard_problems
+        for key in keys:
+            where = f"{record.task}/{key}"
+            if where in seen and seen[where] != record.path:
+                problems.append(Problem(record.path, "duplicate_key", f"also in {seen[where]}", key))
+            seen.setdefault(where, record.path)
+    listed = set(manifest.by_path())
+    for task in TASK_DIRS:
+        for p in sorted((root / task).glob("*.tar")):
+            rel = f"{task}/{p.name}"
+            if SHARD_NAME.match(p.name) and rel not in listed:
+                problems.append(Problem(rel, "unlisted", f"shard file not in {MANIFEST_NAME}"))
+    return problems
+
+
+def _progress(results, bar):
+    for item in results:
+        bar.update(1)
+        yield item
+
+
+def format_problems(problems: list[Problem]) -> str:
+    """A fixed-width table: shard | problem | sample | detail."""
+    rows = [("shard", "problem", "sample", "detail")] + [(p.shard, p.kind, p.sample, p.detail) for p in problems]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows]
+    lines.insert(1, "-" * min(120, sum(widths) + 6 + max(len(r[3]) for r in rows)))
+    return "\n".join(lines)
