@@ -82,3 +82,28 @@ def uniform_label_stats() -> dict:
         "disease_progression": {"task": counts, "region": counts},
         "mortality_los": {"mortality": [80, 20], "los_bin": [25, 25, 25, 25], "region": counts},
     }
+
+
+# Padding value per key when samples are stacked along the batch axis (axis 1 = T or L).
+_PAD_VALUES = {"region_labels": 3}
+_PADDED_AXIS1 = ("crops", "region_mask", "cxr_mask", "cxr_hours", "ehr_values", "ehr_obs_mask", "ehr_hours", "ehr_mask",
+                 "region_labels")
+
+
+def concat_batches(batches: Sequence[dict]) -> dict:
+    """Concatenate batches along B, padding T / L (axis 1) as the loader does."""
+    out: dict = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        if isinstance(values[0], list):
+            out[key] = [x for v in values for x in v]
+            continue
+        if key in _PADDED_AXIS1:
+            n = max(v.shape[1] for v in values)
+            fill = _PAD_VALUES.get(key, 0)
+            values = [
+                torch.cat([v, torch.full((v.shape[0], n - v.shape[1], *v.shape[2:]), fill, dtype=v.dtype)], dim=1)
+                for v in values
+            ]
+        out[key] = torch.cat(values, dim=0)
+    return out
