@@ -53,7 +53,7 @@ def augment_sample(sample: dict[str, Any], rng: np.random.Generator, cfg: Augmen
     shifts = rng.integers(-max_px, max_px + 1, size=(n_regions, 2))
     out = np.empty_like(crops)
     for r in range(n_regions):
-        block = _lut(float(a[r]), float(b[r]))[crops[:, r]]
+        block = np.take(_lut(float(a[r]), float(b[r])), crops[:, r])  # LUT: one pass over uint8 pixels
         out[:, r] = _shift(block, int(shifts[r, 0]), int(shifts[r, 1]))
     out[present == 0] = 0  # a missing region stays missing, not a jittered grey patch
     result = dict(sample)
