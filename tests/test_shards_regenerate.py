@@ -1,0 +1,134 @@
+"""dipro shards regenerate: Ray tasks rebuild only what changed; a crash leaves the old shards valid."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_sharding import regenerate as regen_mod
+from data_sharding.manifest import ShardSettings, read_manifest
+from data_sharding.regenerate import regenerate
+from data_sharding.shard_writer import write_shards
+from data_sharding.verify import verify_shards
+from processed_fixture import make_processed
+
+pytestmark = pytest.mark.slow  # starts a local Ray (about 10 s on 2 cores)
+
+SETTINGS = ShardSettings(crop_size=32, max_samples_per_shard=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def bump_ehr(processed: Path, stay_id: int, column: str = "heart_rate") -> None:
+    """Change one EHR value column of one stay in whichever part holds it."""
+    for part in sorted((processed / "ehr").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        ids = table.column("stay_id").to_numpy()
+        if (ids == stay_id).any():
+            values = table.column(column).to_numpy().copy()
+            values[ids == stay_id] += np.float32(0.5)
+            pq.write_table(table.set_column(table.column_names.index(column), column, pa.array(values)), part)
+
+
+def shards_holding(out: Path, stay_id: int) -> set[str]:
+    import tarfile
+
+    found = set()
+    for p in sorted(out.rglob("*.tar")):
+        with tarfile.open(p) as tar:
+            if any(n.startswith(f"s{stay_id}_") for n in tar.getnames()):
+                found.add(str(p.relative_to(out)))
+    return found
+
+
+@pytest.fixture()
+def built(tmp_path):
+    fx = make_processed(tmp_path / "p", n_stays=6)
+    out = tmp_path / "s"
+    write_shards(fx.root, out, settings=SETTINGS, workers=1, progress=False)
+    return fx, out
+
+
+def test_changed_stay_rebuilds_only_its_shards(built, tmp_path):
+    fx, out = built
+    assert regenerate(fx.root, out, progress=False).rebuilt == {}
+    before = snapshot(out)
+    stay = fx.stay_ids[1]
+    holding = shards_holding(out, stay)
+    assert 2 <= len(holding) < len([k for k in before if k.endswith(".tar")])
+    bump_ehr(fx.root, stay)
+
+    report = regenerate(fx.root, out, progress=False)
+
+    assert set(report.rebuilt) == holding and set(report.rebuilt.values()) == {"inputs changed"}
+    after = snapshot(out)
+    for path, (digest, mtime) in before.items():
+        if path.endswith(".tar") and path not in holding:
+            assert after[path] == (digest, mtime), path
+        elif path in holding:
+            assert after[path][0] != digest
+    assert verify_shards(out) == []
+    fresh = tmp_path / "fresh"
+    write_shards(fx.root, fresh, settings=SETTINGS, workers=1, progress=False)
+    assert {k: v[0] for k, v in snapshot(fresh).items() if k.endswith(".tar")} == \
+           {k: v[0] for k, v in after.items() if k.endswith(".tar")}
+    assert [(r.path, r.fingerprint) for r in read_manifest(fresh).records] == \
+           [(r.path, r.fingerprint) for r in read_manifest(out).records]
+
+
+def test_crash_before_commit_leaves_previous_shards_valid(built, monkeypatch):
+    fx, out = built
+    before = snapshot(out)
+    bump_ehr(fx.root, fx.stay_ids[0])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected crash after the rebuilt shards were written")
+
+    monkeypatch.setattr(regen_mod, "commit_shards", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        regenerate(fx.root, out, progress=False)
+    leftovers = sorted(p.name for p in out.rglob("*.tmp"))
+    assert leftovers  # the crash happened with new shards written under temp names
+    assert {k: v for k, v in snapshot(out).items() if not k.endswith(".tmp")} == before
+    assert verify_shards(out) == []
+
+    monkeypatch.undo()
+    report = regenerate(fx.root, out, progress=False)
+    assert report.rebuilt and not list(out.rglob("*.tmp"))
+    assert verify_shards(out) == []
+
+
+def test_damaged_shard_and_settings_change(built):
+    fx, out = built
+    victim = "mortality_los/val-000000.tar"
+    data = bytearray((out / victim).read_bytes())
+    data[len(data) // 3] ^= 0x10
+    (out / victim).write_bytes(bytes(data))
+    report = regenerate(fx.root, out, progress=False)
+    assert list(report.rebuilt) == [victim] and report.rebuilt[victim].startswith("failed verification")
+    assert verify_shards(out) == []
+
+    report = regenerate(fx.root, out, task="disease_progression", overrides={"max_samples_per_shard": 3},
+                        progress=False)
+    manifest = read_manifest(out)
+    prog = [r for r in manifest.records if r.task == "disease_progression"]
+    assert all(ShardSettings.from_json(r.settings).max_samples_per_shard == 3 for r in prog)
+    assert report.rebuilt and all(p.startswith("disease_progression/") for p in report.rebuilt)
+    assert report.removed and all(not (out / p).exists() for p in report.removed)
+    assert verify_shards(out) == []
