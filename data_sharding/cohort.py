@@ -54,12 +54,6 @@ class RuleReport:
         if n:
             self.skipped[reason] += int(n)
 
-    def get(self, name: str) -> dict:
-        for r in self.rules:
-            if r["rule"] == name:
-                return r
-        raise KeyError(name)
-
     def to_dict(self) -> dict:
         return {"rules": list(self.rules), "skipped": dict(sorted(self.skipped.items()))}
 
