@@ -80,6 +80,7 @@ def build_tree() -> tuple[RawTree, dict]:
     t.icu_patient(NO_EVENTS, events=False)
     # Gold contradicts silver for the first pair.
     cx = t.icu_patient(GOLD)
+    t.gold_row(GOLD, cx[1].dicom_id + ".dcm", cx[0].dicom_id + ".dcm", "left lung", "lung opacity", "improved")
     t.gold_row(GOLD, cx[1].dicom_id + ".dcm", cx[0].dicom_id + ".dcm", "right lung", "pulmonary edema/hazy opacity",
                "improved")
     ids["gold"] = cx
@@ -210,8 +211,10 @@ def test_progression_labels_silver_gold_and_no_relationships(prepared):
     g0 = gold.iloc[0]
     assert g0.label_source == "gold" and gold.iloc[1].label_source == "silver"
     r = nested(g0.region_labels)
-    assert r[REGIONS.index("right lung"), 3] == 1 and r[REGIONS.index("left lung"), 4] == 3
-    assert g0["pulmonary_edema"] == 1 and g0["lung_opacity"] == 3
+    # silver says left lung opacity worsened (0); gold says improved (1): gold wins.
+    assert r[REGIONS.index("left lung"), 4] == 1 and r[REGIONS.index("right lung"), 3] == 1
+    assert g0["pulmonary_edema"] == 1 and g0["lung_opacity"] == 1
+    assert (np.delete(r.ravel(), [REGIONS.index("left lung") * 7 + 4, REGIONS.index("right lung") * 7 + 3]) == 3).all()
     # Scene graph without relationships -> not mentioned everywhere for the pair it closes.
     nr = prog[prog.subject_id == NO_REL].sort_values("cxr1_hours").iloc[0]
     assert (nested(nr.region_labels) == 3).all()

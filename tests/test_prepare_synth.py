@@ -34,7 +34,7 @@ RULES = ("linked_records", "adult", "one_icu_stay_per_admission", "same_careunit
 @pytest.fixture(scope="module")
 def synth_prepared(tmp_path_factory):
     raw = tmp_path_factory.mktemp("synth") / "raw"
-    synth.generate(raw, patients=40, seed=3, image_size=64)
+    synth.generate(raw, patients=24, seed=3, image_size=64)
     out = tmp_path_factory.mktemp("proc") / "processed"
     res = prepare(resolve_roots(raw), out, PrepareOptions(progress=False, block_size=1 << 16))
     return raw, out, res
