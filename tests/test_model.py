@@ -332,3 +332,15 @@ def test_learns_a_planted_signal_and_not_shuffled_labels(task):
 def test_config_dataclass_has_the_ablation_keys():
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     assert {"use_ehr", "last_cxr_only", "use_pae", "use_std_losses", "local_fusion", "global_fusion"} <= names
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bf16_autocast_forward_backward_is_finite(task):
+    model = make_model(task).train()
+    batch = random_batch(task, 2, [2, 2] if task == "disease_progression" else [3, 5], [20, 0], seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+        loss, terms = model.compute_loss(batch, out)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
