@@ -1,0 +1,228 @@
+"""Evaluate a model on a split: one code path for validation, ``dipro evaluate``, predict and tracking.
+
+    result = evaluate_checkpoint("runs/RUN/best", "test")
+    result.metrics            # dipro.metrics.compute_metrics(...) + "loss"
+    result.y_true, result.y_prob, result.sample_keys, result.stay_ids, result.region_attention
+
+Distributed evaluation: each rank predicts its own block of samples (counts may differ
+by one), :func:`gather_predictions` collects every rank's arrays on rank 0 with
+``all_gather_object`` (no per-batch collective, so unequal counts are fine), drops
+duplicates by sample key and orders by key; rank 0 computes the metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from dipro.errors import UserError
+from dipro.train.data import TASK_LABEL_KEY
+
+
+@dataclass
+class EvalResult:
+    """Predictions and metrics of one model on one split (arrays ordered by sample key)."""
+
+    metrics: dict[str, float]
+    y_true: np.ndarray
+    y_prob: np.ndarray
+    sample_keys: list[str]
+    stay_ids: np.ndarray
+    region_attention: np.ndarray
+    task: str = ""
+    split: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_keys)
+
+
+@dataclass
+class Predictions:
+    """One rank's raw predictions before gathering."""
+
+    y_true: list[np.ndarray] = field(default_factory=list)
+    y_prob: list[np.ndarray] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    stay_ids: list[np.ndarray] = field(default_factory=list)
+    attention: list[np.ndarray] = field(default_factory=list)
+    loss_sum: float = 0.0
+    count: int = 0
+
+    def add(self, task: str, batch: dict[str, Any], out: dict[str, torch.Tensor], probs: torch.Tensor,
+            loss: torch.Tensor | None) -> None:
+        n = len(batch["sample_key"])
+        self.y_true.append(batch[TASK_LABEL_KEY[task]].detach().cpu().numpy())
+        self.y_prob.append(probs.detach().float().cpu().numpy())
+        self.keys.extend(batch["sample_key"])
+        self.stay_ids.append(batch["stay_id"].detach().cpu().numpy())
+        self.attention.append(out["region_attention"].detach().float().cpu().numpy())
+        if loss is not None:
+            self.loss_sum += float(loss.detach().float()) * n
+        self.count += n
+
+    def arrays(self) -> dict[str, Any]:
+        def cat(xs):
+            return np.concatenate(xs) if xs else np.zeros((0,))
+        return {"y_true": cat(self.y_true), "y_prob": cat(self.y_prob), "keys": list(self.keys),
+                "stay_ids": cat(self.stay_ids), "attention": cat(self.attention),
+                "loss_sum": self.loss_sum, "count": self.count}
+
+
+def predict(forward: Callable[[dict[str, Any]], tuple[dict, torch.Tensor | None]],
+            predict_proba: Callable[[dict], torch.Tensor], batches: Iterable[dict[str, Any]], task: str,
+            device: torch.device, *, lockstep: Callable[[bool], bool] | None = None,
+            fallback_batch: dict[str, Any] | None = None, progress: bool = False) -> Predictions:
+    """Run ``forward(batch) -> (out, loss)`` over ``batches`` in no-grad mode.
+
+    ``lockstep(has_batch) -> any_rank_has_batch`` (ZeRO-3): every rank keeps calling
+    ``forward`` until all ranks ran out of data, repeating its last batch (or
+    ``fallback_batch``) with the result discarded, because ZeRO-3 gathers parameters
+    inside forward and a rank that stops early would leave the others waiting.
+    """
+    from dipro.data import move_to_device
+
+    preds = Predictions()
+    it = iter(batches)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="evaluate", unit="batch", leave=False)
+    last = fallback_batch
+    with torch.no_grad():
+        while True:
+            batch = next(it, None)
+            if lockstep is not None:
+                if not lockstep(batch is not None):
+                    break
+                if batch is None:
+                    if last is None:
+                        raise RuntimeError("a rank with no evaluation batch cannot join ZeRO-3 lockstep forwards")
+                    forward(last)
+                    continue
+            elif batch is None:
+                break
+            batch = move_to_device(batch, device)
+            out, loss = forward(batch)
+            preds.add(task, batch, out, predict_proba(out), loss)
+            last = batch
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return preds
+
+
+def gather_predictions(local: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+    """Every rank's prediction arrays (a list indexed by rank); unequal counts are fine."""
+    if world_size == 1:
+        return [local]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, local)
+    return parts
+
+
+def finalize(parts: list[dict[str, Any]], task: str, split: str = "") -> EvalResult:
+    """Merge rank parts, drop duplicate keys, sort by key, compute the paper's metrics (+ mean loss)."""
+    from dipro.metrics import compute_metrics
+
+    keys = [k for p in parts for k in p["keys"]]
+    if not keys:
+        raise UserError(f"no {split or 'evaluation'} samples for task {task}: nothing to evaluate")
+    y_true = np.concatenate([p["y_true"] for p in parts if p["count"]])
+    y_prob = np.concatenate([p["y_prob"] for p in parts if p["count"]])
+    stay = np.concatenate([p["stay_ids"] for p in parts if p["count"]])
+    att = np.concatenate([p["attention"] for p in parts if p["count"]])
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    order = [first[k] for k in sorted(first)]
+    count = sum(p["count"] for p in parts)
+    metrics = dict(compute_metrics(task, y_true[order], y_prob[order]))
+    metrics["loss"] = sum(p["loss_sum"] for p in parts) / count if count else math.nan
+    return EvalResult(metrics=metrics, y_true=y_true[order], y_prob=y_prob[order],
+                      sample_keys=[keys[i] for i in order], stay_ids=stay[order], region_attention=att[order],
+                      task=task, split=split)
+
+
+def evaluate_model(model: torch.nn.Module, cfg, split: str, *, shard_dir: str | Path | None = None,
+                   device: str | torch.device = "cpu", precision: str = "fp32", batch_size: int | None = None,
+                   num_workers: int | None = None, progress: bool = False) -> EvalResult:
+    """Single-process evaluation of ``model`` (a plain DiPro) on ``split`` of ``shard_dir``."""
+    from dipro.train.data import eval_loader
+    from dipro.train.precision import autocast
+
+    device = torch.device(device)
+    model.to(device).eval()
+    loader = eval_loader(cfg, split, rank=0, world_size=1, shard_dir=shard_dir, batch_size=batch_size,
+                         num_workers=num_workers)
+
+    def forward(batch):
+        with autocast(device, precision):
+            out = model(batch)
+            loss, _ = model.compute_loss(batch, out)
+        return out, loss
+
+    preds = predict(forward, model.predict_proba, loader, cfg.task, device, progress=progress)
+    return finalize([preds.arrays()], cfg.task, split)
+
+
+def evaluate_checkpoint(path: str | Path, split: str, **kwargs: Any) -> EvalResult:
+    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`) and evaluate it."""
+    from dipro.train.checkpoint import load_model
+
+    model, cfg = load_model(path, device=kwargs.get("device", "cpu"))
+    return evaluate_model(model, cfg, split, **kwargs)
+
+
+def checkpoint_from_model_uri(uri: str) -> Path:
+    """Download an MLflow model (``models:/dipro-mortality@champion``, ``runs:/...``) and return
+    the directory inside it that holds ``model.pt`` + ``config.yaml``."""
+    import mlflow
+
+    from dipro.train.checkpoint import CONFIG_FILE, MODEL_FILE
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # MLflow raises several types for unknown names/aliases/servers
+        raise UserError(f"cannot download model {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {exc}") from None
+    for weights in sorted(local.rglob(MODEL_FILE)):
+        if (weights.parent / CONFIG_FILE).is_file():
+            return weights.parent
+    raise UserError(f"model {uri!r} holds no {MODEL_FILE} next to a {CONFIG_FILE} (not a dipro model?)")
+
+
+def format_metrics(metrics: dict[str, float], title: str = "") -> str:
+    """A two-column table of the headline metrics (per-disease entries after them)."""
+    head = [k for k in metrics if "/" not in k]
+    rest = [k for k in metrics if "/" in k]
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [title] if title else []
+    lines.append(f"{'metric':<{width}}  value")
+    lines.append("-" * (width + 8))
+    for k in head + rest:
+        v = metrics[k]
+        lines.append(f"{k:<{width}}  {'undefined' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'}")
+    return "\n".join(lines)
+
+
+def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str) -> tuple[Path, Path]:
+    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir``, written atomically."""
+    from dipro.train.checkpoint import atomic_write_text
+
+    out = Path(out_dir)
+    payload = {"task": result.task, "split": result.split, "source": source, "num_samples": result.num_samples,
+               "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                           for k, v in result.metrics.items()}}
+    jpath, tpath = out / "metrics.json", out / "metrics.txt"
+    atomic_write_text(jpath, json.dumps(payload, indent=1))
+    atomic_write_text(tpath, format_metrics(result.metrics, f"{result.task} / {result.split} / {source}") + "\n")
+    return jpath, tpath

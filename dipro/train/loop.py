@@ -1,0 +1,364 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Order of one epoch (all ranks in step):
+
+1. micro batches from the training loader (equal count on every rank); gradients
+   accumulated over ``optim.grad_accum`` of them, then one optimizer step;
+   a non-finite loss on any rank stops every rank before ``backward`` (nothing is
+   updated or saved) with the step and the offending batch's sample keys;
+2. optional checkpoint every ``trainer.checkpoint_every_n_steps`` steps;
+3. validation: each rank predicts its block of the split, rank 0 gathers and scores;
+   the task's monitor (``cfg.monitor``) decides the best checkpoint and early stopping
+   (decision broadcast from rank 0 so all ranks stop together);
+4. an epoch checkpoint reported with ``ray.train.report`` by every rank (rank 0's
+   metrics are the ones Ray keeps).
+
+A restarted worker group (``FailureConfig``) resumes from ``ray.train.get_checkpoint()``;
+a ``--resume`` run from the checkpoint path the launcher passes in.  Either way training
+continues at the next micro batch of the saved data position, with RNG states restored.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dipro.config import Config, from_dict
+from dipro.errors import ConfigError
+from dipro.train import checkpoint as ck
+from dipro.train import faults
+from dipro.train.data import eval_loader, read_label_stats, train_loader
+from dipro.train.evaluate import EvalResult, finalize, gather_predictions, predict
+from dipro.train.strategies import Strategy, build_strategy
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: the run stops, nothing from this step is applied or saved."""
+
+    MARKER = "non-finite loss"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _dist_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (one tiny all-reduce)."""
+    if _dist_world() == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _broadcast(obj: Any) -> Any:
+    if _dist_world() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_finite_loss(loss: torch.Tensor, batch: dict[str, Any], *, step: int, epoch: int, device: torch.device) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank when any rank's loss is NaN/inf.
+
+    The message names the optimizer step, the epoch and the sample keys of every
+    offending rank's batch (gathered, so rank 0's error names them too).
+    """
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if not _any_rank(bad, device):
+        return
+    keys = list(batch["sample_key"]) if bad else []
+    if _dist_world() > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * _dist_world()
+        dist.all_gather_object(parts, (bad, float(loss.detach().float()), keys))
+    else:
+        parts = [(bad, float(loss.detach().float()), keys)]
+    where = "; ".join(f"rank {r}: loss={v} batch sample keys {k}" for r, (b, v, k) in enumerate(parts) if b)
+    raise NonFiniteLossError(
+        f"{NonFiniteLossError.MARKER} at optimizer step {step} (epoch {epoch}): {where}. "
+        "Nothing from this step was applied or checkpointed; lower optim.lr, use trainer.precision=fp32, "
+        "or check these samples (`dipro shards verify`)")
+
+
+def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+class _Running:
+    """Sums of loss terms over the micro batches since the last reset."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().float())
+        self.n += 1
+
+    def means(self, prefix: str = "train/") -> dict[str, float]:
+        return {f"{prefix}{k}": v / max(self.n, 1) for k, v in self.sums.items()}
+
+
+# ----------------------------------------------------------------------------- the worker
+
+class Worker:
+    """State and steps of one rank; :func:`train_loop_per_worker` drives it."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+
+        self.cfg: Config = from_dict(config["cfg"])
+        self.precision: str = config["precision"]
+        self.run_name: str = config["run_name"]
+        self.run_dir = Path(config["run_dir"])
+        self.tracker = config.get("tracker")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        cfg = self.cfg
+        if cfg.trainer.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+            torch.cuda.set_device(self.device)
+            if self.precision == "bf16" and not torch.cuda.is_bf16_supported():
+                self._say("bf16 is not supported by this GPU: training in fp32")
+                self.precision = "fp32"
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
+        # Same seed on every rank while the model is built (identical initial weights,
+        # which ZeRO-3 partitioning relies on); per-rank seeds after that.
+        seed_everything(cfg.seed)
+        from dipro.model import build_model
+
+        self.label_stats = read_label_stats(cfg.data.shards)
+        model = build_model(cfg, self.label_stats)
+        self.loader = train_loader(cfg, rank=self.rank, world_size=self.world, epoch=0)
+        self.accum = cfg.optim.grad_accum
+        self.micro_per_epoch = len(self.loader)
+        self.steps_per_epoch = self.micro_per_epoch // self.accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"{self.micro_per_epoch} micro batches per rank per epoch cannot fill one accumulation window of "
+                f"optim.grad_accum={self.accum}; lower optim.grad_accum, data.batch_size or trainer.num_workers")
+        self.used_micro = self.steps_per_epoch * self.accum
+        total_steps = self.steps_per_epoch * cfg.trainer.max_epochs
+        self.strategy: Strategy = build_strategy(cfg, model, precision=self.precision, device=self.device,
+                                                 rank=self.rank, world_size=self.world, total_steps=total_steps)
+        self.val_loader = eval_loader(cfg, "val", rank=self.rank, world_size=self.world)
+        self.state = ck.TrainState()
+        self.fallback_batch: dict[str, Any] | None = None
+        seed_everything(cfg.seed + 1000 * (self.rank + 1))
+        self._restore(config.get("resume_from"))
+        if self.rank == 0:
+            unused = self.micro_per_epoch - self.used_micro
+            self._say(f"{self.world} worker(s), {self.strategy.name}, {self.precision} on {self.device}; "
+                      f"{self.steps_per_epoch} optimizer steps/epoch of {self.accum} micro batches"
+                      + (f" ({unused} trailing micro batch(es)/epoch unused)" if unused else "")
+                      + f"; starting at epoch {self.state.epoch}, step {self.state.global_step}")
+
+    # ------------------------------------------------------------------ messages
+    def _say(self, msg: str) -> None:
+        print(f"[dipro train rank {self.rank}] {msg}", flush=True)
+
+    # ------------------------------------------------------------------ resume
+    def _restore(self, resume_from: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self._load(Path(d), "restarted worker group")
+        elif resume_from:
+            self._load(Path(resume_from), "--resume")
+
+    def _load(self, d: Path, why: str) -> None:
+        meta = ck.read_meta(d)
+        if meta.get("strategy") != self.strategy.name:
+            raise ConfigError(f"checkpoint {d} was written by strategy {meta.get('strategy')!r}, "
+                              f"this run uses {self.strategy.name!r}")
+        self.strategy.load_state(d)
+        self.state = ck.state_from_meta(meta)
+        rng = ck.rng_file(d, self.rank)
+        if rng.is_file():
+            ck.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        else:  # a different world size: deterministic fresh per-rank streams
+            seed_everything(self.cfg.seed + 1000 * (self.rank + 1) + self.state.global_step)
+        if self.rank == 0:
+            self._say(f"resumed ({why}) from {d}: epoch {self.state.epoch}, step {self.state.global_step}, "
+                      f"{self.state.batches_in_epoch} micro batches of that epoch done")
+
+    # ------------------------------------------------------------------ checkpoint
+    def _save_and_report(self, kind: str, metrics: dict[str, float], val: EvalResult | None,
+                         improved: bool) -> None:
+        """Collective: consolidate weights, write this rank's files, copy best (rank 0), report."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        s = self.state
+        local = Path(tempfile.mkdtemp(prefix=f"dipro-ckpt-r{self.rank}-"))
+        model_state = self.strategy.consolidated_state_dict()
+        self.strategy.save_state(local)
+        ck.atomic_torch_save(ck.rng_state(), ck.rng_file(local, self.rank))
+        meta = ck.meta_from_state(s, kind=kind, run_name=self.run_name, monitor=self.cfg.monitor,
+                                  monitor_value=(val.metrics.get(self.cfg.monitor) if val else None),
+                                  world_size=self.world, strategy=self.strategy.name, precision=self.precision,
+                                  metrics=metrics)
+        if self.rank == 0:
+            ck.write_model_files(local, model_state, self.cfg, self.label_stats, meta)
+            if improved:
+                best_src = Path(tempfile.mkdtemp(prefix="dipro-best-"))
+                for name in (ck.MODEL_FILE, ck.CONFIG_FILE, ck.LABEL_STATS_FILE, ck.META_FILE):
+                    shutil.copy2(local / name, best_src / name)
+                ck.replace_dir_atomically(best_src, self.run_dir / ck.BEST_DIR)
+                shutil.rmtree(best_src, ignore_errors=True)
+        del model_state
+        # "_epochN" = the checkpoint taken at the end of epoch N (0-based); none = mid-epoch.
+        name = f"checkpoint_s{s.global_step:08d}" + (f"_epoch{s.epoch - 1:04d}" if kind == "epoch" else "")
+        ray.train.report(metrics if self.rank == 0 else {}, checkpoint=Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=name, delete_local_checkpoint_after_upload=True)
+        shutil.rmtree(local, ignore_errors=True)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> EvalResult | None:
+        """Distributed evaluation on the val split; the result on rank 0, None elsewhere."""
+        st = self.strategy
+        st.eval()
+        lockstep = None
+        if st.name == "deepspeed" and self.cfg.trainer.zero_stage == 3 and self.world > 1:
+            # ZeRO-3 gathers parameters inside forward: ranks with fewer batches must keep forwarding.
+            lockstep = lambda has: _any_rank(has, self.device)  # noqa: E731
+
+        def forward(batch):
+            out, loss, _ = st.forward(batch, with_loss=True)
+            return out, loss
+
+        preds = predict(forward, st.model.predict_proba, self.val_loader, self.cfg.task, self.device,
+                        lockstep=lockstep, fallback_batch=self.fallback_batch)
+        parts = gather_predictions(preds.arrays(), self.world)
+        st.train()
+        return finalize(parts, self.cfg.task, "val") if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ training
+    def run(self) -> dict[str, Any]:
+        from dipro.data import move_to_device
+
+        cfg, s, st = self.cfg, self.state, self.strategy
+        every = cfg.trainer.checkpoint_every_n_steps
+        samples_per_step = cfg.effective_batch_size
+        while s.epoch < cfg.trainer.max_epochs:
+            epoch = s.epoch
+            self.loader.set_epoch(epoch)
+            st.train()
+            epoch_terms, window_terms = _Running(), _Running()
+            skip = s.batches_in_epoch
+            t_window = time.perf_counter()
+            steps_in_window = 0
+            for i, batch in enumerate(self.loader):
+                if i >= self.used_micro:
+                    break
+                if i < skip:  # data position of a mid-epoch checkpoint
+                    continue
+                boundary = (i + 1) % self.accum == 0
+                batch = move_to_device(batch, self.device)
+                if self.fallback_batch is None:
+                    self.fallback_batch = batch
+                out, loss, terms = st.forward(batch)
+                loss = faults.maybe_nan(loss, s.global_step + 1)
+                check_finite_loss(loss, batch, step=s.global_step + 1, epoch=epoch, device=self.device)
+                st.backward(loss, boundary)
+                epoch_terms.add(terms)
+                window_terms.add(terms)
+                if not boundary:
+                    continue
+                grad_norm = st.step()
+                s.global_step += 1
+                s.batches_in_epoch = i + 1
+                steps_in_window += 1
+                if s.global_step % cfg.trainer.log_every_n_steps == 0 or s.batches_in_epoch == self.used_micro:
+                    dt = time.perf_counter() - t_window
+                    logm = {**window_terms.means(), "train/lr": st.lr(), "train/epoch": epoch,
+                            "train/samples_per_s": steps_in_window * samples_per_step / max(dt, 1e-9),
+                            "train/step_time_s": dt / max(steps_in_window, 1),
+                            **self.loader.stats.as_dict()}
+                    if grad_norm is not None:
+                        logm["train/grad_norm"] = grad_norm
+                    if self.rank == 0:
+                        self._say(f"epoch {epoch} step {s.global_step}: " + _fmt(
+                            logm, ["train/total", "train/task_ce", "train/lr", "train/samples_per_s"]))
+                        if self.tracker is not None:
+                            self.tracker.log_metrics(logm, step=s.global_step)
+                    window_terms, t_window, steps_in_window = _Running(), time.perf_counter(), 0
+                faults.maybe_kill(self.rank, s.global_step)
+                if every and s.global_step % every == 0 and s.batches_in_epoch < self.used_micro:
+                    self._save_and_report("step", {"epoch": epoch, "global_step": s.global_step,
+                                                   **epoch_terms.means()}, None, improved=False)
+            stop = self._end_epoch(epoch, epoch_terms)
+            if stop:
+                break
+        if self.tracker is not None and self.rank == 0:
+            self.tracker.flush()
+        return {"best_value": s.best_value, "best_epoch": s.best_epoch, "epochs_completed": s.epoch,
+                "global_step": s.global_step, "history": s.history}
+
+    def _end_epoch(self, epoch: int, epoch_terms: _Running) -> bool:
+        cfg, s = self.cfg, self.state
+        val = self.validate()
+        improved, stop, metrics = False, False, {}
+        if self.rank == 0:
+            value = float(val.metrics.get(cfg.monitor, math.nan))
+            if s.best_value is None or (not math.isnan(value) and (math.isnan(s.best_value) or value > s.best_value)):
+                improved = True
+                s.best_value, s.best_epoch, s.bad_epochs = value, epoch, 0
+            else:
+                s.bad_epochs += 1
+            stop = s.bad_epochs >= cfg.trainer.patience
+            metrics = {"epoch": epoch, "global_step": s.global_step, "lr": self.strategy.lr(),
+                       **epoch_terms.means(), **{f"val/{k}": float(v) for k, v in val.metrics.items()},
+                       "val/monitor": value, "best/value": float(s.best_value), "best/epoch": s.best_epoch}
+            s.history.append({k: metrics[k] for k in ("epoch", "global_step", "lr", "train/total", "val/loss",
+                                                      f"val/{cfg.monitor}") if k in metrics})
+            self._say(f"epoch {epoch} done: " + _fmt(metrics, ["train/total", "val/loss", f"val/{cfg.monitor}"])
+                      + (" (best)" if improved else f" ({s.bad_epochs} epoch(s) without improvement)")
+                      + (" -> early stop" if stop else ""))
+            if self.tracker is not None:
+                self.tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                         step=s.global_step)
+        improved, stop, s.best_value, s.best_epoch, s.bad_epochs, s.history = _broadcast(
+            (improved, stop, s.best_value, s.best_epoch, s.bad_epochs, s.history))
+        s.epoch, s.batches_in_epoch = epoch + 1, 0
+        self._save_and_report("epoch", metrics, val, improved)
+        return stop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
+    if config.get("faults"):
+        os.environ[faults.ENV] = config["faults"]
+    return Worker(config).run()
