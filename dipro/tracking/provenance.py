@@ -1,0 +1,120 @@
+"""What produced a run: flattened config params, git state, data fingerprint, versions, hardware.
+
+All of it is cheap, local and never raises for a missing tool (no git, no GPU):
+a value that cannot be found is recorded as ``"unknown"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "ray", "deepspeed", "webdataset", "mlflow")
+MANIFEST = "manifest.parquet"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"batch_size": 4}}`` -> ``{"data.batch_size": 4}`` (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_params(cfg: Any) -> dict[str, str]:
+    """The whole resolved config flattened, plus the run-shape summary params."""
+    from dipro.config import to_dict
+
+    params = {k: _param_str(v) for k, v in flatten(to_dict(cfg)).items()}
+    params.update({
+        "seed": str(cfg.seed),
+        "strategy": str(cfg.trainer.strategy),
+        "workers": str(cfg.trainer.num_workers),
+        "precision": str(cfg.trainer.precision),
+        "effective_batch": str(cfg.effective_batch_size),
+        "monitor": f"val/{cfg.monitor}",
+    })
+    return params
+
+
+def _param_str(v: Any) -> str:
+    return "null" if v is None else str(v)
+
+
+def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{"git.commit": sha, "git.dirty": "true"|"false"}`` of the repo holding ``cwd`` (or this package)."""
+    where = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": sha, "git.dirty": "true" if status.strip() else "false"}
+
+
+def data_fingerprint(shard_root: str | os.PathLike) -> str | None:
+    """sha256 over the shard manifest's (path, sha256) rows sorted by path; None if no manifest.
+
+    Two shard sets with the same fingerprint hold byte-identical shards, which is
+    what "the same data" means when the registry compares two model versions.
+    """
+    manifest = Path(shard_root) / MANIFEST
+    if not manifest.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest, columns=["path", "sha256"]).to_pydict()
+    h = hashlib.sha256()
+    for path, sha in sorted(zip(table["path"], table["sha256"])):
+        h.update(f"{path}\t{sha}\n".encode())
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[f"version.{name}"] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[f"version.{name}"] = "not installed"
+    return out
+
+
+def hardware() -> dict[str, str]:
+    """CPU count and GPU names of *this* process's machine (the driver's, when called there)."""
+    gpus = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:  # a broken CUDA install must not stop tracking
+        gpus = "unknown"
+    return {"hardware.cpu_count": str(os.cpu_count() or "unknown"), "hardware.gpus": gpus}
+
+
+def run_tags(cfg: Any) -> dict[str, str]:
+    """Every provenance tag of a training run."""
+    shards = Path(cfg.data.shards)
+    fp = data_fingerprint(shards)
+    tags = {
+        "dipro.task": cfg.task,
+        "data.fingerprint": fp or "unknown (no manifest.parquet)",
+        "data.manifest": str((shards / MANIFEST).resolve()),
+    }
+    git = git_state()
+    tags.update(git)
+    if git["git.commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = git["git.commit"]
+    tags.update(package_versions())
+    tags.update(hardware())
+    return tags
