@@ -45,7 +45,7 @@ disease in one pair always agree (the study-level label is that shared state).
 Scene-graph relationships carry these labels; one silver label of a gold subject
 is deliberately wrong and the gold file has the true one.
 
-*EHR -> mortality and length of stay* (details in :mod:`.ehr`).  ~30 % of subjects
+*EHR -> mortality and length of stay* (details in :mod:`.ehr`).  33 % of subjects
 die in hospital (``admissions.deathtime`` and ``patients.dod``; 20 % of deaths
 only via ``dod``).  A per-stay drift strength moves vitals/labs over the first
 48 h (heart rate up, MAP/SBP/DBP and SpO2 down, creatinine, BUN, anion gap,

@@ -14,6 +14,7 @@ images and outpatient PA/LATERAL studies are added at random (at least one each)
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ ROLE_FRACTIONS: tuple[tuple[str, float], ...] = (
     ("gap_under_8h", 0.05),
     ("gold", 0.08),
 )
-MORTALITY_FRACTION = 0.30
+MORTALITY_FRACTION = 0.33
 LONG_STAY_FRACTION = 0.06  # LOS >= 11 days (beyond the last bin edge)
 
 CAREUNITS = (
@@ -358,7 +359,8 @@ def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
         film_specs.append(spec)
         return len(film_specs) - 1
 
-    single_stay = {s.index for s in subjects if len([st for st in stays if st.subject_index == s.index]) == 1}
+    stays_per_subject = Counter(st.subject_index for st in stays)
+    single_stay = {i for i, k in stays_per_subject.items() if k == 1}
     forced_pre = next((st.index for st in stays if st.subject_index in single_stay), None)
     forced_post = next((st.index for st in reversed(stays) if st.subject_index in single_stay), None)
     for st in stays:
@@ -380,9 +382,12 @@ def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
             st.timeline.append(add({**study, "view": "AP", "kind": "kept", "stay": st.index, "pos": pos}))
             if rng.random() < 0.2:
                 add({**study, "view": "LATERAL", "kind": "lateral", "time": t + int(rng.uniform(30, 90)), "stay": None, "pos": None})
+    first_admit: dict[int, int] = {}
+    for a in admissions:
+        first_admit.setdefault(a.subject_index, a.admittime)
     for subj in subjects:
         if rng.random() < 0.15 or subj.index == 0:
-            first_adm = min(admissions[a.index].admittime for a in admissions if a.subject_index == subj.index)
+            first_adm = first_admit[subj.index]
             t = first_adm - int(rng.uniform(30, 400) * DAY)
             pa = {"subject_index": subj.index, "anchor": t, "stay": None, "pos": None}
             add({**pa, "time": t, "view": "PA", "kind": "pa"})
