@@ -200,8 +200,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg = load_config_from_checkpoint(p)
     label_stats = read_label_stats(p)
     if build_model is None:
-        from dipro.model import build_model
-    model = build_model(cfg, label_stats)
+        from dipro.model import build_model as _build
+
+        model = _build(cfg, label_stats, load_pretrained=False)  # weights come from model.pt
+    else:
+        model = build_model(cfg, label_stats)
     state = torch.load(p / MODEL_FILE, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
