@@ -264,13 +264,22 @@ def write_shards(
                 bar.update(record.samples)
         else:
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with mp.get_context("spawn").Pool(workers) as pool:
-                for record in pool.imap_unordered(_build_job, jobs):
-                    records.append(record)
-                    bar.update(record.samples)
+            # A pool that raises BrokenProcessPool when a worker dies (instead of hanging).
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_build_job, job) for job in jobs]
+                try:
+                    for future in as_completed(futures):
+                        record = future.result()
+                        records.append(record)
+                        bar.update(record.samples)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
     except BaseException:
-        remove_tmp_files(out, task_dirs)
+        remove_tmp_files(out, task_dirs)  # running workers have finished: the pool was joined
         raise
     finally:
         bar.close()

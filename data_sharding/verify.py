@@ -99,8 +99,8 @@ def check_sample(key: str, members: dict[str, bytes], record: ShardRecord, crop_
             errors.append(f"{name}: {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}{list(shape)}")
     if errors:
         return errors
-    if t < 2:
-        errors.append(f"{t} CXRs, expected >= 2")
+    if t < 2 or (record.task == "disease_progression" and t != 2):
+        errors.append(f"{t} CXRs, expected {'2' if record.task == 'disease_progression' else '>= 2'}")
     present = arrays["region_present.npy"]
     if not np.isin(present, (0, 1)).all():
         errors.append("region_present.npy: values other than 0/1")
@@ -235,9 +235,10 @@ def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = Fals
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            results = list(_progress(pool.imap(_verify_job, jobs), bar))
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            results = list(_progress(pool.map(_verify_job, jobs), bar))
     else:
         results = list(_progress(map(_verify_job, jobs), bar))
     bar.close()
