@@ -162,8 +162,9 @@ def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_
                 input_example=example,
                 pip_requirements=_pip_requirements(),
             )
-        if status_before != "RUNNING":  # registering after the run finished must not reopen it
-            client.set_terminated(run_id, status=status_before)
+        # start_run/end_run changed the run's status: registering must neither end a running
+        # run nor reopen a finished one
+        client.update_run(run_id, status=status_before)
         mv = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
     client.set_registered_model_tag(name, "task", cfg.task)
     client.set_registered_model_tag(name, "monitor", f"val/{monitor}")

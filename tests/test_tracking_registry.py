@@ -1,0 +1,255 @@
+"""Registry, promotion gate, pyfunc parity and `dipro predict` against a sqlite tracking backend.
+
+Shards are written here in the contract format (ARCHITECTURE.md section 2) from random
+numbers; checkpoints are tiny DiPro networks written with dipro.train.checkpoint.
+"""
+from __future__ import annotations
+
+import getpass
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
+from dipro import cli
+from dipro.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CROP = 32  # configs/demo.yaml
+SHARD_SIZES = (5, 4)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _members(rng: np.random.Generator, stay: int, corrupt: bool = False) -> dict[str, bytes]:
+    t, steps = int(rng.integers(2, 5)), int(rng.integers(0, 6))
+    present = (rng.random((t, NUM_REGIONS)) > 0.1).astype(np.uint8)
+    arrays = {
+        "crops": rng.integers(0, 256, (t, NUM_REGIONS, CROP, CROP), dtype=np.uint8) * present[:, :, None, None],
+        "region_present": present,
+        "cxr_hours": np.sort(rng.uniform(0, 48, t)).astype(np.float32),
+        "ehr_values": rng.standard_normal((steps, NUM_EHR_VARIABLES)).astype(np.float32),
+        "ehr_masks": (rng.random((steps, NUM_EHR_VARIABLES)) < 0.4).astype(np.uint8),
+        "ehr_hours": np.arange(steps, dtype=np.float32),
+        "demographics": rng.standard_normal(NUM_DEMOGRAPHICS).astype(np.float32),
+        "region_labels": rng.integers(0, 4, (t - 1, NUM_REGIONS, NUM_DISEASES)).astype(np.int8),
+    }
+    out = {f"{k}.npy": _npy(v) for k, v in arrays.items()}
+    if corrupt:
+        out["crops.npy"] = b"not an npy file"
+    out["labels.json"] = json.dumps({"mortality": int(rng.integers(0, 2)), "los_days": 3.5, "los_bin": 1}).encode()
+    out["meta.json"] = json.dumps({"subject_id": 10_000 + stay, "stay_id": stay, "split": "test",
+                                   "task_dir": "mortality_los", "row": stay}).encode()
+    return out
+
+
+def write_shards(root: Path, seed: int = 0, corrupt_key: str | None = None) -> list[str]:
+    """mortality_los/test shards of SHARD_SIZES samples + manifest; returns the sample keys in order."""
+    rng = np.random.default_rng(seed)
+    (root / "mortality_los").mkdir(parents=True)
+    rows, keys, stay = [], [], 0
+    for i, n in enumerate(SHARD_SIZES):
+        rel = f"mortality_los/test-{i:06d}.tar"
+        with tarfile.open(root / rel, "w") as tar:
+            for _ in range(n):
+                stay += 1
+                key = f"s{stay}_{stay}"
+                keys.append(key)
+                for name, data in _members(rng, stay, corrupt=key == corrupt_key).items():
+                    info = tarfile.TarInfo(f"{key}.{name}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+        data = (root / rel).read_bytes()
+        rows.append({"task": "mortality_los", "split": "test", "path": rel, "samples": n, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": "f" * 16,
+                     "settings": json.dumps({"crop_size": CROP})})
+    pd.DataFrame(rows).to_parquet(root / "manifest.parquet", index=False)
+    return keys
+
+
+def make_checkpoint(path: Path, cfg, seed: int, val: float) -> Path:
+    from dipro.model import build_model
+    from dipro.model.synthetic import uniform_label_stats
+    from dipro.train.checkpoint import write_model_files
+
+    torch.manual_seed(seed)
+    stats = uniform_label_stats()
+    model = build_model(cfg, stats)
+    write_model_files(path, model.state_dict(), cfg, stats, {"best_value": val, "best_epoch": 1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    shards = root / "shards"
+    keys = write_shards(shards)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"tracking.uri={uri}", f"data.shards={shards}",
+                                                        "tracking.experiment=registry-test"])
+    return {"root": root, "uri": uri, "shards": shards, "cfg": cfg, "keys": keys}
+
+
+def _register(env, name: str, seed: int, val: float, fingerprint: str) -> int:
+    from dipro.tracking import Tracker, register_checkpoint
+
+    ckpt = make_checkpoint(env["root"] / name, env["cfg"], seed, val)
+    tracker = Tracker.create_in_driver(env["cfg"], name)
+    tracker.finish()
+    return register_checkpoint(env["cfg"], ckpt, tracker.run_id, {"auprc": val / 2, "auroc": 0.5}, fingerprint)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def versions(env):
+    """v1 val 0.6 and v2 val 0.4 on data A; v3 val 0.9 on data B."""
+    return {1: _register(env, "ckpt-a", 1, 0.6, "a" * 64), 2: _register(env, "ckpt-b", 2, 0.4, "a" * 64),
+            3: _register(env, "ckpt-c", 3, 0.9, "b" * 64)}
+
+
+def test_registered_version_tags_and_run(env, versions, monkeypatch):
+    from mlflow import MlflowClient
+
+    assert list(versions.values()) == [1, 2, 3]
+    client = MlflowClient(tracking_uri=env["uri"], registry_uri=env["uri"])
+    mv = client.get_model_version("dipro-mortality", "1")
+    tags = mv.tags
+    assert tags["data.fingerprint"] == "a" * 64 and tags["monitor"] == "val/auprc"
+    assert float(tags["val.auprc"]) == 0.6 and float(tags["test.auprc"]) == 0.3
+    assert json.loads(tags["config"])["model"]["backbone"] == "tiny"
+    run = client.get_run(mv.run_id)
+    assert run.info.status == "FINISHED"  # registering after finish did not reopen the run
+    from mlflow.models import get_model_info
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["uri"])
+    info = get_model_info("models:/dipro-mortality/1")
+    assert info.signature is not None and "crops" in info.signature.inputs.input_names()
+    assert "python_model.pkl" not in json.dumps(info.flavors)  # models from code: nothing pickled
+
+
+def test_promotion_gate_via_cli(env, versions, capsys):
+    base = ["registry", "promote", "--task", "mortality", "--tracking-uri", env["uri"]]
+    rc, out, _ = _cli(capsys, *base, "--version", "2", "--alias", "champion")
+    assert rc == 0 and "first holder" in out
+    rc, _, err = _cli(capsys, *base, "--version", "3", "--alias", "champion")  # better, other data
+    assert rc == 2 and "not comparable" in err and "b" * 12 in err
+    rc, _, err = _cli(capsys, *base, "--version", "1", "--alias", "challenger")
+    assert rc == 0
+    rc, _, err = _cli(capsys, *base, "--version", "1", "--alias", "champion")  # 0.6 > 0.4, same data
+    assert rc == 0
+    rc, _, err = _cli(capsys, *base, "--version", "2", "--alias", "champion")  # 0.4 < 0.6: refused
+    assert rc == 2 and "does not beat champion version 1" in err and err.count("\n") == 1
+    rc, _, err = _cli(capsys, *base, "--version", "2", "--alias", "champion", "--force")
+    assert rc == 2 and "--reason" in err
+    rc, out, _ = _cli(capsys, *base, "--version", "2", "--alias", "champion", "--force", "--reason", "clinical review")
+    assert rc == 0 and "forced" in out
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["uri"], registry_uri=env["uri"])
+    assert str(client.get_model_version_by_alias("dipro-mortality", "champion").version) == "2"
+    tags = client.get_model_version("dipro-mortality", "2").tags
+    assert tags["promotion.champion.forced"] == "true"
+    assert tags["promotion.champion.by"] == getpass.getuser()
+    assert tags["promotion.champion.reason"] == "clinical review"
+    assert "does not beat" in tags["promotion.champion.gate"]
+    rc, _, _ = _cli(capsys, *base, "--version", "1", "--alias", "champion")  # the better one wins it back
+    assert rc == 0 and str(client.get_model_version_by_alias("dipro-mortality", "champion").version) == "1"
+    assert "0.6000 > 0.4000" in client.get_model_version("dipro-mortality", "1").tags["promotion.champion.evidence"]
+
+    rc, out, _ = _cli(capsys, "registry", "list", "--task", "mortality", "--tracking-uri", env["uri"])
+    assert rc == 0
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "challenger,champion" in lines["1"] and "0.6000" in lines["1"] and lines["3"].split()[1] == "-"
+    rc, _, err = _cli(capsys, "registry", "list", "--task", "length_of_stay", "--tracking-uri", env["uri"])
+    assert rc == 2 and "dipro-length_of_stay" in err
+
+
+def _decoded_test_samples(env):
+    from dipro.data.decode import decode_sample
+    from dipro.data.plan import Segment, read_manifest
+    from dipro.data.reader import read_segment
+
+    shard_set = read_manifest(env["shards"], "mortality", "test")
+    return [decode_sample(raw, "mortality_los", CROP) for s in shard_set.shards
+            for raw in read_segment(Segment(s, 0, s.samples))]
+
+
+def test_pyfunc_by_alias_matches_the_checkpoint(env, versions, monkeypatch):
+    import mlflow.pyfunc
+
+    from dipro.data import collate
+    from dipro.tracking.pyfunc import encode_sample
+    from dipro.train.checkpoint import load_model
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["uri"], registry_uri=env["uri"])
+    client.set_registered_model_alias("dipro-mortality", "staging", "3")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["uri"])
+    served = mlflow.pyfunc.load_model("models:/dipro-mortality@staging")
+    samples = _decoded_test_samples(env)
+    frame = pd.DataFrame([encode_sample(s) for s in samples])
+    got = served.predict(frame)
+    model, _ = load_model(env["root"] / "ckpt-c")
+    with torch.no_grad():
+        expected = model.predict_proba(model(collate(samples, "mortality_los"))).numpy()
+    assert list(got["sample_key"]) == env["keys"]
+    np.testing.assert_allclose(got["prob_died"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert set(got["predicted"]) <= {0, 1}
+    bad = frame.copy()
+    bad.loc[1, "demographics"] = encode_sample({**samples[1], "demographics": np.zeros(5, np.float32)})["demographics"]
+    with pytest.raises(Exception, match="demographics"):
+        served.predict(bad)
+
+
+def test_predict_cli_writes_ids_and_counts_corrupt_samples(env, versions, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    keys = write_shards(shards, corrupt_key="s3_3")
+    out = tmp_path / "preds" / "test.parquet"
+    rc, stdout, err = _cli(capsys, "predict", "--model", "models:/dipro-mortality/3", "--shards", str(shards),
+                           "--split", "test", "--out", str(out), "--tracking-uri", env["uri"], "--no-ray")
+    assert rc == 0, err
+    assert "skipped 1 corrupt" in stdout and "s3_3" in err
+    table = pd.read_parquet(out)
+    assert list(table.columns[:4]) == ["sample_key", "subject_id", "stay_id", "shard"]
+    assert list(table["sample_key"]) == [k for k in keys if k != "s3_3"]
+    assert (table["subject_id"] == table["stay_id"] + 10_000).all()
+    assert table["prob_died"].between(0, 1).all()
+    assert not list(out.parent.glob(".*tmp*"))  # written atomically
+    # the same model from its checkpoint directory gives the same numbers
+    out2 = tmp_path / "ckpt.parquet"
+    rc, _, err = _cli(capsys, "predict", "--model", str(env["root"] / "ckpt-c"), "--shards", str(shards),
+                      "--out", str(out2), "--no-ray")
+    assert rc == 0, err
+    np.testing.assert_allclose(pd.read_parquet(out2)["prob_died"], table["prob_died"], rtol=1e-6)
+    rc, _, err = _cli(capsys, "predict", "--model", "models:/dipro-mortality@nope", "--shards", str(shards),
+                      "--out", str(out2), "--tracking-uri", env["uri"])
+    assert rc == 2 and "dipro-mortality@nope" in err
+
+
+@pytest.mark.slow
+def test_predict_with_ray_tasks_matches_in_process(env, versions, tmp_path, capsys):
+    a, b = tmp_path / "ray.parquet", tmp_path / "local.parquet"
+    common = ["--model", "models:/dipro-mortality/1", "--shards", str(env["shards"]), "--tracking-uri", env["uri"]]
+    rc, out, err = _cli(capsys, "predict", *common, "--out", str(a), "--ray")
+    assert rc == 0 and "Ray tasks" in out, err
+    rc, out, err = _cli(capsys, "predict", *common, "--out", str(b), "--no-ray")
+    assert rc == 0 and "in-process" in out, err
+    pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
