@@ -201,7 +201,7 @@ def shard_fingerprint(
 
     add("settings", settings.to_json())
     table = view.task_rows(task_dir)
-    stays: list[int] = []
+    stays: set[int] = set()
     for index in rows:
         row = table[index]
         add("task_row", {"index": index, "task_dir": task_dir, "row": row})
@@ -211,12 +211,11 @@ def shard_fingerprint(
             cxr = view.cxr_row(stay_id, dicom, where)
             add("cxr_row", {k: v for k, v in cxr.items() if k != "image_path"})
             add("image", image_digest(str(cxr["image_path"])))
-        if not stays or stays[-1] != stay_id:
-            stays.append(stay_id)
-    for stay_id in sorted(set(stays)):
+        stays.add(stay_id)
+    for stay_id in sorted(stays):
         add("demographics", view.demographics(stay_id, f"stay {stay_id}"))
-    if ehr is None or not set(stays) <= set(ehr):
-        ehr = view.read_ehr(sorted(set(stays)))
-    for stay_id in sorted(set(stays)):
+    if ehr is None or not stays <= set(ehr):
+        ehr = view.read_ehr(sorted(stays))
+    for stay_id in sorted(stays):
         add("ehr", {"stay_id": stay_id, "sha256": ehr[stay_id].digest()})
     return h.hexdigest()

@@ -370,7 +370,8 @@ class SampleBuilder:
     ``image_digests`` (image path -> sha256 of its bytes, "missing" when the
     file is absent) and ``counts`` (anomalies, see :class:`CropResult`) are
     filled as samples are built; the shard fingerprint uses the digests of
-    exactly the bytes that were decoded.
+    exactly the bytes that were decoded, and ``ehr`` (stay_id -> StayEHR, read
+    by :meth:`prefetch`) so the EHR parts are read once per shard.
     """
 
     view: ProcessedView

@@ -43,7 +43,8 @@ SHARD_MTIME = 0
 """mtime stamped on every tar member (a wall-clock stamp would break byte identity)."""
 TMP_SUFFIX = ".tmp"
 STATS_FILES = ("label_stats.json", "ehr_stats.json")
-SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
+"""File names of shards (``{split}-{NNNNNN}.tar``): the only files commits delete and verify accounts for."""
 
 
 @dataclass(frozen=True)

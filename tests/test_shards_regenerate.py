@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -132,3 +133,18 @@ def test_damaged_shard_and_settings_change(built):
     assert report.rebuilt and all(p.startswith("disease_progression/") for p in report.rebuilt)
     assert report.removed and all(not (out / p).exists() for p in report.removed)
     assert verify_shards(out) == []
+
+
+def test_bad_input_in_a_ray_task_is_a_one_line_data_error(built):
+    from dipro.errors import DataError
+
+    fx, out = built
+    before = snapshot(out)
+    cxr = pq.read_table(fx.root / "cxr.parquet")
+    dropped = fx.dicoms_of[fx.stay_ids[2]][0]
+    keep = pa.compute.not_equal(cxr.column("dicom_id"), dropped)
+    pq.write_table(cxr.filter(keep), fx.root / "cxr.parquet")
+    with pytest.raises(DataError, match=f"CXR {dropped} of stay {fx.stay_ids[2]} is not in .*cxr.parquet") as info:
+        regenerate(fx.root, out, progress=False)
+    assert "\n" not in str(info.value)
+    assert snapshot(out) == before
