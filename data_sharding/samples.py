@@ -184,6 +184,9 @@ class ProcessedView:
             for i, row in enumerate(rows):
                 if row["split"] not in SPLITS:
                     raise DataError(f"{path} row {i}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
+                numbers = list(row_cxrs(task_dir, row)[1]) + ([row["los_days"]] if task_dir == "mortality_los" else [])
+                if not all(v is not None and math.isfinite(v) for v in numbers):
+                    raise DataError(f"{path} row {i}: CXR hours / los_days must be finite numbers, got {numbers}")
             self._tasks[task_dir] = rows
         return self._tasks[task_dir]
 
@@ -402,7 +405,10 @@ class SampleBuilder:
         for j, dicom in enumerate(dicom_ids):
             crops[j], present[j] = self._crops(stay_id, str(dicom), where)
 
-        region_labels = np.asarray(row["region_labels"], dtype=np.int64)
+        try:
+            region_labels = np.asarray(row["region_labels"], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: region_labels is not a regular nested list of ints") from None
         if self.task_dir == "disease_progression":
             region_labels = region_labels[None]
         if region_labels.shape != (t - 1, NUM_REGIONS, NUM_DISEASES):

@@ -293,3 +293,15 @@ def test_missing_column_is_named(fx, tmp_path):
     pq.write_table(table, root / "cxr.parquet")
     with pytest.raises(DataError, match=f"cxr.parquet: missing column.*{BOX_COLUMNS[0]}"):
         write_shards(root, tmp_path / "s", settings=SETTINGS, workers=1, progress=False)
+
+
+def test_non_finite_task_value_names_the_row(fx, tmp_path):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(fx.root, root)
+    table = pd.read_parquet(root / "tasks" / "mortality_los.parquet")
+    table.loc[1, "los_days"] = float("nan")
+    table.to_parquet(root / "tasks" / "mortality_los.parquet")
+    with pytest.raises(DataError, match=r"mortality_los.parquet row 1: .*finite"):
+        write_shards(root, tmp_path / "s", settings=SETTINGS, workers=1, progress=False)
