@@ -26,16 +26,26 @@ sys.path.insert(0, str(ROOT))
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """Peak RSS of this process in MiB.
+
+    Linux ``VmHWM`` is reset by exec; ``ru_maxrss`` is not (a child would report
+    the parent's peak, e.g. the generator's), so it is only the fallback.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def measure(raw: Path, out: Path, block_mb: int) -> dict:
     """Runs inside the child process: one prepare, its time and peak memory."""
-    base = _rss_mb()
     from data_sharding.prepare import PrepareOptions, prepare
     from data_sharding.readers import resolve_roots
 
-    base = max(base, _rss_mb())
+    base = _rss_mb()  # after the imports: the interpreter + pandas/pyarrow baseline
     t0 = time.perf_counter()
     res = prepare(resolve_roots(raw), out, PrepareOptions(progress=False, overwrite=True, block_size=block_mb << 20))
     seconds = time.perf_counter() - t0

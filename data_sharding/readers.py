@@ -243,23 +243,28 @@ def check_jpeg(path: Path, full_decode: bool = False) -> tuple[int, int] | str:
 
     if not path.is_file():
         return "missing JPEG"
+    problem = None
     try:
         with Image.open(path) as im:
             if im.format != "JPEG":
                 return "not a JPEG"
             size = im.size
+            try:
+                im.verify()
+            except (OSError, SyntaxError, ValueError):
+                problem = "unreadable JPEG"
         with open(path, "rb") as fh:
             fh.seek(max(0, path.stat().st_size - 64))
             tail = fh.read().rstrip(b"\x00\r\n ")
         if not tail.endswith(b"\xff\xd9"):
             return "truncated JPEG"
-        with Image.open(path) as im:
-            im.verify()
-        if full_decode:
+        if problem is None and full_decode:
             with Image.open(path) as im:
                 im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "unreadable JPEG"
+    if problem is not None:
+        return problem
     if size[0] <= 0 or size[1] <= 0:
         return "unreadable JPEG"
     return size
