@@ -356,10 +356,10 @@ class Tracker:
             return
         with self._lock:
             del self._outbox[:sent]
+            if self._outage_start is not None:
+                self._end_outage()  # queues the gap report before flush() can see an empty outbox
             self._sending = False
             self._lock.notify_all()
-        if self._outage_start is not None:
-            self._end_outage()
 
     def _send(self, batch: "_Batch") -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -406,10 +406,9 @@ class Tracker:
         warnings.warn(f"tracking: MLflow at {self.uri} is back after {gap['seconds']:.1f}s; buffered "
                       "data sent (gap recorded in tag tracking.gaps)", RuntimeWarning, stacklevel=2)
         total = sum(g["seconds"] for g in self.gaps)
-        with self._lock:
-            self._outbox.append(_Op("tags", {"tracking.gaps": json.dumps(self.gaps)}))
-            self._outbox.append(_Op("metrics", [("tracking/outage_s", total, int(end * 1000), len(self.gaps))]))
-            self._lock.notify_all()
+        # caller holds self._lock
+        self._outbox.append(_Op("tags", {"tracking.gaps": json.dumps(self.gaps)}))
+        self._outbox.append(_Op("metrics", [("tracking/outage_s", total, int(end * 1000), len(self.gaps))]))
 
     def _save_unsent(self) -> None:
         """Outbox still full at finish: keep it on local disk and say where."""
