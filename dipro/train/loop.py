@@ -122,7 +122,20 @@ class _Running:
         self.n += 1
 
     def means(self, prefix: str = "train/") -> dict[str, float]:
+        """Means over this rank's micro batches."""
         return {f"{prefix}{k}": v / max(self.n, 1) for k, v in self.sums.items()}
+
+    def global_means(self, device: torch.device, prefix: str = "train/") -> dict[str, float]:
+        """Means over every rank's micro batches (collective: all ranks call it together)."""
+        if _dist_world() == 1:
+            return self.means(prefix)
+        import torch.distributed as dist
+
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys] + [float(self.n)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        n = max(t[-1].item(), 1.0)
+        return {f"{prefix}{k}": t[i].item() / n for i, k in enumerate(keys)}
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -303,7 +316,7 @@ class Worker:
                 steps_in_window += 1
                 if s.global_step % cfg.trainer.log_every_n_steps == 0 or s.batches_in_epoch == self.used_micro:
                     dt = time.perf_counter() - t_window
-                    logm = {**window_terms.means(), "train/lr": st.lr(), "train/epoch": epoch,
+                    logm = {**window_terms.global_means(self.device), "train/lr": st.lr(), "train/epoch": epoch,
                             "train/samples_per_s": steps_in_window * samples_per_step / max(dt, 1e-9),
                             "train/step_time_s": dt / max(steps_in_window, 1),
                             **self.loader.stats.as_dict()}
@@ -318,7 +331,7 @@ class Worker:
                 faults.maybe_kill(self.rank, s.global_step)
                 if every and s.global_step % every == 0 and s.batches_in_epoch < self.used_micro:
                     self._save_and_report("step", {"epoch": epoch, "global_step": s.global_step,
-                                                   **epoch_terms.means()}, None, improved=False)
+                                                   **epoch_terms.global_means(self.device)}, None, improved=False)
             stop = self._end_epoch(epoch, epoch_terms)
             if stop:
                 break
@@ -329,6 +342,7 @@ class Worker:
 
     def _end_epoch(self, epoch: int, epoch_terms: _Running) -> bool:
         cfg, s = self.cfg, self.state
+        train_means = epoch_terms.global_means(self.device)
         val = self.validate()
         improved, stop, metrics = False, False, {}
         if self.rank == 0:
@@ -340,7 +354,7 @@ class Worker:
                 s.bad_epochs += 1
             stop = s.bad_epochs >= cfg.trainer.patience
             metrics = {"epoch": epoch, "global_step": s.global_step, "lr": self.strategy.lr(),
-                       **epoch_terms.means(), **{f"val/{k}": float(v) for k, v in val.metrics.items()},
+                       **train_means, **{f"val/{k}": float(v) for k, v in val.metrics.items()},
                        "val/monitor": value, "best/value": float(s.best_value), "best/epoch": s.best_epoch}
             s.history.append({k: metrics[k] for k in ("epoch", "global_step", "lr", "train/total", "val/loss",
                                                       f"val/{cfg.monitor}") if k in metrics})

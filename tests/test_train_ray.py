@@ -1,0 +1,174 @@
+"""Ray Train end to end on CPU (tiny DiPro, 32-pixel crops, a few steps): DDP and DeepSpeed,
+1 vs 2 workers, a SIGKILLed worker, --resume after stopping the driver, ZeRO-3 evaluation, NaN stop.
+
+Shards come from the real writer: tests/processed_fixture.py -> data_sharding.shard_writer.
+One local Ray (2 CPUs, 127.0.0.1, no dashboard) serves the module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+shard_writer = pytest.importorskip("data_sharding.shard_writer")
+processed_fixture = pytest.importorskip("processed_fixture")
+
+from dipro.config import load_config  # noqa: E402
+from dipro.errors import UserError  # noqa: E402
+from dipro.train import checkpoint as ck  # noqa: E402
+from dipro.train import run_training  # noqa: E402
+from dipro.train.evaluate import evaluate_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from data_sharding.manifest import ShardSettings
+
+    root = tmp_path_factory.mktemp("train_shards")
+    processed_fixture.make_processed(root / "processed", n_stays=24, image_size=(96, 80), seed=5)
+    shard_writer.write_shards(root / "processed", root / "shards",
+                              settings=ShardSettings(crop_size=32, max_samples_per_shard=4), workers=1, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def cfg_for(shards: Path, storage: Path, *overrides: str):
+    """Length of stay (its monitor, accuracy, is defined on 6 val samples); 12 train samples."""
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        "task=length_of_stay", f"data.shards={shards}", f"trainer.storage_path={storage}",
+        "tracking.enabled=false", "data.num_loader_workers=0", "data.augment=false", "data.shuffle_buffer=0",
+        "model.dropout=0.0", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", *overrides])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("checkpoint_*"))
+
+
+def test_ddp_two_workers_matches_one_worker(shards, tmp_path, ray_local):
+    """Same global batch of 2 (1 worker x 2 accumulated micro batches vs 2 workers x 1):
+    per-epoch train losses (averaged over all ranks) agree within 1%, val losses within 3%.
+
+    Micro batches of one sample make every loss a per-sample loss (the class-weighted
+    losses normalise per batch, so bigger batches of other compositions would differ);
+    the two runs pair samples differently into steps (each rank reads its own half of
+    the epoch); AdamW moves every weight by about lr per step whatever the pairing, so a
+    small learning rate (1e-5) keeps that difference below the tolerance,
+    while a broken gradient average or a rank missing data would not.
+    """
+    common = ("data.batch_size=1", "optim.lr=1e-5")
+    one = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=1", "optim.grad_accum=2", *common))
+    two = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "optim.grad_accum=1", *common))
+    assert one.global_step == two.global_step == 12 and one.epochs_completed == two.epochs_completed == 2
+    for h1, h2 in zip(one.history, two.history, strict=True):
+        assert h2["train/total"] == pytest.approx(h1["train/total"], rel=0.01)
+        # validation runs in eval mode with BatchNorm running statistics, which DDP takes from
+        # rank 0 (its half of the samples, in another order): 3% there.
+        assert h2["val/loss"] == pytest.approx(h1["val/loss"], rel=0.03)
+    # the 2-worker run wrote its checkpoints, its best checkpoint loads and evaluates
+    assert checkpoint_dirs(two.run_dir) == ["checkpoint_s00000006_epoch0000", "checkpoint_s00000012_epoch0001"]
+    last = two.last_checkpoint
+    for name in ("model.pt", "config.yaml", "label_stats.json", "meta.json", "train_state.pt",
+                 "rng/rank_0.pt", "rng/rank_1.pt"):
+        assert (last / name).is_file(), name
+    res = evaluate_checkpoint(two.best_checkpoint, "test")
+    assert res.num_samples == 6 and res.metrics["loss"] == pytest.approx(two.metrics["test/loss"], rel=1e-5)
+
+
+def test_deepspeed_zero2_bf16_two_workers(shards, tmp_path, ray_local):
+    r = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "data.batch_size=1", "optim.grad_accum=2",
+                             "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.precision=bf16",
+                             "trainer.max_epochs=1"))
+    assert r.global_step == 3 and r.epochs_completed == 1
+    ds = r.last_checkpoint / "deepspeed" / "state"
+    assert len(list(ds.glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank, merged by Ray
+    weights = torch.load(r.best_checkpoint / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    model, cfg = ck.load_model(r.best_checkpoint)
+    assert cfg.trainer.strategy == "deepspeed"
+    res = evaluate_checkpoint(r.best_checkpoint, "val", precision="bf16")
+    assert res.num_samples == 6 and torch.isfinite(torch.tensor(res.metrics["loss"]))
+
+
+def test_sigkilled_worker_restarts_from_last_checkpoint(shards, tmp_path, ray_local, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("DIPRO_FAULT_INJECT", json.dumps({"kill_rank": 1, "kill_at_step": 5, "marker": str(marker)}))
+    r = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "data.batch_size=2",
+                             "trainer.max_failures=1", "trainer.checkpoint_every_n_steps=2", "trainer.num_to_keep=10"))
+    assert marker.read_text().startswith("killed rank 1 at step 5")
+    # step 5 is the 2nd step of epoch 1; the last checkpoint before it is step 4 (mid-epoch):
+    # the restarted group continues from there, so the run ends with 2 epochs, 6 steps, each epoch once.
+    assert r.epochs_completed == 2 and r.global_step == 6
+    assert [h["epoch"] for h in r.history] == [0, 1]
+    assert checkpoint_dirs(r.run_dir) == ["checkpoint_s00000002", "checkpoint_s00000003_epoch0000",
+                                          "checkpoint_s00000004", "checkpoint_s00000006_epoch0001"]
+    assert ck.read_meta(r.last_checkpoint)["epoch"] == 2
+
+
+def test_nan_loss_stops_with_step_and_sample_keys(shards, tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("DIPRO_FAULT_INJECT", json.dumps({"nan_at_step": 2}))
+    cfg = cfg_for(shards, tmp_path, "trainer.num_workers=1", "data.batch_size=4", "trainer.checkpoint_every_n_steps=1",
+                  "trainer.num_to_keep=10", "trainer.run_name=nan-run")
+    with pytest.raises(UserError, match=r"non-finite loss at optimizer step 2 \(epoch 0\).*sample keys \['s\d+_\d+'"):
+        run_training(cfg)
+    # the step-1 checkpoint exists, nothing at or after the bad step was saved
+    assert checkpoint_dirs(tmp_path / "nan-run") == ["checkpoint_s00000001"]
+
+
+def test_zero3_resume_after_stopping_driver_matches_single_process_eval(shards, tmp_path, ray_local):
+    """`dipro train` (ZeRO-3, fp32) stopped with Ctrl-C after its first epoch checkpoint, then
+    `--resume`: it continues at the next step, and the resumed run's distributed validation equals
+    a single-process evaluation of the consolidated weights."""
+    storage = tmp_path / "runs"
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "task=length_of_stay", f"data.shards={shards}",
+            f"trainer.storage_path={storage}", "tracking.enabled=false", "data.num_loader_workers=0",
+            "data.augment=false", "data.shuffle_buffer=0", "model.dropout=0.0", "trainer.max_epochs=3",
+            "trainer.num_workers=2", "data.batch_size=2", "trainer.strategy=deepspeed", "trainer.zero_stage=3",
+            "trainer.precision=fp32", "trainer.run_name=z3", "trainer.num_to_keep=5"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DIPRO_FAULT_INJECT")}
+    proc = subprocess.Popen([sys.executable, "-m", "dipro", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = storage / "z3" / "checkpoint_s00000003_epoch0000"
+    deadline = time.time() + 300
+    try:
+        while not (ck.is_complete(first) and (storage / "z3" / "best" / "meta.json").is_file()):
+            assert proc.poll() is None, "the driver ended before its first checkpoint"
+            assert time.time() < deadline, "no first checkpoint within 300 s"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stopped_at = ck.read_meta(ck.find_last_checkpoint(storage, "z3"))["global_step"]
+    assert 3 <= stopped_at < 9, stopped_at
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", args[2:-2] + ["trainer.num_to_keep=5"])
+    r = run_training(cfg, resume="z3")
+    assert r.run_name.startswith("z3-resumed-") and r.run_dir != storage / "z3"
+    assert r.global_step == 9 and r.epochs_completed == 3
+    steps = sorted(int(n.split("_")[1][1:]) for n in checkpoint_dirs(r.run_dir))
+    assert steps[0] == (stopped_at // 3 + 1) * 3 and steps[-1] == 9  # no step before the resume point again
+    dist_val = ck.read_meta(r.last_checkpoint)["metrics"]
+    single = evaluate_checkpoint(r.last_checkpoint, "val", precision="fp32")
+    assert single.metrics["loss"] == pytest.approx(dist_val["val/loss"], rel=1e-5)
+    assert single.metrics["accuracy"] == pytest.approx(dist_val["val/accuracy"])
