@@ -1,0 +1,85 @@
+"""End to end: a 2-worker Ray Train run with a SIGKILLed worker, tracked on a real `mlflow server`.
+
+One MLflow run (the retried worker group reattaches to it), with the params, tags,
+per-step and per-epoch metrics, artifacts and the registered version of issue 6.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+shard_writer = pytest.importorskip("data_sharding.shard_writer")
+processed_fixture = pytest.importorskip("processed_fixture")
+
+from test_tracking_server import Server  # noqa: E402
+
+from dipro.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from data_sharding.manifest import ShardSettings
+
+    root = tmp_path_factory.mktemp("track_train_shards")
+    processed_fixture.make_processed(root / "processed", n_stays=24, image_size=(96, 80), seed=5)
+    shard_writer.write_shards(root / "processed", root / "shards",
+                              settings=ShardSettings(crop_size=32, max_samples_per_shard=4), workers=1, progress=False)
+    return root / "shards"
+
+
+def test_two_worker_run_with_worker_failure_is_one_tracked_run(shards, tmp_path, monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+
+    from dipro.tracking.provenance import data_fingerprint
+    from dipro.train import run_training
+
+    server = Server(tmp_path)
+    server.start()
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        marker = tmp_path / "killed"
+        monkeypatch.setenv("DIPRO_FAULT_INJECT", json.dumps({"kill_rank": 1, "kill_at_step": 5, "marker": str(marker)}))
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [
+            "task=length_of_stay", f"data.shards={shards}", f"trainer.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri={server.uri}", "tracking.experiment=e2e", "data.num_loader_workers=0",
+            "data.augment=false", "data.shuffle_buffer=0", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+            "trainer.num_workers=2", "data.batch_size=2", "trainer.max_failures=1",
+            "trainer.checkpoint_every_n_steps=2", "trainer.num_to_keep=10"])
+        result = run_training(cfg)
+        assert marker.read_text().startswith("killed rank 1")  # the worker group was really restarted
+    finally:
+        ray.shutdown()
+    try:
+        client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+        exp = client.get_experiment_by_name("e2e")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        p, t, m = run.data.params, run.data.tags, run.data.metrics
+        assert (p["workers"], p["strategy"], p["precision"], p["seed"]) == ("2", "ddp", "fp32", str(cfg.seed))
+        assert p["effective_batch"] == str(cfg.effective_batch_size) and p["data.shards"] == str(shards)
+        assert t["data.fingerprint"] == data_fingerprint(shards)
+        assert len(t["git.commit"]) == 40 and t["version.ray"] and t["version.deepspeed"] and t["hardware.cpu_count"]
+        for key in ("train/total", "train/lr", "train/samples_per_s", "val/accuracy", "test/accuracy"):
+            assert key in m, key
+        steps = sorted({x.step for x in client.get_metric_history(run.info.run_id, "train/total")})
+        assert steps[-1] == result.global_step and len(steps) >= 4
+        assert len({x.step for x in client.get_metric_history(run.info.run_id, "val/accuracy")}) == 2  # per epoch
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "summary.json", "eval"} <= arts  # the model is an MLflow 3 LoggedModel of the run
+        evals = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "eval/test")}
+        assert {"roc.png", "pr.png", "confusion.png", "region_attention.png", "metrics.json"} <= evals
+        versions = client.search_model_versions("name = 'dipro-length_of_stay'")
+        assert [v.run_id for v in versions] == [run.info.run_id]
+        assert versions[0].tags["data.fingerprint"] == t["data.fingerprint"]
+    finally:
+        server.stop()
