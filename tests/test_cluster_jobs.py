@@ -9,6 +9,8 @@ and is stopped by its finalizer (see tests/ray_head.py for why not ``ray stop``)
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import urllib.error
 import uuid
@@ -22,6 +24,25 @@ from ray_head import RayHead
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """A tiny synthetic cohort, prepared and sharded once (64 px images, the demo config's 32 px crops)."""
+    from data_sharding.manifest import ShardSettings
+    from data_sharding.prepare import PrepareOptions, prepare
+    from data_sharding.readers import resolve_roots
+    from data_sharding.shard_writer import write_shards
+    from data_sharding.synth import generate
+    from dipro.config import load_config
+
+    root = tmp_path_factory.mktemp("cluster-cohort")
+    generate(root / "raw", patients=40, seed=5, image_size=64, progress=False)
+    prepare(resolve_roots(str(root / "raw"), None, None, None), root / "processed", PrepareOptions(progress=False))
+    crop = load_config(REPO / "configs" / "demo.yaml").model.crop_size
+    write_shards(root / "processed", root / "shards", settings=ShardSettings(crop_size=crop), workers=1,
+                 progress=False)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +97,78 @@ def test_job_runs_uploaded_code_in_the_venv(head):
     assert (unbuffered, mark) == ("1", "m42")
 
 
+
+
 def test_failing_job_is_failed_with_its_error_in_the_logs(head):
     job = sid("fail")
-    entry = ["python", "-c", "raise SystemExit('dipro-cluster-test: deliberate failure 7d1f')"]
+    entry = ["python", "-m", "dipro", "train", "--config", "configs/no-such-config.yaml"]
     proc = head.submit(job, entry, runtime_env(), cwd=REPO)
     assert proc.returncode != 0
     info = head.job_info(job)
     assert info["status"] == "FAILED", info
-    assert "deliberate failure 7d1f" in head.logs(job)
+    logs = head.logs(job)
+    assert "no-such-config.yaml" in logs and "not found" in logs, logs
+    assert "Traceback" not in logs  # a user error is one line
+
+
+def test_shard_regeneration_job(head, cohort, tmp_path):
+    """`dipro shards regenerate` as a job: Ray tasks on this cluster rebuild only the broken shard."""
+    from data_sharding.manifest import read_manifest, sha256_file
+    from data_sharding.verify import verify_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(cohort / "shards", shards)
+    records = sorted(read_manifest(shards).records, key=lambda r: r.path)
+    broken, intact = records[0], records[-1]
+    data = (shards / broken.path).read_bytes()
+    (shards / broken.path).write_bytes(data[: len(data) // 2])  # truncated mid-sample
+    intact_mtime = (shards / intact.path).stat().st_mtime_ns
+
+    job = sid("regen")
+    entry = ["python", "-m", "dipro", "shards", "regenerate", "--processed", str(cohort / "processed"),
+             "--out", str(shards)]
+    proc = head.submit(job, entry, runtime_env(), cwd=REPO)
+    logs = head.logs(job)
+    assert proc.returncode == 0 and head.job_info(job)["status"] == "SUCCEEDED", logs
+    assert "Started a local Ray instance" not in logs  # the tasks ran on the cluster the job was given
+    assert "1 rebuilt" in logs and f"rebuilt  {broken.path}" in logs
+
+    after = {r.path: r for r in read_manifest(shards).records}
+    assert set(after) == {r.path for r in records}
+    assert after[broken.path].sha256 == sha256_file(shards / broken.path) == broken.sha256  # deterministic rebuild
+    assert (shards / intact.path).stat().st_mtime_ns == intact_mtime
+    assert verify_shards(shards) == []
+
+
+def test_two_worker_training_job(head, cohort, tmp_path):
+    """`dipro train` with the demo config and 2 DeepSpeed workers as a job: one MLflow run, a registered model."""
+    from mlflow import MlflowClient
+
+    from dipro.tracking.provenance import data_fingerprint
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_name = f"cluster-{uuid.uuid4().hex[:6]}"
+    job = sid("train")
+    entry = ["python", "-m", "dipro", "train", "--config", "configs/demo.yaml",
+             f"data.shards={cohort / 'shards'}", f"trainer.storage_path={tmp_path / 'runs'}",
+             "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.precision=fp32",
+             "trainer.max_epochs=2", f"trainer.run_name={run_name}"]
+    proc = head.submit(job, entry, runtime_env(MLFLOW_TRACKING_URI=uri), cwd=REPO, timeout=900)
+    logs = head.logs(job)
+    assert proc.returncode == 0 and head.job_info(job)["status"] == "SUCCEEDED", logs[-5000:]
+    assert "micro batch 4 x workers 2 x accumulation 1" in logs
+    assert "world_rank=1" in logs  # a second Ray Train worker ran
+    assert (tmp_path / "runs" / run_name / "best" / "model.pt").is_file()
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("dipro")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.num_workers"] == "2"
+    assert run.data.tags["data.fingerprint"] == data_fingerprint(cohort / "shards")
+    assert any(k.startswith("val/") for k in run.data.metrics)
+    versions = client.search_model_versions("name = 'dipro-mortality'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
