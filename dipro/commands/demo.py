@@ -82,15 +82,17 @@ class Stage:
         print(f"      done in {time.perf_counter() - self.t0:.1f} s" + (f": {what}" if what else ""), flush=True)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX on x86; bf16 on Arm),
-    where bf16 autocast is faster than fp32; elsewhere it is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if flags:
-        return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm), where bf16
+    autocast pays off; elsewhere bf16 is emulated and slower than fp32.  ``cpuinfo``: the text of
+    /proc/cpuinfo (read when None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    if cpuinfo:
+        return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpuinfo.split()))
     try:  # no /proc (macOS): ask oneDNN
         import torch
 
