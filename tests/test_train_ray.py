@@ -60,7 +60,7 @@ def cfg_for(shards: Path, storage: Path, *overrides: str):
 
 
 def checkpoint_dirs(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
 def test_ddp_two_workers_matches_one_worker(shards, tmp_path, ray_local):
@@ -136,17 +136,18 @@ def test_nan_loss_stops_with_step_and_sample_keys(shards, tmp_path, ray_local, m
 def test_zero3_resume_after_stopping_driver_matches_single_process_eval(shards, tmp_path, ray_local):
     """`dipro train` (ZeRO-3, fp32) stopped with Ctrl-C after its first epoch checkpoint, then
     `--resume`: it continues at the next step, and the resumed run's distributed validation equals
-    a single-process evaluation of the consolidated weights."""
+    a single-process evaluation of the consolidated weights (micro batches of one sample, so the
+    per-batch normalised validation loss does not depend on how samples are batched)."""
     storage = tmp_path / "runs"
     args = ["--config", str(ROOT / "configs" / "demo.yaml"), "task=length_of_stay", f"data.shards={shards}",
             f"trainer.storage_path={storage}", "tracking.enabled=false", "data.num_loader_workers=0",
             "data.augment=false", "data.shuffle_buffer=0", "model.dropout=0.0", "trainer.max_epochs=3",
-            "trainer.num_workers=2", "data.batch_size=2", "trainer.strategy=deepspeed", "trainer.zero_stage=3",
+            "trainer.num_workers=2", "data.batch_size=1", "trainer.strategy=deepspeed", "trainer.zero_stage=3",
             "trainer.precision=fp32", "trainer.run_name=z3", "trainer.num_to_keep=5"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DIPRO_FAULT_INJECT")}
     proc = subprocess.Popen([sys.executable, "-m", "dipro", "train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = storage / "z3" / "checkpoint_s00000003_epoch0000"
+    first = storage / "z3" / "checkpoint_s00000006_epoch0000"
     deadline = time.time() + 300
     try:
         while not (ck.is_complete(first) and (storage / "z3" / "best" / "meta.json").is_file()):
@@ -160,15 +161,19 @@ def test_zero3_resume_after_stopping_driver_matches_single_process_eval(shards, 
             proc.kill()
             proc.wait()
     stopped_at = ck.read_meta(ck.find_last_checkpoint(storage, "z3"))["global_step"]
-    assert 3 <= stopped_at < 9, stopped_at
+    assert 6 <= stopped_at < 18, stopped_at
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", args[2:-2] + ["trainer.num_to_keep=5"])
     r = run_training(cfg, resume="z3")
     assert r.run_name.startswith("z3-resumed-") and r.run_dir != storage / "z3"
-    assert r.global_step == 9 and r.epochs_completed == 3
+    assert r.global_step == 18 and r.epochs_completed == 3
     steps = sorted(int(n.split("_")[1][1:]) for n in checkpoint_dirs(r.run_dir))
-    assert steps[0] == (stopped_at // 3 + 1) * 3 and steps[-1] == 9  # no step before the resume point again
+    assert steps[0] == (stopped_at // 6 + 1) * 6 and steps[-1] == 18  # no step before the resume point again
     dist_val = ck.read_meta(r.last_checkpoint)["metrics"]
     single = evaluate_checkpoint(r.last_checkpoint, "val", precision="fp32")
-    assert single.metrics["loss"] == pytest.approx(dist_val["val/loss"], rel=1e-5)
+    # ZeRO-3 runs nn.Linear as its own matmul + bias and the ranks use other thread counts:
+    # float32 rounding differs by ~1e-5 relative. One epoch of training moves the loss far more,
+    # so the check still tells these weights from the previous epoch's.
+    assert single.metrics["loss"] == pytest.approx(dist_val["val/loss"], rel=2e-4)
+    assert abs(r.history[-1]["val/loss"] - r.history[-2]["val/loss"]) > 2e-4 * dist_val["val/loss"] * 5
     assert single.metrics["accuracy"] == pytest.approx(dist_val["val/accuracy"])

@@ -291,8 +291,8 @@ class Worker:
             st.train()
             epoch_terms, window_terms = _Running(), _Running()
             skip = s.batches_in_epoch
-            t_window = time.perf_counter()
-            steps_in_window = 0
+            t_window = t_epoch = time.perf_counter()
+            steps_in_window = steps_in_epoch = 0
             for i, batch in enumerate(self.loader):
                 if i >= self.used_micro:
                     break
@@ -314,6 +314,7 @@ class Worker:
                 s.global_step += 1
                 s.batches_in_epoch = i + 1
                 steps_in_window += 1
+                steps_in_epoch += 1
                 if s.global_step % cfg.trainer.log_every_n_steps == 0 or s.batches_in_epoch == self.used_micro:
                     dt = time.perf_counter() - t_window
                     logm = {**window_terms.global_means(self.device), "train/lr": st.lr(), "train/epoch": epoch,
@@ -332,7 +333,10 @@ class Worker:
                 if every and s.global_step % every == 0 and s.batches_in_epoch < self.used_micro:
                     self._save_and_report("step", {"epoch": epoch, "global_step": s.global_step,
                                                    **epoch_terms.global_means(self.device)}, None, improved=False)
-            stop = self._end_epoch(epoch, epoch_terms)
+            elapsed = time.perf_counter() - t_epoch
+            speed = {"train/samples_per_s_epoch": steps_in_epoch * samples_per_step / max(elapsed, 1e-9),
+                     "train/step_time_s_epoch": elapsed / max(steps_in_epoch, 1)}
+            stop = self._end_epoch(epoch, epoch_terms, speed)
             if stop:
                 break
         if self.tracker is not None and self.rank == 0:
@@ -340,7 +344,7 @@ class Worker:
         return {"best_value": s.best_value, "best_epoch": s.best_epoch, "epochs_completed": s.epoch,
                 "global_step": s.global_step, "history": s.history}
 
-    def _end_epoch(self, epoch: int, epoch_terms: _Running) -> bool:
+    def _end_epoch(self, epoch: int, epoch_terms: _Running, speed: dict[str, float]) -> bool:
         cfg, s = self.cfg, self.state
         train_means = epoch_terms.global_means(self.device)
         val = self.validate()
@@ -354,7 +358,7 @@ class Worker:
                 s.bad_epochs += 1
             stop = s.bad_epochs >= cfg.trainer.patience
             metrics = {"epoch": epoch, "global_step": s.global_step, "lr": self.strategy.lr(),
-                       **train_means, **{f"val/{k}": float(v) for k, v in val.metrics.items()},
+                       **train_means, **speed, **{f"val/{k}": float(v) for k, v in val.metrics.items()},
                        "val/monitor": value, "best/value": float(s.best_value), "best/epoch": s.best_epoch}
             s.history.append({k: metrics[k] for k in ("epoch", "global_step", "lr", "train/total", "val/loss",
                                                       f"val/{cfg.monitor}") if k in metrics})
