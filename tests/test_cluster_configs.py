@@ -73,6 +73,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
+            line = re.sub(r'^([A-Z_]+=("[^"]*"|\S+)\s+)+', "", line)  # SUBMIT_FLAGS="..." cluster/submit.sh ...
             if line.startswith(("cluster/submit.sh", "dipro ")) and "--help" not in line:
                 commands.append(line)
     return commands
