@@ -73,6 +73,10 @@ class RayHead:
             "--port", str(self.gcs_port),
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard_port),
+            # Every port Ray would otherwise take at a fixed default (agent 52365, client 10001)
+            # is a free one, so this head coexists with other Ray instances on the machine.
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--ray-client-server-port", str(free_port()),
             "--num-cpus", str(self.num_cpus),
             "--num-gpus", "0",
             "--include-dashboard", "true",
@@ -154,14 +158,24 @@ class RayHead:
 
     def submit(self, submission_id: str, entrypoint: list[str], runtime_env: dict,
                cwd: str | Path, timeout: float = 600.0) -> subprocess.CompletedProcess:
-        """``ray job submit`` and follow the logs until the job ends (exit 1 when it FAILED)."""
-        return self.ray_cli(
-            "job", "submit", "--address", self.address,
-            "--submission-id", submission_id,
-            "--runtime-env-json", json.dumps(runtime_env),
-            "--", *entrypoint,
-            cwd=cwd, timeout=timeout,
-        )
+        """``ray job submit`` and follow the logs until the job ends (exit 1 when it FAILED).
+
+        Right after start the dashboard answers before the head's job agent has registered
+        and refuses submissions with "No available agent to submit job, please try again
+        later"; that refusal (no job was created) is retried for up to a minute.
+        """
+        deadline = time.monotonic() + 60
+        while True:
+            proc = self.ray_cli(
+                "job", "submit", "--address", self.address,
+                "--submission-id", submission_id,
+                "--runtime-env-json", json.dumps(runtime_env),
+                "--", *entrypoint,
+                cwd=cwd, timeout=timeout,
+            )
+            if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+                return proc
+            time.sleep(2.0)
 
     def logs(self, submission_id: str) -> str:
         proc = self.ray_cli("job", "logs", "--address", self.address, submission_id)

@@ -9,8 +9,8 @@ and is stopped by its finalizer (see tests/ray_head.py for why not ``ray stop``)
 """
 from __future__ import annotations
 
-import os
 import shutil
+import subprocess
 import sys
 import urllib.error
 import uuid
@@ -99,13 +99,20 @@ def test_job_runs_uploaded_code_in_the_venv(head):
 
 
 
-def test_failing_job_is_failed_with_its_error_in_the_logs(head):
+def test_failing_job_through_submit_sh_is_failed_with_its_error_in_the_logs(head):
+    """cluster/submit.sh as a user runs it: the runtime env it sends, a job that fails, its error in the logs."""
     job = sid("fail")
-    entry = ["python", "-m", "dipro", "train", "--config", "configs/no-such-config.yaml"]
-    proc = head.submit(job, entry, runtime_env(), cwd=REPO)
+    env = dict(head.env, RAY_ADDRESS=head.address, MLFLOW_TRACKING_URI="http://127.0.0.1:9/unused",
+               SUBMIT_FLAGS=f"--submission-id {job}")
+    proc = subprocess.run([str(REPO / "cluster" / "submit.sh"), "train", "--config", "configs/no-such-config.yaml"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode != 0
     info = head.job_info(job)
     assert info["status"] == "FAILED", info
+    assert info["entrypoint"] == "python -m dipro train --config configs/no-such-config.yaml"
+    sent = info["runtime_env"]
+    assert sent["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9/unused"
+    assert ".venv/" in sent["excludes"]
     logs = head.logs(job)
     assert "no-such-config.yaml" in logs and "not found" in logs, logs
     assert "Traceback" not in logs  # a user error is one line
