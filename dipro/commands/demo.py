@@ -155,7 +155,7 @@ class Paths:
     runs = property(lambda self: self.out / "runs")
     mlflow_db = property(lambda self: self.out / "mlflow.db")
     predictions = property(lambda self: self.out / "predictions" / f"{TASK}-test.parquet")
-    tracking_uri = property(lambda self: f"sqlite:///{self.out / 'mlflow.db'}")
+    tracking_uri = property(lambda self: f"sqlite:///{self.mlflow_db}")
 
 
 def _indent(text: str, prefix: str = "      ") -> str:
