@@ -82,6 +82,12 @@ def parse_values(df: pd.DataFrame, source: str, counts: Counter) -> tuple[np.nda
             is_c = np.isin(uom[sel], list(_C_UNITS))
             value[sel] = np.where(is_c, value[sel], (value[sel] - 32.0) * 5.0 / 9.0)
             counts["temperature converted F->C"] += int((~is_c & ~np.isnan(value[sel])).sum())
+        elif v.name == "Fraction inspired oxygen":
+            # MIMIC-IV charts FiO2 (223835) in percent (21..100); the paper's range is a
+            # fraction (mimic3-benchmarks rule: a value above 1 is a percentage).
+            pct = value[sel] > 1.0
+            value[sel] = np.where(pct, value[sel] / 100.0, value[sel])
+            counts["FiO2 converted %->fraction"] += int(pct.sum())
         elif v.name == "Height":
             inch = np.isin(uom[sel], list(_INCH_UNITS))
             value[sel] = np.where(inch, value[sel] * 2.54, value[sel])

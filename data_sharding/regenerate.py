@@ -119,16 +119,9 @@ def _gather(refs: list, desc: str, progress: bool) -> list:
 
 def _init_ray(ray_address: str | None, num_cpus: int | None) -> bool:
     """Connect to the given / ``RAY_ADDRESS`` cluster or start a local one; True when this call started Ray."""
-    import ray
+    from dipro.ray_init import init_ray
 
-    if ray.is_initialized():
-        return False
-    address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level="warning")
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level="warning")
-    return True
+    return init_ray(ray_address, num_cpus=num_cpus or os.cpu_count() or 1, logging_level="warning")
 
 
 def regenerate(

@@ -51,7 +51,7 @@ class VarModel:
     ceil: float | None = None
 
 
-# Chart itemid -> value model (INR for 227467, deg F for 223761, fraction for FiO2).
+# Chart itemid -> value model (INR for 227467, deg F for 223761, percent for FiO2 as MIMIC-IV charts it).
 CHART_MODELS: dict[int, VarModel] = {
     220045: VarModel(86, 12, 5, 30, 3, 0, "bpm", "vital"),
     220179: VarModel(118, 14, 7, -25, 0, 0, "mmHg", "vital"),
@@ -60,7 +60,7 @@ CHART_MODELS: dict[int, VarModel] = {
     220277: VarModel(97, 1.5, 1.2, -6, -0.8, 0, "%", "vital", 50, 100),
     220210: VarModel(19, 3, 2, 8, 2.5, 0, "insp/min", "vital"),
     223761: VarModel(98.6, 0.8, 0.4, 1.2, 0.6, 1, "°F", "temp", 90, 108),
-    223835: VarModel(0.35, 0.05, 0.03, 0.25, 0.18, 2, "", "vent", 0.21, 1.0),
+    223835: VarModel(35, 5, 3, 25, 18, 0, "%", "vent", 21, 100),
     224700: VarModel(6, 1.5, 0.5, 3, 2, 0, "cmH2O", "vent", 0, 24),
     220644: VarModel(34, 15, 5, 60, 0, 0, "IU/L", "daily"),
     227456: VarModel(3.1, 0.4, 0.1, -0.5, -0.25, 1, "g/dL", "daily", 1.0),

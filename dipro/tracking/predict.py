@@ -179,14 +179,9 @@ def _run_ray(kind, location, model_ref, tracking_uri, shard_set, crop_size, batc
     import ray
     from tqdm import tqdm
 
-    started = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        started = True
+    from dipro.ray_init import init_ray
+
+    started = init_ray(log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1)(_shard_task)
         refs = [task.remote(kind, location, model_ref, tracking_uri, shard, shard_set.task_dir, crop_size, batch_size)

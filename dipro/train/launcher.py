@@ -70,16 +70,10 @@ def check_data(cfg: Config) -> int:
 
 def init_ray(cfg: Config) -> bool:
     """Connect to ``RAY_ADDRESS`` / the job's cluster, or start a local one; True if started here."""
-    import ray
+    from dipro.ray_init import init_ray as _init
 
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-    return True
+    started = _init(log_to_driver=True)
+    return started and not os.environ.get("RAY_ADDRESS")
 
 
 def check_resources(cfg: Config, started_here: bool) -> None:
