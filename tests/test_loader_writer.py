@@ -14,8 +14,8 @@ from PIL import Image
 from data_sharding.constants import (BOX_COLUMNS, DEMOGRAPHIC_COLUMNS, DISEASE_SLUGS, EHR_MASK_COLUMNS,
                                      EHR_VALUE_COLUMNS, ICU_WINDOW_STEPS, REGION_SLUGS)
 
-shard_writer = pytest.importorskip("data_sharding.shard_writer")
-processed_fixture = pytest.importorskip("processed_fixture")
+import data_sharding.shard_writer as shard_writer  # noqa: E402
+import processed_fixture  # noqa: E402
 
 from dipro.data import build_loader  # noqa: E402
 

@@ -20,8 +20,8 @@ import torch
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-shard_writer = pytest.importorskip("data_sharding.shard_writer")
-processed_fixture = pytest.importorskip("processed_fixture")
+import data_sharding.shard_writer as shard_writer  # noqa: E402
+import processed_fixture  # noqa: E402
 
 from dipro.config import load_config  # noqa: E402
 from dipro.errors import UserError  # noqa: E402

@@ -98,7 +98,6 @@ def test_deepspeed_config_precision_and_offload():
 
 
 def test_deepspeed_accepts_the_generated_config():
-    pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = demo_cfg("trainer.strategy=deepspeed", "trainer.zero_stage=3", "optim.grad_accum=2")
