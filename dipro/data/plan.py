@@ -35,9 +35,6 @@ from pathlib import Path
 from data_sharding.constants import SPLITS, TASK_TO_SHARD_DIR
 from dipro.errors import ConfigError, DataError
 
-MANIFEST_NAME = "manifest.parquet"
-MANIFEST_COLUMNS = ("task", "split", "path", "samples")
-
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -76,52 +73,41 @@ class ShardSet:
 
 
 def read_manifest(shard_dir: str | Path, task: str, split: str) -> ShardSet:
-    """Load the shard list of ``task``/``split`` from ``shard_dir/manifest.parquet``.
+    """The shard list of ``task``/``split`` from ``shard_dir/manifest.parquet``.
 
-    Raises :class:`DataError` naming the file when the manifest is missing or
-    lacks a column, or when it lists no shard (or a missing shard file) for the split.
+    Reading and validating the manifest is :func:`data_sharding.manifest.read_manifest`'s
+    job (DataError naming the file when it is missing or malformed); here the rows of
+    one split are selected and their shard files checked to exist.
     """
-    import pyarrow.parquet as pq
+    from data_sharding.manifest import manifest_path
+    from data_sharding.manifest import read_manifest as read_shard_manifest
 
     if task not in TASK_TO_SHARD_DIR:
         raise ConfigError(f"unknown task {task!r}: expected one of {', '.join(TASK_TO_SHARD_DIR)}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(shard_dir)
-    manifest = root / MANIFEST_NAME
-    if not manifest.is_file():
-        raise DataError(f"shard manifest not found: {manifest} (run `dipro shard` first)")
-    try:
-        table = pq.read_table(manifest)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DataError(f"cannot read shard manifest {manifest}: {exc}") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
-    if missing:
-        raise DataError(f"shard manifest {manifest} lacks column(s) {', '.join(missing)}; has {', '.join(table.column_names)}")
+    manifest = manifest_path(root)
     task_dir = TASK_TO_SHARD_DIR[task]
-    rows = table.to_pylist()
-    chosen = sorted(
-        (r for r in rows if r["task"] in (task_dir, task) and r["split"] == split),
-        key=lambda r: r["path"],
-    )
+    chosen = sorted((r for r in read_shard_manifest(root).records if r.task in (task_dir, task) and r.split == split),
+                    key=lambda r: r.path)
     if not chosen:
         raise DataError(f"shard manifest {manifest} lists no {task_dir!r} shards for split {split!r}")
     shards = []
     for r in chosen:
-        path = root / r["path"]
+        path = root / r.path
         if not path.is_file():
             raise DataError(f"shard {path} is listed in {manifest} but does not exist (run `dipro shards verify {root}`)")
-        samples = int(r["samples"])
+        samples = int(r.samples)
         if samples < 0:
-            raise DataError(f"shard manifest {manifest}: shard {r['path']} has a negative sample count {samples}")
-        shards.append(ShardInfo(path=str(path), rel=str(r["path"]), samples=samples))
+            raise DataError(f"shard manifest {manifest}: shard {r.path} has a negative sample count {samples}")
+        shards.append(ShardInfo(path=str(path), rel=str(r.path), samples=samples))
     settings: dict = {}
-    raw = chosen[0].get("settings")
-    if raw:
+    if chosen[0].settings:
         try:
-            settings = json.loads(raw)
+            settings = json.loads(chosen[0].settings)
         except (TypeError, ValueError):
-            raise DataError(f"shard manifest {manifest}: settings of {chosen[0]['path']} is not JSON: {raw!r}") from None
+            raise DataError(f"shard manifest {manifest}: settings of {chosen[0].path} is not JSON: {chosen[0].settings!r}") from None
     return ShardSet(str(root), task_dir, split, tuple(shards), settings if isinstance(settings, dict) else {})
 
 
