@@ -11,9 +11,15 @@ written from its ``ehr/`` Parquet (the authors' layout), and shards written by
 rate is steady state (timed after the first batch); the freshly written files are
 in the page cache for both loaders.
 
-    .venv/bin/python benchmarks/loader.py [--stays 24] [--workers 0,2] [--batches 100]
+    .venv/bin/python benchmarks/loader.py [--stays 24] [--workers 0,1,2] [--batches 100]
 
 Prints one table: samples/s of each loader, per loader worker, and the ratio (target >= 50x).
+``ours+aug`` includes training augmentation as the loader does it: it draws each
+sample's transform parameters; the pixels are transformed on the device by the
+model (``dipro.data.augment``; its cost is the ``augment ms`` column of
+``benchmarks/model.py``).  With worker processes, every batch also crosses to
+the main process (``dipro.data.transport``); with 2 workers on a 2-core machine
+the two workers and the main process share the cores.
 """
 from __future__ import annotations
 
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=2560, help="JPEG width in pixels (height = 1.19 x width)")
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
+    ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     ap.add_argument("--batches", type=int, default=100, help="batches timed for build_loader")
     ap.add_argument("--baseline-batches", type=int, default=4, help="batches timed for the baseline")
     ap.add_argument("--work", default=None, help="keep the cohort here (default: a temp dir, removed)")
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     for task, w, base_w, ours_w, ratio, plain_w, plain_ratio in rows:
         print(f"{task:<20} {w:>7} {base_w:>9.2f} {ours_w:>9.1f} {ratio:>6.0f}x {plain_w:>9.1f} {plain_ratio:>6.0f}x")
-    print("ours+aug: build_loader with shuffle + training augmentation; ours: augmentation off (the evaluation path).\n"
+    print("ours+aug: build_loader with shuffle + training augmentation (parameters drawn here, pixels transformed on "
+          "the device); ours: augmentation off.\n"
           "target: ratio >= 50x per worker; length_of_stay reads the mortality shards (same numbers as mortality).")
     return 0
 

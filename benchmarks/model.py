@@ -4,7 +4,10 @@ For each configuration (``demo``: tiny CNN, 32-px crops, d_model 32, 1 layer;
 ``paper``: ResNet-50, 224-px crops, d_model 256, 4 layers — the mortality settings)
 and batch size (1, 4, 8) it times forward + ``compute_loss`` + backward on an in-memory
 mortality batch with ``--cxrs`` CXRs per sample (10 region crops each) and 49 EHR
-hours, after warm-up steps.  No optimizer step is timed.
+hours, after warm-up steps.  No optimizer step is timed.  The batch carries the
+loader's training augmentation parameters, so the step includes the pixel
+augmentation the region encoder applies on the device (``dipro.data.augment``);
+the ``augment ms`` column times that transform alone on the step's crops.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (fp32 and bf16 autocast
 rows); on CPU the peak resident-set growth over the RSS after the model and batch
@@ -30,11 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_sharding.constants import NUM_REGIONS  # noqa: E402
 from dipro.config import LossConfig, ModelConfig  # noqa: E402
+from dipro.data.augment import AUGMENT_KEYS, apply_augmentation, draw_augmentation  # noqa: E402
 from dipro.model import DiPro  # noqa: E402
 from dipro.model.synthetic import random_batch, uniform_label_stats  # noqa: E402
 
@@ -85,6 +91,7 @@ class Row:
     samples_per_s: float | None
     ms_per_step: float | None
     peak_mib: float | None
+    augment_ms: float | None = None
     note: str = ""
 
 
@@ -102,8 +109,12 @@ def measure(name: str, batch_size: int, cxrs: int, device: torch.device, dtype: 
     cfg = ModelConfig(**CONFIGS[name])
     model = DiPro(cfg, "mortality", uniform_label_stats(), LossConfig()).to(device).train()
     batch = random_batch("mortality", batch_size, cxrs, 49, crop_size=cfg.crop_size, seed=0, missing_region_prob=0.0)
+    rng = np.random.default_rng(0)
+    params = [draw_augmentation(NUM_REGIONS, cfg.crop_size, rng) for _ in range(batch_size)]
+    batch.update({k: torch.from_numpy(np.stack([p[k] for p in params])) for k in AUGMENT_KEYS})
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     warmup, steps = STEPS[name][device.type]
+    augment_ms = time_augmentation(batch, device)
     crops = batch_size * cxrs * 10
     if device.type == "cuda":
         for _ in range(warmup):
@@ -126,7 +137,29 @@ def measure(name: str, batch_size: int, cxrs: int, device: torch.device, dtype: 
             elapsed = time.perf_counter() - t0
         peak = (mem.peak - mem.base) / 2**20
     del model, batch
-    return Row(name, device.type, dtype, batch_size, crops, batch_size * steps / elapsed, 1000 * elapsed / steps, peak)
+    return Row(name, device.type, dtype, batch_size, crops, batch_size * steps / elapsed, 1000 * elapsed / steps, peak,
+               augment_ms)
+
+
+def time_augmentation(batch: dict, device: torch.device, repeats: int = 5) -> float:
+    """ms to augment the batch's real crops as the region encoder does (uint8 -> float, jitter, shift)."""
+    present = batch["region_mask"] & batch["cxr_mask"][:, :, None]
+    t = present.shape[1]
+    crops = batch["crops"][present]
+    params = [batch[k][:, None].expand(-1, t, *batch[k].shape[1:])[present] for k in AUGMENT_KEYS]
+
+    def run() -> None:
+        apply_augmentation(crops.float().div_(255.0), *params)
+
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / repeats
 
 
 def measure_in_subprocess(name: str, batch_size: int, cxrs: int) -> Row:
@@ -135,18 +168,19 @@ def measure_in_subprocess(name: str, batch_size: int, cxrs: int) -> Row:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Row(name, "cpu", "fp32", batch_size, batch_size * cxrs * 10, None, None, None, f"failed: {tail}")
+        return Row(name, "cpu", "fp32", batch_size, batch_size * cxrs * 10, None, None, None, note=f"failed: {tail}")
     return Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def format_rows(rows: list[Row], cxrs: int) -> str:
-    header = ["config", "device", "dtype", "batch", "crops/step", "samples/s", "ms/step", "peak MiB", "note"]
+    header = ["config", "device", "dtype", "batch", "crops/step", "samples/s", "ms/step", "augment ms", "peak MiB", "note"]
     body = []
     for r in rows:
         body.append([
             r.config, r.device, r.dtype, str(r.batch), str(r.crops),
             f"{r.samples_per_s:.2f}" if r.samples_per_s is not None else "-",
             f"{r.ms_per_step:.0f}" if r.ms_per_step is not None else "-",
+            f"{r.augment_ms:.1f}" if r.augment_ms is not None else "-",
             f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-",
             r.note,
         ])
@@ -188,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     estimate = per_sample_mib * b / 1024
                     if estimate > args.cpu_mem_budget_gb:
                         rows.append(Row(name, "cpu", dtype, b, b * args.cxrs * 10, None, None, None,
-                                        f"skipped: ~{estimate:.0f} GB > --cpu-mem-budget-gb {args.cpu_mem_budget_gb:g}"))
+                                        note=f"skipped: ~{estimate:.0f} GB > --cpu-mem-budget-gb {args.cpu_mem_budget_gb:g}"))
                         continue
                 try:
                     if device.type == "cpu":
@@ -196,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         row = measure(name, b, args.cxrs, device, dtype)
                 except torch.OutOfMemoryError:
-                    row = Row(name, device.type, dtype, b, b * args.cxrs * 10, None, None, None, "out of memory")
+                    row = Row(name, device.type, dtype, b, b * args.cxrs * 10, None, None, None, note="out of memory")
                     torch.cuda.empty_cache()
                 rows.append(row)
                 if row.peak_mib is not None and b == min(sizes):

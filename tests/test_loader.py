@@ -21,13 +21,13 @@ import torch
 
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
 from dipro.data import build_loader, eval_index_for_rank, move_to_device
-from dipro.data.augment import augment_sample
+from dipro.data.augment import AUGMENT_KEYS, AugmentConfig
 from dipro.errors import ConfigError, DataError
 
 CROP = 8
 
 
-def _npy(arr: np.ndarray) -> bytes:
+def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -62,7 +62,7 @@ def make_sample(rng: np.random.Generator, task_dir: str, stay_id: int, row: int,
 
 
 def sample_members(s: dict) -> dict[str, bytes]:
-    out = {f"{name}.npy": _npy(s[name]) for name in (
+    out = {f"{name}.npy": _npy_bytes(s[name]) for name in (
         "crops", "region_present", "cxr_hours", "ehr_values", "ehr_masks", "ehr_hours", "demographics", "region_labels")}
     out["labels.json"] = json.dumps(s["labels"]).encode()
     out["meta.json"] = json.dumps(s["meta"]).encode()
@@ -126,7 +126,7 @@ def _keys(loader) -> list[str]:
 
 # ----------------------------------------------------------------------------- round trip
 
-def check_batch_against_source(batch: dict, written: dict[str, dict], task_dir: str, augmented: bool = False) -> None:
+def check_batch_against_source(batch: dict, written: dict[str, dict], task_dir: str) -> None:
     """Every row of ``batch`` equals its source sample; padding and masks as ARCHITECTURE.md section 3 says."""
     b, t_max = batch["cxr_mask"].shape
     l_max = batch["ehr_mask"].shape[1]
@@ -139,8 +139,7 @@ def check_batch_against_source(batch: dict, written: dict[str, dict], task_dir: 
     for i, key in enumerate(batch["sample_key"]):
         s = written[key]
         t, n = s["crops"].shape[0], s["ehr_values"].shape[0]
-        if not augmented:
-            assert np.array_equal(batch["crops"][i, :t].numpy(), s["crops"])
+        assert np.array_equal(batch["crops"][i, :t].numpy(), s["crops"])  # augmentation happens on the device
         assert not batch["crops"][i, t:].any()
         assert batch["cxr_mask"][i].tolist() == [True] * t + [False] * (t_max - t)
         assert np.array_equal(batch["region_mask"][i, :t].numpy(), s["region_present"] == 1)
@@ -228,7 +227,7 @@ def test_train_equal_steps_over_uneven_shards(shards, world_size, num_workers):
         assert all(len(b["sample_key"]) == batch_size for b in batches)
         assert loader.stats.samples == steps * batch_size and loader.stats.batches == steps
         for b in batches:
-            check_batch_against_source(b, written, "mortality_los", augmented=True)
+            check_batch_against_source(b, written, "mortality_los")
 
 
 def test_train_first_pass_ranks_read_disjoint_samples(shards):
@@ -368,30 +367,28 @@ def test_augmentation_off_for_evaluation(shards):
         build_loader(root, "mortality", "val", 4, 0, augment=True)
 
 
-def test_augmentation_on_for_training_changes_crops(shards):
+def test_augmentation_on_for_training_draws_parameters_per_sample_and_region(shards):
     root, written = shards
     names = [n for n, _ in build_loader(root, "mortality", "train", 2, 0).dataset.stages]
     assert names == ["plan", "read", "shuffle", "decode", "select_cxrs", "augment", "batch", "with_epoch"]
-    batch = next(iter(build_loader(root, "mortality", "train", 2, 0)))
-    s = written[batch["sample_key"][0]]
-    t = s["crops"].shape[0]
-    assert not np.array_equal(batch["crops"][0, :t].numpy(), s["crops"])
-    # missing regions stay missing
-    assert not batch["crops"][0, :t].numpy()[s["region_present"] == 0].any()
-
-
-def test_augmentation_same_transform_for_a_region_across_cxrs():
-    yy, xx = np.mgrid[0:32, 0:32]
-    base = np.stack([(60 + 3 * yy + 2 * xx + 5 * r) for r in range(NUM_REGIONS)]).astype(np.uint8)  # smooth anatomy
-    crops = np.stack([base, base, base])  # three CXRs with identical regions
-    present = np.ones((3, NUM_REGIONS), dtype=np.uint8)
-    out = augment_sample({"crops": crops, "region_present": present}, np.random.default_rng(1))["crops"]
-    assert out.dtype == np.uint8 and out.shape == crops.shape
-    assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])  # no spurious "change"
-    assert not np.array_equal(out[0], base)
-    diffs = [np.abs(out[0, r].astype(int) - base[r].astype(int)).mean() for r in range(NUM_REGIONS)]
-    assert len({round(d, 3) for d in diffs}) > 1  # regions get different transforms
-    assert max(diffs) < 25  # small jitter, not a different image
+    cfg = AugmentConfig()
+    batches = list(build_loader(root, "mortality", "train", 2, 0, seed=3))
+    for batch in batches:
+        check_batch_against_source(batch, written, "mortality_los")  # pixels travel unchanged
+        contrast, brightness, shift = (batch[k] for k in AUGMENT_KEYS)
+        assert contrast.shape == brightness.shape == (2, NUM_REGIONS) and shift.shape == (2, NUM_REGIONS, 2)
+        assert contrast.dtype == brightness.dtype == torch.float32 and shift.dtype == torch.int64
+        assert ((contrast - 1).abs() <= cfg.contrast).all() and (brightness.abs() <= cfg.brightness).all()
+        assert (shift.abs() <= round(cfg.max_shift * CROP)).all()
+    every = torch.cat([b["aug_contrast"] for b in batches])
+    assert len(set(every.flatten().tolist())) == every.numel()  # a fresh draw for every sample and region
+    again = list(build_loader(root, "mortality", "train", 2, 0, seed=3))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches, again) for k in AUGMENT_KEYS)  # seeded
+    loader = build_loader(root, "mortality", "train", 2, 0, seed=3)
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader))["aug_contrast"], batches[0]["aug_contrast"])  # a new epoch, new draws
+    no_aug = next(iter(build_loader(root, "mortality", "train", 2, 0, augment=False)))
+    assert not any(k in no_aug for k in AUGMENT_KEYS)
 
 
 # ----------------------------------------------------------------------------- errors and helpers
@@ -414,3 +411,24 @@ def test_move_to_device_keeps_non_tensors(shards):
     moved = move_to_device(batch, "cpu")
     assert moved["sample_key"] == batch["sample_key"] and moved["num_corrupt"] == 0
     assert torch.equal(moved["crops"], batch["crops"])
+
+
+# ----------------------------------------------------------------------------- .npy members
+
+@pytest.mark.parametrize("arr", [np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.zeros((0, 38), np.float32),
+                                 np.ones(17, np.float32), np.asfortranarray(np.arange(6, dtype=np.int8).reshape(2, 3)),
+                                 np.zeros((), np.float32)])
+def test_npy_members_decode_as_np_load_does(arr):
+    from dipro.data.decode import _npy
+
+    got = _npy({"x.npy": _npy_bytes(arr)}, "x.npy", arr.dtype, arr.ndim, "shard.tar", "k")
+    assert got.dtype == arr.dtype and got.shape == arr.shape and np.array_equal(got, arr)
+
+
+def test_npy_member_with_a_short_or_long_payload_is_corrupt():
+    from dipro.data.decode import CorruptSample, _npy
+
+    data = _npy_bytes(np.zeros((2, 3), np.float32))
+    for bad in (data[:-1], data + b"\0"):
+        with pytest.raises(CorruptSample, match=r"x.npy is not a readable .npy.*needs 24"):
+            _npy({"x.npy": bad}, "x.npy", np.float32, 2, "shard.tar", "k")

@@ -17,17 +17,21 @@ it gathers predictions at the end with a padding-aware ``all_gather``.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from data_sharding.constants import TASK_TO_SHARD_DIR
+from dipro.data.collate import to_tensors
 from dipro.data.pipeline import LoaderSpec, SamplePipeline
+from dipro.data.transport import CropReceiver, CropSlots
 from dipro.data.plan import eval_num_steps, read_manifest, train_num_steps
 from dipro.errors import ConfigError, DataError
 
 CORRUPT_CHECK_AFTER = 100  # samples read before the corrupt fraction is checked mid-epoch
+PREFETCH_FACTOR = 2  # batches each loader worker prepares ahead
 
 
 @dataclass
@@ -67,6 +71,12 @@ class LoaderStats:
             f"{prefix}corrupt_fraction": self.corrupt_fraction,
             f"{prefix}total_corrupt_skipped": float(self.total_corrupt),
         }
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's per-batch conversion: none (its default would make a tensor, and so a
+    shared-memory segment, of every small array; :func:`to_tensors` does it in the main process)."""
+    return batch
 
 
 class ShardLoader:
@@ -130,12 +140,22 @@ class ShardLoader:
         from torch.utils.data import DataLoader
 
         self.stats.start_epoch(self.epoch)
+        mp_context = multiprocessing.get_context() if self.num_workers > 0 else None
+        slots = CropSlots(self.num_workers, PREFETCH_FACTOR + 3, mp_context) if mp_context is not None else None
+        self.dataset.crop_slots = slots  # the workers started below inherit it
+        receiver = CropReceiver(slots) if slots is not None else None
+        # Pinning happens here, not in the DataLoader's pin thread: the crops are copied out of
+        # their slot anyway (into pinned memory when pinning) before the slot is freed.
         loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False, prefetch_factor=2 if self.num_workers > 0 else None,
+            self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+            pin_memory=False, persistent_workers=False, multiprocessing_context=mp_context,
+            prefetch_factor=PREFETCH_FACTOR if self.num_workers > 0 else None,
         )
         produced = 0
         for batch in loader:
+            if receiver is not None:
+                batch = receiver.unpack(batch, self.pin_memory)
+            batch = to_tensors(batch, pin_memory=self.pin_memory)
             notes = batch.pop("corrupt_samples", [])
             self.stats.add(len(batch["sample_key"]), int(batch["num_corrupt"]), notes)
             self._check_corrupt(final=False)

@@ -14,7 +14,11 @@ Modelled on open_clip's ``src/open_clip_train/data.py``::
 * ``shuffle``: WebDataset's sample shuffle buffer, seeded per (seed, epoch, rank, worker).
 * ``decode``: members -> validated arrays; a corrupt sample becomes a
   :class:`~dipro.data.reader.Skipped` record that flows on to ``batch``.
-* ``batch``: padding and masks (:mod:`dipro.data.collate`); each batch carries
+* ``augment``: per-sample transform parameters (applied to the crops on the device).
+* ``batch``: padding and masks (:func:`dipro.data.collate.collate_arrays`); in a
+  worker the crops are written into a reused shared-memory slot and travel as
+  its number (:mod:`dipro.data.transport`), the rest as small numpy arrays
+  that the main process turns into tensors; each batch carries
   ``num_corrupt``, the samples skipped since the previous batch of the stream,
   so the main process can count them across workers.
 * ``with_epoch``: exactly this worker's share of the rank's steps.
@@ -31,11 +35,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dipro.data.augment import AugmentConfig, augment_sample
-from dipro.data.collate import collate
+from dipro.data.augment import AugmentConfig, draw_augmentation
+from dipro.data.collate import collate_arrays
 from dipro.data.decode import CorruptSample, decode_sample, select_cxrs
 from dipro.data.plan import ShardSet, eval_segments, stream_seed, train_segments, worker_share
 from dipro.data.reader import Skipped, read_segment
+from dipro.data.transport import CropSlots, WorkerCropPool, new_shared_uint8
 from dipro.errors import DataError
 
 MAX_NOTES_PER_BATCH = 8  # corrupt-sample descriptions carried per batch (the count is always exact)
@@ -71,6 +76,9 @@ class StreamContext:
     spec: LoaderSpec
     epoch: int
     worker: int
+    in_worker: bool = False
+    """Running in a DataLoader worker process (batches cross to the main process)."""
+    crop_pool: WorkerCropPool | None = None
 
     def seed(self, purpose: str) -> int:
         return stream_seed(self.spec.seed, self.epoch, self.spec.rank, self.worker, purpose)
@@ -152,9 +160,14 @@ def select_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
 
 
 def augment_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    """Draw each sample's augmentation parameters; the model applies them on the device (:mod:`dipro.data.augment`)."""
     rng = np.random.default_rng(ctx.seed("augment"))
     for s in samples:
-        yield s if isinstance(s, Skipped) else augment_sample(s, rng, ctx.spec.augment_cfg)
+        if isinstance(s, Skipped):
+            yield s
+            continue
+        _, n_regions, crop, _ = s["crops"].shape
+        yield {**s, **draw_augmentation(n_regions, crop, rng, ctx.spec.augment_cfg)}
 
 
 def batch_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[dict[str, Any]]:
@@ -166,6 +179,13 @@ def batch_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[dict[str
     """
     spec = ctx.spec
     task_dir = spec.shard_set.task_dir
+    pool = ctx.crop_pool
+
+    def collate(samples: list[dict[str, Any]], task_dir: str) -> dict[str, Any]:
+        if pool is not None:
+            return pool.pack(collate_arrays(samples, task_dir, alloc=pool.empty))
+        return collate_arrays(samples, task_dir, alloc=new_shared_uint8 if ctx.in_worker else None)
+
     buf: list[dict[str, Any]] = []
     pending, notes = 0, []
     held: dict[str, Any] | None = None
@@ -225,6 +245,8 @@ class SamplePipeline(IterableDataset):
         super().__init__()
         self.spec = spec
         self.epoch = 0
+        self.crop_slots: CropSlots | None = None
+        """Set by the main process before its workers start (:mod:`dipro.data.transport`)."""
 
     @property
     def stages(self) -> list[tuple[str, Stage]]:
@@ -248,7 +270,8 @@ class SamplePipeline(IterableDataset):
         worker = 0 if info is None else info.id
         if info is not None and info.num_workers != self.spec.num_workers:
             raise RuntimeError(f"pipeline planned for {self.spec.num_workers} loader workers, running in {info.num_workers}")
-        ctx = StreamContext(self.spec, self.epoch, worker)
+        pool = None if info is None or self.crop_slots is None else WorkerCropPool(self.crop_slots, worker)
+        ctx = StreamContext(self.spec, self.epoch, worker, in_worker=info is not None, crop_pool=pool)
         stream: Iterator[Any] | None = None
         for _name, stage in self.stages:
             stream = stage(stream, ctx)

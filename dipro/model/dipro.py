@@ -22,6 +22,7 @@ from torch import nn
 
 from data_sharding.constants import NOT_MENTIONED, NUM_LOS_BINS, NUM_REGIONS
 from dipro.config import LossConfig, ModelConfig
+from dipro.data.augment import AUGMENT_KEYS
 from dipro.errors import DataError
 from dipro.model import losses as L
 from dipro.model.heads import TASK_OUTPUTS, TaskHeads
@@ -118,11 +119,30 @@ class DiPro(nn.Module):
         pair_index = torch.arange(t - 1, device=cxr_mask.device).expand(b, -1)
         return crops, region_mask, cxr_mask, hours, pair_index
 
+    @staticmethod
+    def _augmentation(batch: Mapping[str, Any], t: int) -> tuple[torch.Tensor, ...] | None:
+        """The loader's per-(sample, region) augmentation parameters broadcast over the T CXRs
+        (the same transform for a region in every CXR: dipro.data.augment), or None."""
+        if AUGMENT_KEYS[0] not in batch:
+            return None
+        missing = [k for k in AUGMENT_KEYS if k not in batch]
+        if missing:
+            raise DataError(f"batch has {AUGMENT_KEYS[0]} but not {', '.join(missing)} (docs/ARCHITECTURE.md §3)")
+        contrast, brightness, shift = (batch[k] for k in AUGMENT_KEYS)
+        b = batch["crops"].shape[0]
+        if contrast.shape != (b, NUM_REGIONS) or brightness.shape != (b, NUM_REGIONS) or shift.shape != (b, NUM_REGIONS, 2):
+            raise DataError(f"batch augmentation parameters: expected [B,{NUM_REGIONS}], [B,{NUM_REGIONS}], "
+                            f"[B,{NUM_REGIONS},2] with B={b}, got {tuple(contrast.shape)}, {tuple(brightness.shape)}, "
+                            f"{tuple(shift.shape)}")
+        return (contrast[:, None].expand(b, t, NUM_REGIONS), brightness[:, None].expand(b, t, NUM_REGIONS),
+                shift[:, None].expand(b, t, NUM_REGIONS, 2))
+
     # ----------------------------------------------------------------- forward
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self._check_batch(batch)
         crops, region_mask, cxr_mask, hours, pair_index = self._select_cxrs(batch)
-        features = self.region_encoder(crops, region_mask & cxr_mask[:, :, None])  # F [B,T,R,d]
+        augment = self._augmentation(batch, crops.shape[1]) if self.training else None
+        features = self.region_encoder(crops, region_mask & cxr_mask[:, :, None], augment)  # F [B,T,R,d]
         valid = pair_validity(cxr_mask)
         static, dynamic = self.std(features)  # S, D (STD)
         out: dict[str, torch.Tensor] = {"S": static, "D": dynamic, "pair_valid": valid, "pair_index": pair_index}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dipro.data.augment import apply_augmentation
 from dipro.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -128,20 +129,27 @@ class RegionEncoder(nn.Module):
         # Learnable padding for missing regions / padded CXRs (one vector per region).
         self.pad_embedding = nn.Parameter(torch.randn(num_regions, d_model) * 0.02)
 
-    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,C,C] -> float [N,1,C,C], scaled to [0,1] and standardised with the gray ImageNet stats."""
-        x = crops.unsqueeze(1).float().div_(255.0)
-        x = (x - GRAY_MEAN) / GRAY_STD
+    def normalise(self, crops: torch.Tensor, augment: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """uint8 [N,C,C] -> float [N,1,C,C], scaled to [0,1], augmented when ``augment`` gives the
+        per-crop (contrast [N], brightness [N], shift [N,2]) of :mod:`dipro.data.augment`, and
+        standardised with the gray ImageNet stats."""
+        x = crops.float().div_(255.0)
+        if augment is not None:
+            x = apply_augmentation(x, *augment)
+        x = (x.unsqueeze(1) - GRAY_MEAN) / GRAY_STD
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def forward(self, crops: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: torch.Tensor, present: torch.Tensor,
+                augment: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``augment``: per-crop transform parameters shaped [B,T,R] / [B,T,R,2] (training only)."""
         b, t, r = present.shape
         pad = self.pad_embedding.expand(b, t, r, -1)
         if not bool(present.any()):
             return pad.clone()
-        feats = self.proj(self.backbone(self.normalise(crops[present])))  # real crops only: [N,d]
+        params = None if augment is None else tuple(p[present] for p in augment)
+        feats = self.proj(self.backbone(self.normalise(crops[present], params)))  # real crops only: [N,d]
         pad = pad.to(feats.dtype)
         out = pad.clone()
         out[present] = feats
