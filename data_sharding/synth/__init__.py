@@ -53,7 +53,7 @@ lactate up, bicarbonate and pH down, urine output down, GCS down); it is large
 for 80 % of deaths and small for 85 % of survivors (sudden deaths and sick
 survivors are the noise).  LOS is drawn inside one of the 4 bins (edges
 [2, 3, 4, 6, 11) days, cycled so each bin is populated; 6 % stay >= 11 days) and
-a respiratory latent ``resp = (bin - 1.5) / 1.5 + N(0, 0.6)`` raises FiO2, PEEP,
+a respiratory latent ``resp = (bin - 1.5) / 1.5 + N(0, 0.3)`` raises FiO2, PEEP,
 respiratory rate, PaCO2, WBC, temperature and lowers albumin, decides
 ventilation (FiO2/PEEP charted, verbal GCS "No Response-ETT"), and raises the
 initial lung-opacity severity.

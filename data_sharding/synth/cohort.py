@@ -273,7 +273,7 @@ def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
         if los_bin < 0:
             resp = -1.5 + rng.normal(0.0, 0.5)
         else:
-            resp = (min(los_bin, NUM_LOS_BINS) - 1.5) / 1.5 + rng.normal(0.0, 0.6)
+            resp = (min(los_bin, NUM_LOS_BINS) - 1.5) / 1.5 + rng.normal(0.0, 0.3)
         if dies:
             drift = rng.uniform(0.6, 1.4) if rng.random() < 0.8 else rng.uniform(0.0, 0.3)
         else:

@@ -14,7 +14,7 @@ daily, urine output (outputevents 226559) every 1-2 h.  Each measurement is
   rest are sick survivors, ~U(0.4, 1.0)).  At full drift heart rate rises 30 bpm,
   MAP falls 18 mmHg, SpO2 falls 6 %, creatinine +1.6, BUN +30, bicarbonate -7,
   pH -0.12, urine -55 ml/h, GCS loses 2-3 points per component, ... over the first 48 h;
-* ``resp`` (LOS signal): (LOS bin - 1.5) / 1.5 + N(0, 0.6) -> FiO2, PEEP,
+* ``resp`` (LOS signal): (LOS bin - 1.5) / 1.5 + N(0, 0.3) -> FiO2, PEEP,
   respiratory rate, PaCO2, WBC, temperature rise and albumin falls with it, and
   stays with high ``resp`` are ventilated (FiO2/PEEP charted, verbal GCS "No Response-ETT").
 
