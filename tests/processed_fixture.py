@@ -198,7 +198,7 @@ def make_processed(
         for col, v in zip(DEMOGRAPHIC_COLUMNS, feats):
             demo[col].append(float(v))
 
-    i64, f64, f32, i8, u8, s = pa.int64(), pa.float64(), pa.float32(), pa.int8(), pa.uint8(), pa.string()
+    i64, f64, f32, i8, s = pa.int64(), pa.float64(), pa.float32(), pa.int8(), pa.string()
     ts = pa.timestamp("us")
     _write(root / "cohort.parquet", cohort, {
         "subject_id": i64, "hadm_id": i64, "stay_id": i64, "intime": ts, "outtime": ts, "los_days": f64,
@@ -237,3 +237,15 @@ def make_processed(
 def _write(path: Path, data: dict[str, list], types: dict[str, pa.DataType]) -> None:
     table = pa.table({k: pa.array(data[k], type=types[k]) for k in types})
     pq.write_table(table, path)
+
+
+def make_training_shards(root: Path) -> Path:
+    """The training tests' cohort under ``root``: 24 stays of 96 x 80 px films, 32-px crops,
+    at most 4 samples per shard (uneven shards for the distributed plans); returns the shard dir."""
+    from data_sharding.manifest import ShardSettings
+    from data_sharding.shard_writer import write_shards
+
+    make_processed(root / "processed", n_stays=24, image_size=(96, 80), seed=5)
+    write_shards(root / "processed", root / "shards",
+                 settings=ShardSettings(crop_size=32, max_samples_per_shard=4), workers=1, progress=False)
+    return root / "shards"

@@ -14,7 +14,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-import data_sharding.shard_writer as shard_writer  # noqa: E402
 import processed_fixture  # noqa: E402
 
 from test_tracking_server import Server  # noqa: E402
@@ -24,13 +23,7 @@ from dipro.config import load_config  # noqa: E402
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from data_sharding.manifest import ShardSettings
-
-    root = tmp_path_factory.mktemp("track_train_shards")
-    processed_fixture.make_processed(root / "processed", n_stays=24, image_size=(96, 80), seed=5)
-    shard_writer.write_shards(root / "processed", root / "shards",
-                              settings=ShardSettings(crop_size=32, max_samples_per_shard=4), workers=1, progress=False)
-    return root / "shards"
+    return processed_fixture.make_training_shards(tmp_path_factory.mktemp("track_train_shards"))
 
 
 def test_two_worker_run_with_worker_failure_is_one_tracked_run(shards, tmp_path, monkeypatch):
