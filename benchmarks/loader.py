@@ -8,8 +8,8 @@ same cohort: a processed dir with MIMIC-sized JPEGs (``--image-size``, default
 2560 px wide) written by ``tests/processed_fixture.py``, per-stay EHR CSVs
 written from its ``ehr/`` Parquet (the authors' layout), and shards written by
 ``data_sharding.shard_writer`` from it.  Cohort building is not timed; each
-rate is steady state (timed after the first batch); the freshly written files are
-in the page cache for both loaders.
+rate is steady state (timed after the first batch; build_loader's rates are the
+median of ``--repeats`` runs); the freshly written files are in the page cache for both loaders.
 
     .venv/bin/python benchmarks/loader.py [--stays 24] [--workers 0,1,2] [--batches 100]
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     ap.add_argument("--batches", type=int, default=100, help="batches timed for build_loader")
     ap.add_argument("--baseline-batches", type=int, default=4, help="batches timed for the baseline")
+    ap.add_argument("--repeats", type=int, default=3, help="build_loader timings per cell (the median is shown)")
     ap.add_argument("--work", default=None, help="keep the cohort here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -181,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                 def base_iter(task_dir=task_dir, workers=workers):
                     return iter(baseline_loader(work, task_dir, args.batch_size, workers, args.crop_size))
 
-                ours = samples_per_second(shard_iter, args.batches)
-                plain = samples_per_second(lambda: shard_iter(augment=False), args.batches)
+                # build_loader runs are short (~0.1-1 s): the median of --repeats runs damps scheduler noise
+                ours = statistics.median(samples_per_second(shard_iter, args.batches) for _ in range(args.repeats))
+                plain = statistics.median(samples_per_second(lambda: shard_iter(augment=False), args.batches)
+                                          for _ in range(args.repeats))
                 base = samples_per_second(base_iter, args.baseline_batches)
                 rows.append((task, workers, base / procs, ours / procs, ours / base, plain / procs, plain / base))
                 print(f"  {task} workers={workers}: baseline {base:.2f}/s, build_loader {ours:.1f}/s "
