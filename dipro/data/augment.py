@@ -64,9 +64,7 @@ def apply_augmentation(x: torch.Tensor, contrast: torch.Tensor, brightness: torc
     a = contrast.to(x.dtype).view(n, 1, 1)
     b = brightness.to(x.dtype).view(n, 1, 1) / 255.0
     y = ((x - 0.5) * a + 0.5 + b).clamp_(0.0, 1.0)
-    shift = shift.to(device=x.device, dtype=torch.long)
-    if not bool(shift.any()):
-        return y
+    shift = shift.to(device=x.device, dtype=torch.long)  # no early exit on all-zero shifts: that would sync the GPU
     rows = (torch.arange(h, device=x.device)[None, :] - shift[:, :1]).clamp_(0, h - 1)  # [N, C]: source row of each output row
     cols = (torch.arange(w, device=x.device)[None, :] - shift[:, 1:]).clamp_(0, w - 1)
     y = y.gather(1, rows[:, :, None].expand(n, h, w))

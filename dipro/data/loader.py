@@ -26,8 +26,8 @@ from typing import Any, Iterator
 from data_sharding.constants import TASK_TO_SHARD_DIR
 from dipro.data.collate import to_tensors
 from dipro.data.pipeline import LoaderSpec, SamplePipeline
-from dipro.data.transport import CropReceiver, CropSlots
 from dipro.data.plan import eval_num_steps, read_manifest, train_num_steps
+from dipro.data.transport import CropReceiver, CropSlots
 from dipro.errors import ConfigError, DataError
 
 CORRUPT_CHECK_AFTER = 100  # samples read before the corrupt fraction is checked mid-epoch
