@@ -144,9 +144,8 @@ def measure(name: str, batch_size: int, cxrs: int, device: torch.device, dtype: 
 def time_augmentation(batch: dict, device: torch.device, repeats: int = 5) -> float:
     """ms to augment the batch's real crops as the region encoder does (uint8 -> float, jitter, shift)."""
     present = batch["region_mask"] & batch["cxr_mask"][:, :, None]
-    t = present.shape[1]
     crops = batch["crops"][present]
-    params = [batch[k][:, None].expand(-1, t, *batch[k].shape[1:])[present] for k in AUGMENT_KEYS]
+    params = [p[present] for p in DiPro._augmentation(batch, present.shape[1])]
 
     def run() -> None:
         apply_augmentation(crops.float().div_(255.0), *params)

@@ -48,7 +48,7 @@ class CropSlots:
 
     def __init__(self, num_workers: int, slots_per_worker: int, context: Any = None):
         """``context``: the multiprocessing context the workers are started with (default: the default one)."""
-        self.num_workers, self.slots_per_worker = num_workers, slots_per_worker
+        self.slots_per_worker = slots_per_worker
         ctx = context or multiprocessing.get_context()
         self.flags = ctx.Array("b", num_workers * slots_per_worker, lock=True)
 
@@ -74,7 +74,7 @@ class WorkerCropPool:
     def __init__(self, slots: CropSlots, worker: int):
         self.slots, self.worker = slots, worker
         self.storages: dict[int, torch.Tensor] = {}
-        self._issued: dict[int, tuple[int, bool, torch.Tensor]] = {}  # id(view) -> (slot, new storage, the view)
+        self._pending: tuple[int, bool, torch.Tensor] | None = None  # the last slot view handed out, not yet packed
 
     def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A uint8 buffer of ``shape``: a view of a free slot, or a fresh shared segment when none is free."""
@@ -88,16 +88,15 @@ class WorkerCropPool:
             storage = new_shared_uint8((max(nbytes, 1),))
             self.storages[idx] = storage
         out = _view(storage, shape)
-        self._issued[id(out)] = (idx, is_new, out)  # holding the view keeps its id from being reused
+        self._pending = (idx, is_new, out)
         return out
 
     def pack(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Replace ``batch["crops"]`` by its slot reference when it lives in a slot (the storage goes along once)."""
-        ref = self._issued.get(id(batch["crops"]))
-        if ref is None or ref[2] is not batch["crops"]:
+        if self._pending is None or self._pending[2] is not batch["crops"]:
             return batch
-        del self._issued[id(batch["crops"])]
-        idx, is_new, _ = ref
+        idx, is_new, _ = self._pending
+        self._pending = None
         crops = batch.pop("crops")
         batch[SLOT_KEY] = idx
         batch[SHAPE_KEY] = tuple(crops.shape)
