@@ -47,7 +47,7 @@ from data_sharding.constants import (
     WORSENED,
 )
 from data_sharding.readers import check_columns, read_table
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 REGION_INDEX = {r: i for i, r in enumerate(REGIONS)}
 DISEASE_INDEX = {d: i for i, d in enumerate(DISEASES)}

@@ -21,7 +21,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 FORMAT_VERSION = 1
 """Bump when the shard layout or encoding changes: every shard's fingerprint changes with it."""

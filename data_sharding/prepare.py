@@ -52,7 +52,7 @@ from data_sharding.readers import (
     stream_events,
 )
 from data_sharding.splits import DEFAULT_SPLIT_SEED, split_subjects
-from dipro.errors import DataError, UserError
+from data_sharding.errors import DataError, UserError
 
 EVENT_COLUMNS = {
     "chartevents": ["charttime", "value", "valuenum", "valueuom"],

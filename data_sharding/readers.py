@@ -11,7 +11,7 @@
   the wanted itemids and cohort stays of each block, so memory is bounded by the
   block size plus the rows that survive the filter -- never every event.
 
-Every schema problem raises :class:`dipro.errors.DataError` naming the file,
+Every schema problem raises :class:`data_sharding.errors.DataError` naming the file,
 the missing column(s) and the columns expected (schema drift between MIMIC-IV
 versions is the most common failure users hit).
 """
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from data_sharding.constants import CXR_ROOT, IMAGENOME_ROOT, MIMICIV_ROOT, REQUIRED_COLUMNS
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 #: Bytes per block of a streamed event table (pyarrow parses one block at a time).
 DEFAULT_BLOCK_SIZE = 16 << 20

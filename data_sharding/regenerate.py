@@ -119,7 +119,7 @@ def _gather(refs: list, desc: str, progress: bool) -> list:
 
 def _init_ray(ray_address: str | None, num_cpus: int | None) -> bool:
     """Connect to the given / ``RAY_ADDRESS`` cluster or start a local one; True when this call started Ray."""
-    from dipro.ray_init import init_ray
+    from data_sharding.ray_init import init_ray
 
     return init_ray(ray_address, num_cpus=num_cpus or os.cpu_count() or 1, logging_level="warning")
 

@@ -37,7 +37,7 @@ from data_sharding.constants import (
     SPLITS,
     TASK_TO_SHARD_DIR,
 )
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 TASK_DIRS = ("disease_progression", "mortality_los")
 """Shard series, one per task table (mortality and length of stay share one)."""

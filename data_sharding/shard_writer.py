@@ -37,7 +37,7 @@ from data_sharding.manifest import (
     shard_fingerprint,
     write_manifest,
 )
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 SHARD_MTIME = 0
 """mtime stamped on every tar member (a wall-clock stamp would break byte identity)."""

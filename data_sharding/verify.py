@@ -222,7 +222,7 @@ def _verify_job(job: tuple[str, ShardRecord]) -> tuple[list[Problem], list[str]]
 def verify_shards(shard_dir: str | Path, workers: int = 1, progress: bool = False) -> list[Problem]:
     """All problems of a shard directory (empty list = valid).
 
-    Raises :class:`dipro.errors.DataError` when there is no readable manifest.
+    Raises :class:`data_sharding.errors.DataError` when there is no readable manifest.
     ``workers`` > 1 checks shards in that many processes.
     """
     from tqdm import tqdm

@@ -6,7 +6,7 @@ taking the parsed args and returning an exit code).  Command modules import
 only argparse at module level, so ``dipro --help`` is instant; heavy imports
 (torch, ray, mlflow) happen inside ``func``.
 
-User errors (:class:`dipro.errors.UserError`) print one line and exit 2; any
+User errors (:class:`data_sharding.errors.UserError`) print one line and exit 2; any
 other exception keeps its traceback (a bug, not a user error).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 
 # Order = order in --help.
 COMMAND_MODULES = (

@@ -5,7 +5,7 @@ Every command that trains or evaluates resolves one :class:`Config`:
     cfg = load_config("configs/mortality.yaml", ["trainer.num_workers=2", "seed=29"])
 
 * Fields are documented where they are declared and validated in ``__post_init__``.
-* An unknown key (in YAML or an override) is a :class:`~dipro.errors.ConfigError`
+* An unknown key (in YAML or an override) is a :class:`~data_sharding.errors.ConfigError`
   naming the key and the keys that are allowed there.
 * Override values are parsed as YAML scalars (``1e-5``, ``true``, ``[1,2]``, ``null``).
 * The resolved config round-trips through :func:`to_dict` / :func:`from_dict` and is
@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from dipro.errors import ConfigError
+from data_sharding.errors import ConfigError
 
 TASKS = ("disease_progression", "mortality", "length_of_stay")
 # The validation metric that drives best-checkpoint selection and early stopping.

@@ -7,7 +7,7 @@ import torch
 
 from data_sharding.constants import NUM_REGIONS
 from dipro.data.augment import AUGMENT_KEYS, AugmentConfig, apply_augmentation, draw_augmentation
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 from dipro.model.region_encoder import GRAY_MEAN, GRAY_STD
 from dipro.model.synthetic import random_batch
 from test_model import make_model

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dipro.config import Config, load_config, parse_overrides, replace, save_config, to_dict, from_dict
-from dipro.errors import ConfigError
+from data_sharding.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -22,7 +22,7 @@ import torch
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
 from dipro.data import build_loader, eval_index_for_rank, move_to_device
 from dipro.data.augment import AUGMENT_KEYS, AugmentConfig
-from dipro.errors import ConfigError, DataError
+from data_sharding.errors import ConfigError, DataError
 
 CROP = 8
 

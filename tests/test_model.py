@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dipro.config import Config, LossConfig, ModelConfig, load_config
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 from dipro.model import DiPro, build_model
 from dipro.model.region_encoder import RegionEncoder, build_backbone
 from dipro.model.synthetic import concat_batches, random_batch, uniform_label_stats

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from data_sharding.constants import reverse_progression_label
 from dipro.config import LossConfig
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 from dipro.model.layers import MultiHeadAttention, masked_softmax
 from dipro.model.losses import ClassWeights, balanced_class_weights, los_ce, masked_class_weighted_ce, mortality_bce, total_loss
 from dipro.model.mmf import LocalIntervalEncoder, interval_attention_bias

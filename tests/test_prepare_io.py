@@ -19,7 +19,7 @@ from data_sharding.readers import check_jpeg, resolve_roots, stream_events
 from data_sharding.splits import split_subjects
 from data_sharding.demographics import race_group
 from dipro import cli
-from dipro.errors import DataError, UserError
+from data_sharding.errors import DataError, UserError
 
 try:
     from tests.prepare_raw import T0, RawTree, at

@@ -23,7 +23,7 @@ from data_sharding.samples import MEMBERS, open_processed
 from data_sharding.shard_writer import plan_shards, write_shards
 from data_sharding.verify import verify_shards
 from dipro.commands import shards as shards_cmd
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 from processed_fixture import make_processed
 
 CROP = 32

@@ -136,7 +136,7 @@ def test_damaged_shard_and_settings_change(built):
 
 
 def test_bad_input_in_a_ray_task_is_a_one_line_data_error(built):
-    from dipro.errors import DataError
+    from data_sharding.errors import DataError
 
     fx, out = built
     before = snapshot(out)

@@ -25,7 +25,7 @@ from data_sharding.constants import (
 from data_sharding.synth import generate, image_relpath
 from data_sharding.synth.anatomy import LOCI, NUM_LOCI, Anatomy
 from data_sharding.synth.images import StayPatterns, render_frontal
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 
 PATIENTS, SEED, SIZE = 12, 5, 128
 TS = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dipro.config import load_config
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 from dipro.tracking import Tracker
 from dipro.tracking.uri import check_reachable, resolve_tracking_uri
 

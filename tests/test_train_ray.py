@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import processed_fixture  # noqa: E402
 
 from dipro.config import load_config  # noqa: E402
-from dipro.errors import UserError  # noqa: E402
+from data_sharding.errors import UserError  # noqa: E402
 from dipro.train import checkpoint as ck  # noqa: E402
 from dipro.train import run_training  # noqa: E402
 from dipro.train.evaluate import evaluate_checkpoint  # noqa: E402

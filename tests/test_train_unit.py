@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dipro.config import load_config, replace
-from dipro.errors import ConfigError, UserError
+from data_sharding.errors import ConfigError, UserError
 from dipro.train import checkpoint as ck
 from dipro.train.optim import CosineWithWarmup, build_optimizer, build_scheduler, cosine_lr
 from dipro.train.precision import resolve_precision

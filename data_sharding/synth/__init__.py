@@ -107,7 +107,7 @@ def generate(
     progress: bool = True,
 ) -> SynthSummary:
     """Write a synthetic raw cohort of ``patients`` subjects under ``out_dir`` (atomically)."""
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
 
     if patients < 1:
         raise UserError(f"--patients must be >= 1, got {patients}")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 
 JPEG_QUALITY = 92
 

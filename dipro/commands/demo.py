@@ -245,7 +245,7 @@ class Model:
 
 def find_registered(task: str, data_fp: str, cfg_fp: str, uri: str) -> Model | None:
     """A registered version trained on this data with this config (the champion if it is one)."""
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
     from dipro.tracking.registry import list_versions
 
     try:
@@ -314,7 +314,7 @@ def stage_register(model: Model | None, result, cfg, cfg_fp: str, data_fp: str, 
 def stage_promote(model: Model, task: str, uri: str) -> int:
     """Move @champion to ``model`` if the registry's gate allows it; return the champion's version."""
     stage = Stage.begin("promote", f"version {model.version} to @champion if it beats the current one")
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
     from dipro.tracking.registry import list_versions, promote
 
     try:
@@ -379,7 +379,7 @@ def summary(paths: Paths, task: str, model: Model, champion: int, metrics: dict,
 
 def run(args: argparse.Namespace) -> int:
     from dipro.config import load_config
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
 
     if args.patients is not None and args.patients < 1:
         raise UserError(f"--patients must be >= 1, got {args.patients}")

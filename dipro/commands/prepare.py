@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_sharding.prepare import PrepareOptions, format_summary, prepare
     from data_sharding.readers import resolve_roots
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
 
     if args.block_mb < 1:
         raise UserError("--block-mb must be >= 1")

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 def _train(args) -> int:
     from dipro.config import load_config, replace
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
 
     if args.config:
         cfg = load_config(args.config, args.overrides)
@@ -81,7 +81,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from pathlib import Path
 
-    from dipro.errors import UserError
+    from data_sharding.errors import UserError
     from dipro.train.evaluate import (checkpoint_from_model_uri, evaluate_checkpoint, format_metrics,
                                       write_eval_outputs)
 

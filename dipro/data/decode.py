@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_LOS_BINS, NUM_REGIONS
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 NPY_MEMBERS = (
     "crops.npy", "region_present.npy", "cxr_hours.npy", "ehr_values.npy", "ehr_masks.npy",

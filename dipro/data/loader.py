@@ -28,7 +28,7 @@ from dipro.data.collate import to_tensors
 from dipro.data.pipeline import LoaderSpec, SamplePipeline
 from dipro.data.plan import eval_num_steps, read_manifest, train_num_steps
 from dipro.data.transport import CropReceiver, CropSlots
-from dipro.errors import ConfigError, DataError
+from data_sharding.errors import ConfigError, DataError
 
 CORRUPT_CHECK_AFTER = 100  # samples read before the corrupt fraction is checked mid-epoch
 PREFETCH_FACTOR = 2  # batches each loader worker prepares ahead

@@ -41,7 +41,7 @@ from dipro.data.decode import CorruptSample, decode_sample, select_cxrs
 from dipro.data.plan import ShardSet, eval_segments, stream_seed, train_segments, worker_share
 from dipro.data.reader import Skipped, read_segment
 from dipro.data.transport import CropSlots, WorkerCropPool, new_shared_uint8
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 MAX_NOTES_PER_BATCH = 8  # corrupt-sample descriptions carried per batch (the count is always exact)
 

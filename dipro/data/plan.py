@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_sharding.constants import SPLITS, TASK_TO_SHARD_DIR
-from dipro.errors import ConfigError, DataError
+from data_sharding.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from data_sharding.constants import NOT_MENTIONED, NUM_LOS_BINS, NUM_REGIONS
 from dipro.config import LossConfig, ModelConfig
 from dipro.data.augment import AUGMENT_KEYS
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 from dipro.model import losses as L
 from dipro.model.heads import TASK_OUTPUTS, TaskHeads
 from dipro.model.mmf import MultiscaleMultimodalFusion

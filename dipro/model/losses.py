@@ -24,7 +24,7 @@ from torch import nn
 
 from data_sharding.constants import NOT_MENTIONED, NUM_DISEASES, NUM_LOS_BINS, NUM_PROGRESSION_CLASSES
 from dipro.config import LossConfig
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 TERM_NAMES = ("task_ce", "orth", "temp", "pae_ce", "static", "total")
 _STATS_KEY = {"disease_progression": "disease_progression", "mortality": "mortality_los", "length_of_stay": "mortality_los"}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dipro.data.augment import apply_augmentation
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 log = logging.getLogger(__name__)
 

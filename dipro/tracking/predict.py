@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 
 RAY_MIN_SAMPLES = 20_000
 ID_COLUMNS = ("sample_key", "subject_id", "stay_id", "shard")
@@ -179,7 +179,7 @@ def _run_ray(kind, location, model_ref, tracking_uri, shard_set, crop_size, batc
     import ray
     from tqdm import tqdm
 
-    from dipro.ray_init import init_ray
+    from data_sharding.ray_init import init_ray
 
     started = init_ray(log_to_driver=False)
     try:

@@ -47,7 +47,7 @@ from data_sharding.constants import (
     NUM_REGIONS,
     TASK_TO_SHARD_DIR,
 )
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 from mlflow.pyfunc import PythonModel
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dipro.errors import DataError, UserError
+from data_sharding.errors import DataError, UserError
 from dipro.tracking.uri import check_reachable, resolve_tracking_uri
 
 ALIASES = ("champion", "challenger", "staging")

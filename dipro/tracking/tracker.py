@@ -71,7 +71,7 @@ class Tracker:
                          extra_tags: dict[str, str] | None = None, **kwargs: Any) -> "Tracker":
         """Resolve the URI, fail fast if unreachable, create experiment + run, log params and tags.
 
-        Raises :class:`~dipro.errors.UserError` naming the URI when the server cannot be reached.
+        Raises :class:`~data_sharding.errors.UserError` naming the URI when the server cannot be reached.
         ``parent_run_id`` nests this run under an experiment (per-seed) parent run.
         """
         from mlflow import MlflowClient

@@ -6,7 +6,7 @@ store by default, and the model registry needs a database backend).
 
 An ``http(s)`` URI is probed (``GET /health``) with a short timeout *before*
 any Ray worker starts, so a typo or a stopped server is a one-line
-:class:`~dipro.errors.UserError` naming the URI instead of a training job that
+:class:`~data_sharding.errors.UserError` naming the URI instead of a training job that
 dies minutes later.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 
 DEFAULT_DB_NAME = "mlflow.db"
 PROBE_TIMEOUT_S = 5.0

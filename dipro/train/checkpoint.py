@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dipro.config import Config, from_dict, save_config
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"

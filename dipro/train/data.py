@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from dipro.config import Config
-from dipro.errors import DataError
+from data_sharding.errors import DataError
 
 # Which batch key holds each task's labels (docs/ARCHITECTURE.md section 3).
 TASK_LABEL_KEY = {"disease_progression": "progression", "mortality": "mortality", "length_of_stay": "los_bin"}

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from dipro.errors import UserError
+from data_sharding.errors import UserError
 from dipro.train.data import TASK_LABEL_KEY
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dipro.config import Config, replace
-from dipro.errors import ConfigError
+from data_sharding.errors import ConfigError
 from dipro.train import TrainResult, run_training
 
 

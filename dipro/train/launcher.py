@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dipro.config import Config, to_dict
-from dipro.errors import ConfigError, UserError
+from data_sharding.errors import ConfigError, UserError
 from dipro.train import TrainResult
 from dipro.train import checkpoint as ck
 
@@ -70,7 +70,7 @@ def check_data(cfg: Config) -> int:
 
 def init_ray(cfg: Config) -> bool:
     """Connect to ``RAY_ADDRESS`` / the job's cluster, or start a local one; True if started here."""
-    from dipro.ray_init import init_ray as _init
+    from data_sharding.ray_init import init_ray as _init
 
     started = _init(log_to_driver=True)
     return started and not os.environ.get("RAY_ADDRESS")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dipro.config import Config, from_dict
-from dipro.errors import ConfigError
+from data_sharding.errors import ConfigError
 from dipro.train import checkpoint as ck
 from dipro.train import faults
 from dipro.train.data import eval_loader, read_label_stats, train_loader

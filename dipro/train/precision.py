@@ -13,7 +13,7 @@ import logging
 import torch
 
 from dipro.config import Config
-from dipro.errors import ConfigError
+from data_sharding.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

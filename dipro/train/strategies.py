@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dipro.config import Config
-from dipro.errors import ConfigError
+from data_sharding.errors import ConfigError
 from dipro.train import optim as optim_mod
 from dipro.train.precision import autocast
 
