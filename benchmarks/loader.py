@@ -139,17 +139,20 @@ def baseline_loader(work: Path, task_dir: str, batch_size: int, workers: int, cr
 
 # ----------------------------------------------------------------------------- timing
 
-def samples_per_second(make_iter, max_batches: int) -> float:
-    """Steady-state samples/s: the clock starts after the first batch (worker start-up and the
-    shuffle buffer's initial fill excluded) and runs for up to ``max_batches`` further batches."""
+def samples_per_second(make_iter, max_batches: int) -> tuple[float, float]:
+    """(steady-state samples/s, seconds to the first batch).  The rate's clock starts after the
+    first batch (worker start-up and the shuffle buffer's warm-up excluded: that is the second
+    number) and runs for up to ``max_batches`` further batches."""
+    t_start = time.perf_counter()
     it = make_iter()
     next(it)
+    first = time.perf_counter() - t_start
     n, t0 = 0, time.perf_counter()
     for i, batch in enumerate(it):
         n += len(batch["sample_key"])
         if i + 1 >= max_batches:
             break
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,23 +187,28 @@ def main(argv: list[str] | None = None) -> int:
                     return iter(baseline_loader(work, task_dir, args.batch_size, workers, args.crop_size))
 
                 # build_loader runs are short (~0.1-1 s): the median of --repeats runs damps scheduler noise
-                ours = statistics.median(samples_per_second(shard_iter, args.batches) for _ in range(args.repeats))
-                plain = statistics.median(samples_per_second(lambda: shard_iter(augment=False), args.batches)
+                timed = [samples_per_second(shard_iter, args.batches) for _ in range(args.repeats)]
+                ours = statistics.median(rate for rate, _ in timed)
+                first = statistics.median(f for _, f in timed)
+                plain = statistics.median(samples_per_second(lambda: shard_iter(augment=False), args.batches)[0]
                                           for _ in range(args.repeats))
-                base = samples_per_second(base_iter, args.baseline_batches)
-                rows.append((task, workers, base / procs, ours / procs, ours / base, plain / procs, plain / base))
+                base = samples_per_second(base_iter, args.baseline_batches)[0]
+                rows.append((task, workers, base / procs, ours / procs, ours / base, plain / procs, plain / base, first))
                 print(f"  {task} workers={workers}: baseline {base:.2f}/s, build_loader {ours:.1f}/s "
                       f"({plain:.1f}/s without augmentation)", file=sys.stderr)
 
     print(f"\nbatch {args.batch_size}, {args.crop_size} px crops from {args.image_size} px JPEGs, train split; "
           "samples/s per loader worker (workers 0 = the main process)")
-    head = (f"{'task':<20} {'workers':>7} {'baseline':>9} {'ours+aug':>9} {'ratio':>7} {'ours':>9} {'ratio':>7}")
+    head = (f"{'task':<20} {'workers':>7} {'baseline':>9} {'ours+aug':>9} {'ratio':>7} {'ours':>9} {'ratio':>7} "
+            f"{'first batch s':>13}")
     print(head)
     print("-" * len(head))
-    for task, w, base_w, ours_w, ratio, plain_w, plain_ratio in rows:
-        print(f"{task:<20} {w:>7} {base_w:>9.2f} {ours_w:>9.1f} {ratio:>6.0f}x {plain_w:>9.1f} {plain_ratio:>6.0f}x")
+    for task, w, base_w, ours_w, ratio, plain_w, plain_ratio, first in rows:
+        print(f"{task:<20} {w:>7} {base_w:>9.2f} {ours_w:>9.1f} {ratio:>6.0f}x {plain_w:>9.1f} {plain_ratio:>6.0f}x "
+              f"{first:>13.2f}")
     print("ours+aug: build_loader with shuffle + training augmentation (parameters drawn here, pixels transformed on "
-          "the device); ours: augmentation off.\n"
+          "the device); ours: augmentation off; first batch s: build_loader's time from iter() to its first "
+          "batch (worker start-up and shuffle-buffer warm-up).\n"
           "target: ratio >= 50x per worker; length_of_stay reads the mortality shards (same numbers as mortality).")
     return 0
 

@@ -44,7 +44,10 @@ class DataConfig:
     num_loader_workers: int = 2
     """DataLoader worker processes per training worker."""
     shuffle_buffer: int = 256
-    """Sample shuffle buffer for training (0 disables)."""
+    """Training shuffle buffer of a rank, in samples (0 disables shuffling); split over its loader workers."""
+    shuffle_buffer_mb: float = 256.0
+    """Training shuffle buffer of a rank, in MiB of raw samples; split over its loader workers.
+    A rank's loader holds about this plus (workers x 5 x one batch of crops) in RAM (README, Memory)."""
     max_corrupt_fraction: float = 0.01
     """Stop the run when more than this fraction of samples in an epoch is corrupt."""
     augment: bool = True
@@ -55,6 +58,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.num_loader_workers >= 0, "data.num_loader_workers must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0 disables shuffling)")
+        _check(self.shuffle_buffer_mb > 0, "data.shuffle_buffer_mb must be > 0")
         _check(0.0 <= self.max_corrupt_fraction <= 1.0, "data.max_corrupt_fraction must be in [0, 1]")
         _check(2 <= self.max_cxrs <= 14, "data.max_cxrs must be in [2, 14]")
 

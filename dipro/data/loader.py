@@ -190,7 +190,8 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def build_loader(
     shard_dir: str | Path, task: str, split: str, batch_size: int, num_workers: int, *,
     seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
-    shuffle: bool | None = None, shuffle_buffer: int = 256, augment: bool | None = None,
+    shuffle: bool | None = None, shuffle_buffer: int = 256, shuffle_buffer_mb: float = 256.0,
+    augment: bool | None = None,
     max_corrupt_fraction: float = 0.01, pin_memory: bool | None = None, max_cxrs: int = 14,
     last_cxr_only: bool = False, steps_per_epoch: int | None = None,
     corrupt_check_after: int = CORRUPT_CHECK_AFTER,
@@ -198,7 +199,9 @@ def build_loader(
     """Build the loader of ``task``/``split`` from the shards under ``shard_dir`` (see module doc).
 
     ``shuffle`` and ``augment`` default to on for ``train`` only and are
-    refused outside training.  ``pin_memory`` defaults to CUDA availability.
+    refused outside training.  The shuffle buffer holds at most ``shuffle_buffer`` samples and
+    ``shuffle_buffer_mb`` MiB of raw samples per rank, split over its loader workers.
+    ``pin_memory`` defaults to CUDA availability.
     ``max_cxrs`` keeps the last that many CXRs; ``last_cxr_only`` keeps the last two.
     ``steps_per_epoch`` overrides the training step count (the stream repeats as needed).
     """
@@ -210,6 +213,8 @@ def build_loader(
         raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
     if not 0.0 <= max_corrupt_fraction <= 1.0:
         raise ConfigError(f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
+    if shuffle_buffer < 1 or not shuffle_buffer_mb > 0:
+        raise ConfigError(f"shuffle buffer bounds must be positive, got {shuffle_buffer} samples, {shuffle_buffer_mb} MiB")
     if max_cxrs < 2:
         raise ConfigError(f"max_cxrs must be >= 2, got {max_cxrs}")
     train = split == "train"
@@ -231,7 +236,8 @@ def build_loader(
     spec = LoaderSpec(
         shard_set=shard_set, train=train, batch_size=batch_size, steps=steps, seed=seed, rank=rank,
         world_size=world_size, num_workers=streams, shuffle=train if shuffle is None else bool(shuffle),
-        shuffle_buffer=shuffle_buffer, augment=train if augment is None else bool(augment),
+        shuffle_buffer=shuffle_buffer, shuffle_bytes=max(1, int(shuffle_buffer_mb * 2**20)),
+        augment=train if augment is None else bool(augment),
         max_cxrs=max_cxrs, last_cxr_only=last_cxr_only, crop_size=crop_size,
     )
     return ShardLoader(SamplePipeline(spec), task=task, split=split, num_workers=num_workers, pin_memory=pin_memory,

@@ -11,7 +11,9 @@ Modelled on open_clip's ``src/open_clip_train/data.py``::
   depends on WebDataset's default node splitter.  Training repeats the pass
   (``with_epoch`` semantics); evaluation reads it once.
 * ``read``: tar members grouped into samples (:mod:`dipro.data.reader`).
-* ``shuffle``: WebDataset's sample shuffle buffer, seeded per (seed, epoch, rank, worker).
+* ``shuffle``: a sample shuffle buffer bounded in samples and bytes, each loader worker
+  holding its share of the rank's budget, seeded per (seed, epoch, rank, worker)
+  (:mod:`dipro.data.shuffle`).
 * ``decode``: members -> validated arrays; a corrupt sample becomes a
   :class:`~dipro.data.reader.Skipped` record that flows on to ``batch``.
 * ``augment``: per-sample transform parameters (applied to the crops on the device).
@@ -40,6 +42,7 @@ from dipro.data.collate import collate_arrays
 from dipro.data.decode import CorruptSample, decode_sample, select_cxrs
 from dipro.data.plan import ShardSet, eval_segments, stream_seed, train_segments, worker_share
 from dipro.data.reader import Skipped, read_segment
+from dipro.data.shuffle import bounded_shuffle, worker_budget
 from dipro.data.transport import CropSlots, WorkerCropPool, new_shared_uint8
 from data_sharding.errors import DataError
 
@@ -62,6 +65,9 @@ class LoaderSpec:
     """Streams per rank (DataLoader workers, or 1 for in-process loading)."""
     shuffle: bool = True
     shuffle_buffer: int = 256
+    """Shuffle buffer bound of the rank in samples (split over its loader workers)."""
+    shuffle_bytes: int = 256 * 2**20
+    """Shuffle buffer bound of the rank in bytes of raw samples (split over its loader workers)."""
     augment: bool = False
     augment_cfg: AugmentConfig = field(default_factory=AugmentConfig)
     max_cxrs: int = 14
@@ -113,11 +119,11 @@ def read_stage(segments: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
 
 
 def shuffle_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
-    """WebDataset's shuffle buffer with a seed of (seed, epoch, rank, worker)."""
-    from webdataset.filters import _shuffle
-
-    size = ctx.spec.shuffle_buffer
-    return _shuffle(samples, bufsize=size, initial=size, seed=ctx.seed("shuffle"))
+    """This worker's share of the rank's shuffle budget, seeded by (seed, epoch, rank, worker)."""
+    spec = ctx.spec
+    max_samples, max_bytes = worker_budget(spec.shuffle_buffer, spec.shuffle_bytes, spec.num_workers)
+    return bounded_shuffle(samples, max_samples=max_samples, max_bytes=max_bytes,
+                           rng=np.random.default_rng(ctx.seed("shuffle")))
 
 
 def decode_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:

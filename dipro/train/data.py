@@ -29,6 +29,7 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, epoch: int = 0):
         cfg.data.shards, cfg.task, "train", cfg.data.batch_size, cfg.data.num_loader_workers,
         seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
         shuffle=cfg.data.shuffle_buffer > 0, shuffle_buffer=max(cfg.data.shuffle_buffer, 1),
+        shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
         augment=cfg.data.augment, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
         max_cxrs=cfg.data.max_cxrs, last_cxr_only=cfg.model.last_cxr_only, steps_per_epoch=micro,
     )
