@@ -204,13 +204,32 @@ def test_replace_dir_atomically_swaps_content(tmp_path):
 
 # ----------------------------------------------------------------------------- loop pieces
 
-def test_non_finite_loss_names_step_and_sample_keys():
-    from dipro.train.loop import NonFiniteLossError, check_finite_loss
+def test_non_finite_loss_names_step_and_the_offending_micro_batches():
+    from dipro.train.loop import NonFiniteLossError, check_finite_window
 
-    batch = {"sample_key": ["s1_0", "s2_3"]}
-    check_finite_loss(torch.tensor(1.5), batch, step=4, epoch=0, device=torch.device("cpu"))
-    with pytest.raises(NonFiniteLossError, match=r"optimizer step 7 \(epoch 2\).*s1_0.*s2_3"):
-        check_finite_loss(torch.tensor(float("inf")), batch, step=7, epoch=2, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    keys = [["s1_0", "s2_3"], ["s4_1", "s5_0"], ["s6_2", "s7_7"]]
+    check_finite_window([torch.tensor(1.5), torch.tensor(0.2), torch.tensor(3.0)], keys, step=4, epoch=0, device=cpu)
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 7 \(epoch 2\)") as err:
+        check_finite_window([torch.tensor(1.5), torch.tensor(float("inf")), torch.tensor(float("nan"))], keys,
+                            step=7, epoch=2, device=cpu)
+    msg = str(err.value)
+    assert "s4_1" in msg and "s7_7" in msg and "s1_0" not in msg  # only the non-finite micro batches
+
+
+def test_running_sums_stay_on_the_device_and_average_on_read():
+    from dipro.train.loop import _Running
+
+    window, epoch = _Running(), _Running()
+    window.add({"total": torch.tensor(1.0), "task_ce": torch.tensor(0.5)})
+    window.add({"total": torch.tensor(3.0), "task_ce": torch.tensor(1.5)})
+    assert isinstance(window.total, torch.Tensor) and window.n == 2
+    epoch.merge(window)
+    epoch.merge(window)
+    assert window.means() == {"train/task_ce": 1.0, "train/total": 2.0}
+    assert epoch.global_means(torch.device("cpu")) == {"train/task_ce": 1.0, "train/total": 2.0} and epoch.n == 4
+    with pytest.raises(RuntimeError, match="terms changed"):
+        window.add({"total": torch.tensor(1.0)})
 
 
 def test_finalize_merges_rank_parts_once_per_sample():

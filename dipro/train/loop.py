@@ -4,8 +4,11 @@ Order of one epoch (all ranks in step):
 
 1. micro batches from the training loader (equal count on every rank); gradients
    accumulated over ``optim.grad_accum`` of them, then one optimizer step;
-   a non-finite loss on any rank stops every rank before ``backward`` (nothing is
-   updated or saved) with the step and the offending batch's sample keys;
+   a non-finite micro batch loss on any rank stops every rank before that step is taken
+   (nothing is updated or saved) with the step and the offending batches' sample keys.
+   Loss terms and finiteness stay on the device: the host synchronises once per
+   optimizer step (the finiteness all-reduce) and when a log line is written, never
+   per micro batch;
 2. optional checkpoint every ``trainer.checkpoint_every_n_steps`` steps;
 3. validation: each rank predicts its block of the split, rank 0 gathers and scores;
    the task's monitor (``cfg.monitor``) decides the best checkpoint and early stopping
@@ -81,24 +84,34 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def check_finite_loss(loss: torch.Tensor, batch: dict[str, Any], *, step: int, epoch: int, device: torch.device) -> None:
-    """Raise :class:`NonFiniteLossError` on every rank when any rank's loss is NaN/inf.
+def check_finite_window(losses: list[torch.Tensor], keys: list[list[str]], *, step: int, epoch: int,
+                        device: torch.device) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank when a micro batch loss of the accumulation
+    window that ends at optimizer ``step`` is NaN/inf on any rank.
 
-    The message names the optimizer step, the epoch and the sample keys of every
-    offending rank's batch (gathered, so rank 0's error names them too).
+    Called once per optimizer step, before it is taken: one all-reduce and one host sync
+    per step, none per micro batch.  The message names the step, the epoch and, for every
+    offending rank, the losses and sample keys of its non-finite micro batches (gathered, so
+    rank 0's error names them too).
     """
-    bad = not bool(torch.isfinite(loss.detach()).all())
-    if not _any_rank(bad, device):
+    finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses])
+    bad = (~finite).any().to(torch.float32).reshape(1).to(device)
+    if _dist_world() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bool(bad.item()):
         return
-    keys = list(batch["sample_key"]) if bad else []
+    mine = [(float(loss.detach().float()), k) for loss, k, ok in zip(losses, keys, finite.tolist()) if not ok]
     if _dist_world() > 1:
         import torch.distributed as dist
 
         parts: list[Any] = [None] * _dist_world()
-        dist.all_gather_object(parts, (bad, float(loss.detach().float()), keys))
+        dist.all_gather_object(parts, mine)
     else:
-        parts = [(bad, float(loss.detach().float()), keys)]
-    where = "; ".join(f"rank {r}: loss={v} batch sample keys {k}" for r, (b, v, k) in enumerate(parts) if b)
+        parts = [mine]
+    where = "; ".join(f"rank {r}: " + ", ".join(f"loss={v} batch sample keys {k}" for v, k in bad_micro)
+                      for r, bad_micro in enumerate(parts) if bad_micro)
     raise NonFiniteLossError(
         f"{NonFiniteLossError.MARKER} at optimizer step {step} (epoch {epoch}): {where}. "
         "Nothing from this step was applied or checkpointed; lower optim.lr, use trainer.precision=fp32, "
@@ -110,20 +123,41 @@ def _fmt(metrics: dict[str, float], keys: list[str]) -> str:
 
 
 class _Running:
-    """Sums of loss terms over the micro batches since the last reset."""
+    """Sums of loss terms over the micro batches since the last reset, kept on the device
+    (adding is asynchronous; only :meth:`means` / :meth:`global_means` synchronise)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.names: tuple[str, ...] = ()
+        self.total: torch.Tensor | None = None
         self.n = 0
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach().float())
+        names = tuple(sorted(terms))
+        if self.total is None:
+            self.names = names
+        elif names != self.names:
+            raise RuntimeError(f"loss terms changed within a window: {self.names} -> {names}")
+        values = torch.stack([terms[k].detach().float().reshape(()) for k in names])
+        self.total = values if self.total is None else self.total + values
         self.n += 1
+
+    def merge(self, other: "_Running") -> None:
+        """Add another window's sums (the epoch collects its windows)."""
+        if other.total is None:
+            return
+        if self.total is None:
+            self.names, self.total, self.n = other.names, other.total.clone(), other.n
+            return
+        if other.names != self.names:
+            raise RuntimeError(f"loss terms differ: {self.names} vs {other.names}")
+        self.total = self.total + other.total
+        self.n += other.n
 
     def means(self, prefix: str = "train/") -> dict[str, float]:
         """Means over this rank's micro batches."""
-        return {f"{prefix}{k}": v / max(self.n, 1) for k, v in self.sums.items()}
+        if self.total is None:
+            return {}
+        return {f"{prefix}{k}": v / max(self.n, 1) for k, v in zip(self.names, self.total.double().tolist())}
 
     def global_means(self, device: torch.device, prefix: str = "train/") -> dict[str, float]:
         """Means over every rank's micro batches (collective: all ranks call it together)."""
@@ -131,11 +165,13 @@ class _Running:
             return self.means(prefix)
         import torch.distributed as dist
 
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys] + [float(self.n)], dtype=torch.float64, device=device)
+        sums = (self.total if self.total is not None else torch.zeros(len(self.names)))
+        t = torch.cat([sums.to(device=device, dtype=torch.float64),
+                       torch.tensor([float(self.n)], dtype=torch.float64, device=device)])
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        n = max(t[-1].item(), 1.0)
-        return {f"{prefix}{k}": t[i].item() / n for i, k in enumerate(keys)}
+        values = t.tolist()
+        n = max(values[-1], 1.0)
+        return {f"{prefix}{k}": values[i] / n for i, k in enumerate(self.names)}
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -289,7 +325,9 @@ class Worker:
             epoch = s.epoch
             self.loader.set_epoch(epoch)
             st.train()
-            epoch_terms, window_terms = _Running(), _Running()
+            epoch_terms, window_terms, step_terms = _Running(), _Running(), _Running()
+            window_losses: list[torch.Tensor] = []
+            window_keys: list[list[str]] = []
             skip = s.batches_in_epoch
             t_window = t_epoch = time.perf_counter()
             steps_in_window = steps_in_epoch = 0
@@ -304,12 +342,18 @@ class Worker:
                     self.fallback_batch = batch
                 out, loss, terms = st.forward(batch)
                 loss = faults.maybe_nan(loss, s.global_step + 1)
-                check_finite_loss(loss, batch, step=s.global_step + 1, epoch=epoch, device=self.device)
-                st.backward(loss, boundary)
-                epoch_terms.add(terms)
-                window_terms.add(terms)
+                st.backward(loss, boundary)  # a NaN only reaches gradients that are never applied (below)
+                step_terms.add(terms)
+                window_losses.append(loss.detach())
+                window_keys.append(list(batch["sample_key"]))
                 if not boundary:
                     continue
+                check_finite_window(window_losses, window_keys, step=s.global_step + 1, epoch=epoch,
+                                    device=self.device)
+                window_losses, window_keys = [], []
+                epoch_terms.merge(step_terms)
+                window_terms.merge(step_terms)
+                step_terms = _Running()
                 grad_norm = st.step()
                 s.global_step += 1
                 s.batches_in_epoch = i + 1
@@ -322,7 +366,7 @@ class Worker:
                             "train/step_time_s": dt / max(steps_in_window, 1),
                             **self.loader.stats.as_dict()}
                     if grad_norm is not None:
-                        logm["train/grad_norm"] = grad_norm
+                        logm["train/grad_norm"] = float(grad_norm)
                     if self.rank == 0:
                         self._say(f"epoch {epoch} step {s.global_step}: " + _fmt(
                             logm, ["train/total", "train/task_ce", "train/lr", "train/samples_per_s"]))

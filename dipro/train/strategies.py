@@ -4,7 +4,7 @@ The loop only talks to :class:`Strategy`:
 
     out, loss, terms = strategy.forward(batch)     # autocast inside
     strategy.backward(loss, boundary)              # boundary = last micro batch of an accumulation window
-    grad_norm = strategy.step()                    # at boundaries only
+    grad_norm = strategy.step()                    # at boundaries only; a tensor or float (read it when logging)
     strategy.consolidated_state_dict()             # plain float32 state dict (collective under ZeRO)
     strategy.save_state(dir) / load_state(dir)     # everything needed to continue exactly
 
@@ -118,7 +118,8 @@ class Strategy:
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         raise NotImplementedError
 
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | float | None:
+        """The optimizer step at an accumulation boundary; returns the global gradient norm (or None)."""
         raise NotImplementedError
 
     def lr(self) -> float:
@@ -197,7 +198,7 @@ class DDPStrategy(Strategy):
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(norm)
+        return norm.detach()  # a device tensor: reading it is a host sync, done only when logging
 
     def lr(self):
         return float(self.optimizer.param_groups[0]["lr"])
