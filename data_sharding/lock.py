@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -39,10 +40,19 @@ class LockedError(UserError):
     """Another process holds the output directory's lock."""
 
 
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:pass|secret|token|key|sig|auth|cred)[^=&\s]*=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def redact_command(command: str) -> str:
+    """A command line without credentials: URL ``user:password@`` and secret-looking query values masked."""
+    return _SECRET_QUERY.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", command))
+
+
 def holder_info(command: str | None = None) -> dict[str, object]:
-    """Who this process is: host, pid, command line, start time (ISO 8601, local time)."""
+    """Who this process is: host, pid, command line (credentials masked), start time (ISO 8601, local time)."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+            "command": redact_command(command or " ".join(shlex.quote(a) for a in sys.argv)),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -84,6 +84,15 @@ def test_saved_config_params_and_pickled_tracker_hold_no_secret(tmp_path):
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == SECRET and os.environ["MLFLOW_TRACKING_TOKEN"] == TOKEN
 
 
+def test_the_run_claim_records_the_command_line_without_credentials(tmp_path, monkeypatch):
+    from dipro.train import rundir
+
+    monkeypatch.setattr(sys, "argv", ["dipro", "train", f"tracking.uri=http://alice:{SECRET}@h:5000/?token={TOKEN}"])
+    run_dir = rundir.claim(tmp_path, "r")
+    recorded = json.loads((run_dir / "run.json").read_text())["command"]
+    assert recorded == "dipro train 'tracking.uri=http://***@h:5000/?token=***'"
+
+
 class _AuthHealth(http.server.BaseHTTPRequestHandler):
     expected = "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()
 
