@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,24 +218,42 @@ class SceneGraphSource:
                     f"Chest ImaGenome scene graphs not found: expected the folder {self.dir} "
                     f"(files {{dicom_id}}_SceneGraph.json) or {self.zip_path}"
                 )
-            self._zip = zipfile.ZipFile(self.zip_path)
+            try:
+                self._zip = zipfile.ZipFile(self.zip_path)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise DataError(f"{self.zip_path}: not a readable zip archive ({exc}); the file is truncated or "
+                                "corrupt -- download it again") from None
             for name in self._zip.namelist():
                 if name.endswith("_SceneGraph.json"):
                     self._zip_names[name.rsplit("/", 1)[-1]] = name
 
     def load(self, dicom_id: str) -> dict | None:
-        """The parsed JSON document, None when the file is absent; ValueError when it is not JSON."""
+        """The parsed JSON document, None when the file is absent; ValueError when it is not JSON.
+
+        A document that is not JSON (or not UTF-8) is one image's problem: the caller skips
+        and counts it.  An archive member that cannot be decompressed, or a scene graph
+        file that cannot be read, is a damaged download: DataError naming it.
+        """
         fname = f"{dicom_id}_SceneGraph.json"
-        try:
-            if self._zip is not None:
-                member = self._zip_names.get(fname)
-                if member is None:
-                    return None
-                return json.loads(self._zip.read(member))
+        if self._zip is not None:
+            member = self._zip_names.get(fname)
+            if member is None:
+                return None
+            try:
+                data = self._zip.read(member)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise DataError(f"{self.zip_path} member {member}: cannot decompress ({exc}); the archive is "
+                                "corrupt -- download it again") from None
+        else:
             p = self.dir / fname
             if not p.is_file():
                 return None
-            return json.loads(p.read_bytes())
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+        try:
+            return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"not valid JSON ({exc})") from None
 

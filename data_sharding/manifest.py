@@ -126,29 +126,37 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
     return Manifest(records)
 
 
-def write_manifest(shard_dir: str | Path, manifest: Manifest) -> Path:
-    """Write the manifest to a temp file, fsync, then atomically replace the old one."""
+def _manifest_table(manifest: Manifest):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    path = manifest_path(shard_dir)
     schema = pa.schema([("task", pa.string()), ("split", pa.string()), ("path", pa.string()),
                         ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
                         ("fingerprint", pa.string()), ("settings", pa.string()), ("counts", pa.string())])
-    table = pa.Table.from_pylist([asdict(r) for r in manifest.records], schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    return pa.Table.from_pylist([asdict(r) for r in manifest.records], schema=schema)
+
+
+def stage_manifest(shard_dir: str | Path, manifest: Manifest, unchanged: str = "") -> Path:
+    """Write the manifest to a fsynced temp file beside it and return that file (not yet in place).
+
+    The caller renames it onto ``manifest.parquet`` as the last step of a commit; a write that
+    fails leaves nothing behind (StorageError when the disk is full).
+    """
+    import pyarrow.parquet as pq
+
+    from data_sharding import atomic
+
+    path = manifest_path(shard_dir)
+    tmp = atomic.temp_path(path)
+    with atomic.open_atomic(path, "wb", tmp=tmp, replace=False, unchanged=unchanged) as f:
+        pq.write_table(_manifest_table(manifest), f)
+    return tmp
+
+
+def write_manifest(shard_dir: str | Path, manifest: Manifest) -> Path:
+    """Write the manifest to a temp file, fsync, then atomically replace the old one."""
+    path = manifest_path(shard_dir)
+    os.replace(stage_manifest(shard_dir, manifest), path)
     return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -9,15 +9,15 @@ Order of work (each step's counts go to ``report.json``):
 4. EHR streamed block by block for the final cohort (:mod:`data_sharding.ehr`),
    train-only statistics; demographics (:mod:`data_sharding.demographics`);
 5. everything written into a temporary folder beside ``out`` and renamed into
-   place, so ``out`` is either complete or absent.
+   place (:func:`data_sharding.atomic.atomic_dir`), so ``out`` is either complete or
+   absent, and a previous ``out`` stays as it was when a write fails (disk full: one
+   line naming the file, no temp folder left).
 
 Layout: docs/ARCHITECTURE.md section 1.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from data_sharding import atomic
 from data_sharding import cohort as C
 from data_sharding import demographics as D
 from data_sharding import ehr as E
@@ -325,26 +326,38 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
                               np.where(np.isnan(weight), E.NORMAL[EHR_VALUE_COLUMNS.index("weight")], weight))
     demo, demo_stats = D.normalise(demo_raw, is_train)
 
-    # Write everything into a temp dir beside `out`, then rename.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    # Write everything into a temp dir beside `out`, then rename (data_sharding.atomic).
+    unchanged = f"{out} is unchanged" if out.exists() else f"{out} was not created"
+
+    def step(name: str, write, *args, count: bool = True) -> None:
+        """One output file: a failed write names it (``out/name``) and what stays unchanged."""
+        try:
+            write(*args)
+        except BaseException as exc:
+            err = atomic.storage_error(exc, out / name, unchanged)
+            if err is not None and err is not exc:
+                raise err from exc
+            raise
+        if count:
+            steps.update()
+
+    with atomic.atomic_dir(out, unchanged=unchanged) as tmp:
         steps = tqdm(total=8, desc="write processed", unit="file", disable=not opts.progress)
-        write_cohort(stays, tmp / "cohort.parquet"); steps.update()
-        write_cxr(cxr, graphs, tmp / "cxr.parquet"); steps.update()
-        write_progression(progression, tmp / "tasks" / "disease_progression.parquet"); steps.update()
-        write_mortality_los(mortality_los, tmp / "tasks" / "mortality_los.parquet"); steps.update()
-        parts = E.write_parts(tmp / "ehr", stays["stay_id"].to_numpy(), values, masks, offsets,
-                              opts.ehr_rows_per_part); steps.update()
-        write_demographics(demo, tmp / "demographics.parquet"); steps.update()
-        _write_json({"mean": dict(zip(EHR_VALUE_COLUMNS, map(float, mean))),
-                     "std": dict(zip(EHR_VALUE_COLUMNS, map(float, std))),
-                     "n_stays": int(is_train.sum()), "split": "train",
-                     "demographics": demo_stats}, tmp / "ehr_stats.json")
-        _write_json(L.label_stats(progression, mortality_los), tmp / "label_stats.json"); steps.update()
+        step("cohort.parquet", write_cohort, stays, tmp / "cohort.parquet")
+        step("cxr.parquet", write_cxr, cxr, graphs, tmp / "cxr.parquet")
+        step("tasks/disease_progression.parquet", write_progression, progression,
+             tmp / "tasks" / "disease_progression.parquet")
+        step("tasks/mortality_los.parquet", write_mortality_los, mortality_los,
+             tmp / "tasks" / "mortality_los.parquet")
+        parts: list[Path] = []
+        step("ehr/", lambda: parts.extend(E.write_parts(
+            tmp / "ehr", stays["stay_id"].to_numpy(), values, masks, offsets, opts.ehr_rows_per_part)))
+        step("demographics.parquet", write_demographics, demo, tmp / "demographics.parquet")
+        step("ehr_stats.json", _write_json, {"mean": dict(zip(EHR_VALUE_COLUMNS, map(float, mean))),
+                                             "std": dict(zip(EHR_VALUE_COLUMNS, map(float, std))),
+                                             "n_stays": int(is_train.sum()), "split": "train",
+                                             "demographics": demo_stats}, tmp / "ehr_stats.json", count=False)
+        step("label_stats.json", _write_json, L.label_stats(progression, mortality_los), tmp / "label_stats.json")
         counts = {
             "subjects": int(stays["subject_id"].nunique()), "stays": len(stays), "cxrs": len(cxr),
             "progression_pairs": len(progression),
@@ -360,24 +373,9 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
                     "inputs": {"cxr": str(roots.cxr), "mimiciv": str(roots.mimiciv),
                                "imagenome": str(roots.imagenome)},
                     "split_seed": opts.split_seed})
-        _write_json(rep, tmp / "report.json"); steps.update()
+        step("report.json", _write_json, rep, tmp / "report.json")
         steps.close()
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PrepareResult(out=out, report=rep, seconds=time.perf_counter() - t0, counts=counts)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def format_summary(result: PrepareResult) -> str:

@@ -13,16 +13,20 @@
 
 Every schema problem raises :class:`data_sharding.errors.DataError` naming the file,
 the missing column(s) and the columns expected (schema drift between MIMIC-IV
-versions is the most common failure users hit).
+versions is the most common failure users hit).  So does every damaged file
+(:func:`read_error`): a truncated or corrupt gzip stream, bytes that are not UTF-8,
+a row that does not parse -- one line naming the file and, where it can be found,
+the line.
 """
 from __future__ import annotations
 
 import csv
 import gzip
 import io
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
 import pandas as pd
 import pyarrow as pa
@@ -124,13 +128,86 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def find_line(path: Path, predicate: Callable[[bytes], bool]) -> int | None:
+    """1-based number of the first (decompressed) line for which ``predicate`` holds, else None.
+
+    Only called on the error path, to point at the damaged line; a read or
+    decompression failure during the scan ends it (None).
+    """
+    try:
+        with _open_binary(path) as fh:
+            for number, line in enumerate(fh, 1):
+                if predicate(line):
+                    return number
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None
+
+
+def _not_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+class _RowRecorder:
+    """pyarrow ``invalid_row_handler`` that remembers the first bad row and lets pyarrow raise."""
+
+    def __init__(self) -> None:
+        self.row = None
+
+    def __call__(self, row) -> str:
+        if self.row is None:
+            self.row = row
+        return "error"
+
+
+def read_error(path: Path, exc: BaseException, bad_row=None) -> DataError:
+    """One line for a file that cannot be read: decompression, encoding or parse failure.
+
+    ``bad_row`` is the :class:`pyarrow.csv.InvalidRow` seen by the parser, if any
+    (its line number, else its text, locates the line).
+    """
+    text = _short(exc)
+    if isinstance(exc, UnicodeDecodeError) or "invalid UTF8" in text:
+        line = find_line(path, _not_utf8)
+        where = f" line {line}" if line else ""
+        return DataError(f"{path}{where}: not UTF-8 text ({text}); MIMIC files are UTF-8 -- "
+                         "re-download or re-export the file")
+    if isinstance(exc, (pa.ArrowInvalid, csv.Error)):
+        line = None
+        if bad_row is not None:
+            line = bad_row.number
+            if line is None and bad_row.text:
+                want = bad_row.text.encode("utf-8", "replace")
+                line = find_line(path, lambda raw: raw.rstrip(b"\r\n") == want)
+        where = f" line {line}" if line else ""
+        return DataError(f"{path}{where}: cannot parse ({text})")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return DataError(f"{path}: cannot read ({exc.strerror or text})")
+    if isinstance(exc, (OSError, EOFError, zlib.error)):
+        return DataError(f"{path}: cannot decompress ({text}); the file is truncated or corrupt -- download it "
+                         "again and compare it with PhysioNet's SHA256SUMS.txt")
+    raise exc
+
+
+def _raise_read_error(path: Path, exc: BaseException, bad_row=None) -> NoReturn:
+    raise read_error(path, exc, bad_row) from None
+
+
 def read_header(path: Path, delimiter: str = ",") -> list[str]:
     """Column names of a CSV / TSV (gzipped or not)."""
     try:
         with _open_text(path) as fh:
             row = next(csv.reader(fh, delimiter=delimiter), None)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the header ({exc})") from None
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as exc:
+        _raise_read_error(path, exc)
     if not row:
         raise DataError(f"{path}: empty file, expected a header line")
     return [c.strip() for c in row]
@@ -164,23 +241,24 @@ def read_table(
     """Read the given columns of a small table; every other column arrives as text.
 
     Integer/float columns that hold text fail with a DataError naming the file
-    and the column.
+    and the column; a damaged file with one naming the file and line (:func:`read_error`).
     """
     check_columns(path, table, delimiter=delimiter)
     columns = list(columns)
     types: dict[str, pa.DataType] = {c: pa.string() for c in columns}
     types.update({c: pa.int64() for c in int_columns})
     types.update({c: pa.float64() for c in float_columns})
+    bad = _RowRecorder()
     try:
         tbl = pacsv.read_csv(
             path,
             read_options=_read_options(),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad),
             convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types,
                                                  strings_can_be_null=True),
         )
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: cannot parse ({_short(exc)})") from None
+    except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as exc:
+        _raise_read_error(path, exc, bad.row)
     return tbl.to_pandas()
 
 
@@ -206,10 +284,12 @@ def stream_events(
     include = list(dict.fromkeys([key_column, "itemid", *columns]))
     raw = pa.OSFile(str(path), "rb")
     stream = pa.CompressedInputStream(raw, "gzip") if path.name.endswith(".gz") else raw
+    bad = _RowRecorder()
     try:
         reader = pacsv.open_csv(
             stream,
             read_options=_read_options(block_size),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
             convert_options=pacsv.ConvertOptions(include_columns=include, column_types=types,
                                                  strings_can_be_null=True),
         )
@@ -222,8 +302,8 @@ def stream_events(
                            pc.is_in(batch.column(key_column), value_set=wanted_keys))
             kept = batch.filter(pc.fill_null(keep, False))
             yield kept.to_pandas(), raw.tell()
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: cannot parse ({_short(exc)})") from None
+    except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as exc:
+        _raise_read_error(path, exc, bad.row)
     finally:
         stream.close()
 

@@ -12,7 +12,9 @@ Runs as Ray tasks on whatever cluster it is given (``RAY_ADDRESS``, which
    replace the manifest atomically, remove shards no longer planned.
 
 Shards with no reason to rebuild are never opened for writing: same bytes,
-same mtime.  A crash before step 4 leaves the previous shards and manifest
+same mtime.  The driver holds the shard directory's lock (``data_sharding.lock``)
+from planning to commit, so a second regeneration or ``dipro shard`` on the same
+directory refuses (or waits) instead of interleaving its manifest with this one.  A crash before step 4 leaves the previous shards and manifest
 exactly as they were (temp files are ignored by readers and removed by the
 next run).  A crash inside step 4's renames leaves shards whose sha256 no
 longer matches the old manifest; the next ``regenerate`` finds and rebuilds them.
@@ -132,6 +134,7 @@ def regenerate(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
+    lock_timeout: float = 0.0,
 ) -> RegenReport:
     """Bring ``out`` up to date with ``processed``, rebuilding only what changed (see module docstring).
 
@@ -139,20 +142,28 @@ def regenerate(
     ``max_shard_bytes``; None values ignored); otherwise each task dir keeps the
     settings of its existing shards.  Uses the running Ray if there is one,
     else connects to ``ray_address`` / ``RAY_ADDRESS``, else starts a local
-    Ray with ``num_cpus`` (and shuts down what it started).
+    Ray with ``num_cpus`` (and shuts down what it started).  ``out`` is locked for the
+    whole run, as by ``dipro shard`` (``lock_timeout`` seconds of waiting, 0 = refuse).
     """
+    from data_sharding.lock import output_lock
+
+    processed, out = Path(processed).resolve(), Path(out).resolve()
+    with output_lock(out, "shard directory", lock_timeout):
+        return _regenerate(processed, out, task, overrides, ray_address, num_cpus, progress)
+
+
+def _regenerate(processed: Path, out: Path, task: str, overrides: dict[str, Any] | None, ray_address: str | None,
+                num_cpus: int | None, progress: bool) -> RegenReport:
     import ray
 
     from data_sharding.samples import TASK_DIRS, open_processed
 
-    processed, out = Path(processed).resolve(), Path(out).resolve()
     view = open_processed(processed)
     check_stats_files(processed)
     task_dirs = selected_task_dirs(view, task)
     settings = resolve_settings(out, task_dirs, overrides or {})
     plans = plan_shards(view, task_dirs, settings)
     old = read_manifest(out).by_path() if manifest_path(out).exists() else {}
-    out.mkdir(parents=True, exist_ok=True)
     remove_tmp_files(out, task_dirs)
 
     started = _init_ray(ray_address, num_cpus)

@@ -10,8 +10,15 @@
 2. :func:`build_shard` builds one planned shard in one process and writes it
    under a temp name: ustar members with fixed mtime/uid/gid/names, members in
    a fixed order -> the same inputs give the same bytes whatever the worker count.
-3. :func:`commit_shards` renames the temp files into place, replaces the
-   manifest atomically and removes shards no longer planned.
+3. :func:`commit_shards` first writes the new manifest and stats files under temp
+   names, then renames the temp shards into place, then the manifest (the commit
+   point), and removes shards no longer planned.  A write that fails (disk full, a
+   file-size limit) before the renames leaves the previous shards and manifest exactly
+   as they were, without temp files, and is reported in one line
+   (:class:`data_sharding.atomic.StorageError`).
+
+Writers hold :func:`data_sharding.lock.output_lock` on the shard directory, so two
+jobs never write one directory at once.
 """
 from __future__ import annotations
 
@@ -19,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Iterable
 
+from data_sharding import atomic
 from data_sharding.constants import SPLITS
+from data_sharding.errors import DataError
 from data_sharding.manifest import (
     Manifest,
     ShardRecord,
@@ -35,9 +43,10 @@ from data_sharding.manifest import (
     manifest_path,
     read_manifest,
     shard_fingerprint,
-    write_manifest,
+    stage_manifest,
 )
-from data_sharding.errors import DataError
+
+UNCHANGED = "the previous shards and manifest are unchanged"
 
 SHARD_MTIME = 0
 """mtime stamped on every tar member (a wall-clock stamp would break byte identity)."""
@@ -137,15 +146,12 @@ def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings,
     builder.prefetch(list(plan.rows))
     final = Path(out) / plan.path
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(final)
-    with open(tmp, "wb") as f:
+    with atomic.open_atomic(final, "wb", tmp=tmp_path(final), replace=False, unchanged=UNCHANGED) as f:
         writer = _HashingWriter(f)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for index in plan.rows:
                 for name, payload in encode_sample(builder.build(index)):
                     tar.addfile(_tar_info(name, len(payload)), BytesIO(payload))
-        f.flush()
-        os.fsync(f.fileno())
     if writer.size > settings.max_shard_bytes:
         raise RuntimeError(f"{plan.path}: {writer.size} bytes exceed the planned bound {settings.max_shard_bytes}")
     fingerprint = shard_fingerprint(view, plan.task, plan.rows, settings, builder.image_digests.__getitem__,
@@ -164,15 +170,35 @@ def remove_tmp_files(out: Path, task_dirs: Iterable[str]) -> None:
 
 def commit_shards(out: Path, manifest: Manifest, built: Iterable[str], managed: Iterable[str],
                   processed: Path) -> list[str]:
-    """Rename built temp shards into place, replace the manifest, drop shards it no longer lists.
+    """Stage the manifest and changed stats JSONs, rename built temp shards into place, then the
+    manifest; drop shards it no longer lists.
 
     ``managed`` are the task dirs this run planned: their shard files missing
-    from ``manifest`` are removed (after the manifest is replaced).  The stats
-    JSONs are copied only when they changed.  Returns the removed paths.
+    from ``manifest`` are removed (after the manifest is replaced).  A failure while
+    staging removes the staged files and the built temp shards: the directory is as before.
+    Returns the removed paths.
     """
+    built, managed = list(built), list(managed)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name in STATS_FILES:
+            src, dst = processed / name, out / name
+            if not dst.exists() or dst.read_bytes() != src.read_bytes():
+                tmp = tmp_path(dst)
+                with atomic.open_atomic(dst, "wb", tmp=tmp, replace=False, unchanged=UNCHANGED) as f:
+                    f.write(src.read_bytes())
+                staged.append((tmp, dst))
+        staged.append((stage_manifest(out, manifest, UNCHANGED), manifest_path(out)))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for rel in built:
+            tmp_path(out / rel).unlink(missing_ok=True)
+        raise
     for rel in built:
         os.replace(tmp_path(out / rel), out / rel)
-    write_manifest(out, manifest)
+    for tmp, final in staged:  # the manifest last: it is the commit point
+        os.replace(tmp, final)
     listed = set(manifest.by_path())
     removed = []
     for task in managed:
@@ -181,12 +207,6 @@ def commit_shards(out: Path, manifest: Manifest, built: Iterable[str], managed: 
             if SHARD_NAME.match(p.name) and rel not in listed:
                 p.unlink()
                 removed.append(rel)
-    for name in STATS_FILES:
-        src, dst = processed / name, out / name
-        if not dst.exists() or dst.read_bytes() != src.read_bytes():
-            tmp = tmp_path(dst)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
     return removed
 
 
@@ -231,25 +251,34 @@ def write_shards(
     settings: ShardSettings | None = None,
     workers: int | None = None,
     progress: bool = True,
+    lock_timeout: float = 0.0,
 ) -> Manifest:
     """Build every shard of ``task`` (all | disease_progression | mortality_los) from scratch.
 
     Shards are built in parallel over ``workers`` processes (default: all CPU
     cores; 1 = in this process), all under temp names; only when every one
     succeeded are they renamed into place and the manifest replaced.  Shard
-    series of other task dirs already in ``out`` are kept.
+    series of other task dirs already in ``out`` are kept.  ``out`` is locked for
+    the whole run (:func:`data_sharding.lock.output_lock`; ``lock_timeout`` seconds
+    of waiting for another writer, 0 = refuse at once).
     """
+    from data_sharding.lock import output_lock
+
+    processed, out = Path(processed).resolve(), Path(out).resolve()
+    with output_lock(out, "shard directory", lock_timeout):
+        return _write_shards(processed, out, task, settings or ShardSettings(), workers, progress)
+
+
+def _write_shards(processed: Path, out: Path, task: str, settings: ShardSettings, workers: int | None,
+                  progress: bool) -> Manifest:
     from tqdm import tqdm
 
     from data_sharding.samples import TASK_DIRS, open_processed
 
-    settings = settings or ShardSettings()
-    processed, out = Path(processed).resolve(), Path(out).resolve()
     view = open_processed(processed)
     check_stats_files(processed)
     task_dirs = selected_task_dirs(view, task)
     plans = plan_shards(view, task_dirs, {t: settings for t in task_dirs})
-    out.mkdir(parents=True, exist_ok=True)
     remove_tmp_files(out, task_dirs)
     kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs])
 

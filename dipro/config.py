@@ -349,12 +349,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    """Write the resolved config atomically, without the credentials of ``tracking.uri``."""
+    from data_sharding.atomic import write_text
+    from dipro.tracking.uri import redact_config
+
+    write_text(path, yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False))
 
 
 def replace(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:

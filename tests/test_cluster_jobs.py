@@ -118,6 +118,33 @@ def test_failing_job_through_submit_sh_is_failed_with_its_error_in_the_logs(head
     assert "Traceback" not in logs  # a user error is one line
 
 
+def test_error_on_a_training_rank_is_one_line_in_the_job_logs(head, cohort, tmp_path):
+    """A user error raised inside a Ray Train worker of a `ray job submit` job: the job is FAILED and
+    its logs end with the same one line as any user error, naming the rank."""
+    import json
+
+    from data_sharding.manifest import read_manifest, write_manifest
+
+    shards = tmp_path / "shards"
+    shutil.copytree(cohort / "shards", shards)
+    manifest = read_manifest(shards)
+    for r in manifest.records:  # the manifest claims 64-px crops, the tars hold 32-px ones
+        r.settings = json.dumps({**json.loads(r.settings), "crop_size": 64}, sort_keys=True, separators=(",", ":"))
+    write_manifest(shards, manifest)
+    job = sid("rankerr")
+    entry = ["python", "-m", "dipro", "train", "--config", "configs/demo.yaml", f"data.shards={shards}",
+             "model.crop_size=64", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.max_epochs=1",
+             "tracking.enabled=false", "trainer.run_name=rank-error"]
+    proc = head.submit(job, entry, runtime_env(), cwd=REPO, timeout=600)
+    logs = head.logs(job)
+    assert proc.returncode != 0 and head.job_info(job)["status"] == "FAILED", logs[-3000:]
+    errors = [line for line in logs.splitlines() if line.startswith("dipro train: error: ")]
+    assert len(errors) == 1 and errors[0].endswith("(rank 0)"), logs[-3000:]
+    assert "crops.npy has crop size 32, the manifest says 64" in errors[0]
+    assert "dipro/cli.py" not in logs  # no driver traceback
+    assert "Traceback" in (tmp_path / "runs" / "rank-error" / "train.log").read_text()
+
+
 def test_shard_regeneration_job(head, cohort, tmp_path):
     """`dipro shards regenerate` as a job: Ray tasks on this cluster rebuild only the broken shard."""
     from data_sharding.manifest import read_manifest, sha256_file

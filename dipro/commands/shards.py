@@ -45,6 +45,22 @@ def _add_settings(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="which shard series to build (default: every task table in the processed dir)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _add_lock_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="when another job is writing --out, wait up to SECONDS for it to finish "
+                        "(default 0: refuse at once, naming the other job)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "shard", help="write WebDataset shards (region crops, EHR windows, labels) from a processed dir",
@@ -56,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_settings(p, defaults=True)
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="parallel processes (default: all CPU cores)")
+    _add_lock_timeout(p)
     p.set_defaults(func=_run_shard)
 
     s = subparsers.add_parser("shards", help="verify or incrementally regenerate a shard directory",
@@ -82,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else start a local Ray)")
     r.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="CPUs of the local Ray when one is started (default: all cores)")
+    _add_lock_timeout(r)
     r.set_defaults(func=_run_regenerate)
 
 
@@ -100,7 +118,7 @@ def _run_shard(args: argparse.Namespace) -> int:
     settings = ShardSettings(crop_size=args.crop_size, max_samples_per_shard=args.max_samples_per_shard,
                              max_shard_bytes=args.max_shard_bytes)
     manifest = write_shards(args.processed, args.out, args.task, settings, workers=args.workers,
-                            progress=True)
+                            progress=True, lock_timeout=args.lock_timeout)
     print(manifest.summary_table())
     _print_counts(manifest.records)
     print(f"wrote {args.out}/manifest.parquet")
@@ -129,7 +147,7 @@ def _run_regenerate(args: argparse.Namespace) -> int:
     overrides = {"crop_size": args.crop_size, "max_samples_per_shard": args.max_samples_per_shard,
                  "max_shard_bytes": args.max_shard_bytes}
     report = regenerate(args.processed, args.out, args.task, overrides, ray_address=args.ray_address,
-                        num_cpus=args.workers, progress=True)
+                        num_cpus=args.workers, progress=True, lock_timeout=args.lock_timeout)
     print(report.table())
     print(report.manifest.summary_table())
     _print_counts(report.manifest.records)

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     _add_config_args(p, required=False)
     p.add_argument("--resume", metavar="RUN",
                    help="continue RUN (a name under trainer.storage_path, or a run directory) from its last "
-                        "checkpoint, under a new run name; without --config its saved config is used")
+                        "checkpoint, under a new run name; without --config its saved config is used. A damaged "
+                        "last checkpoint is an error naming the file: RUN@previous resumes from the one before, "
+                        "RUN@checkpoint_NAME from that one")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint or registered model on a split",
@@ -63,7 +65,7 @@ def _train(args) -> int:
         for item in args.overrides:
             if item.startswith("trainer.storage_path="):
                 storage = item.split("=", 1)[1]
-        last = ck.find_last_checkpoint(os.path.abspath(storage), args.resume)
+        last = ck.find_resume_checkpoint(os.path.abspath(storage), args.resume)
         cfg = replace(ck.load_config_from_checkpoint(last), ["trainer.run_name=null", *args.overrides])
     else:
         raise UserError("give --config FILE (or --resume RUN to continue a run with its saved config)")

@@ -52,7 +52,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
     from mlflow.exceptions import MlflowException
 
     from dipro.tracking.registry import _tracking_uri
-    from dipro.tracking.uri import check_reachable, resolve_tracking_uri
+    from dipro.tracking.uri import check_reachable, redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(explicit=tracking_uri)
     check_reachable(uri)
@@ -60,7 +60,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
         with _tracking_uri(uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=model)
     except MlflowException as exc:
-        raise UserError(f"cannot load model {model} from tracking server {uri}: {exc.message}") from None
+        raise UserError(f"cannot load model {model} from tracking server {redact_uri(uri)}: {exc.message}") from None
     return "mlflow", local
 
 

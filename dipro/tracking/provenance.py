@@ -31,8 +31,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_params(cfg: Any) -> dict[str, str]:
     """The whole resolved config flattened, plus the run-shape summary params."""
     from dipro.config import to_dict
+    from dipro.tracking.uri import redact_config
 
-    params = {k: _param_str(v) for k, v in flatten(to_dict(cfg)).items()}
+    params = {k: _param_str(v) for k, v in flatten(redact_config(to_dict(cfg))).items()}
     params.update({
         "seed": str(cfg.seed),
         "strategy": str(cfg.trainer.strategy),

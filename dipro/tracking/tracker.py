@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from dipro.tracking import provenance
-from dipro.tracking.uri import check_reachable, is_http, probe, resolve_tracking_uri
+from dipro.tracking.uri import (apply_credentials, check_reachable, current_credentials, is_http, probe,
+                               redact_config, redact_uri, resolve_tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Tracker:
                  flush_interval_s: float = 2.0, retry_interval_s: float = 10.0,
                  data_fingerprint: str | None = None) -> None:
         self.uri = uri
+        """The URI MLflow is called with (an http(s) one holds no credentials: see dipro.tracking.uri)."""
+        self.shown_uri = redact_uri(uri)
+        """The URI in messages and files."""
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.data_fingerprint = data_fingerprint
@@ -98,9 +102,10 @@ class Tracker:
         fp = tags.get("data.fingerprint")
         tracker = cls(uri, run_id, experiment_id, data_fingerprint=fp if fp and "unknown" not in fp else None,
                       **kwargs)
-        tracker.log_dict(_config_dict(cfg), "config.yaml")
+        tracker.log_dict(redact_config(_config_dict(cfg)), "config.yaml")
         tracker.flush()
-        log.info("MLflow run %s (%s) in experiment %s at %s", run_id, run_name, cfg.tracking.experiment, uri)
+        log.info("MLflow run %s (%s) in experiment %s at %s", run_id, run_name, cfg.tracking.experiment,
+                 tracker.shown_uri)
         return tracker
 
     @classmethod
@@ -113,14 +118,23 @@ class Tracker:
         return cls(uri, run_id, run.info.experiment_id,
                    data_fingerprint=fp if fp and "unknown" not in fp else None, **kwargs)
 
-    # Pickling carries only the identity of the run: a worker re-opens its own client.
+    # Pickling carries only the identity of the run (and the credentials MLflow reads from the
+    # environment, so a worker on another node can log too): a worker re-opens its own client.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("uri", "run_id", "experiment_id", "data_fingerprint",
-                                              "flush_interval_s", "retry_interval_s")}
+        state = {k: getattr(self, k) for k in ("uri", "shown_uri", "run_id", "experiment_id", "data_fingerprint",
+                                               "flush_interval_s", "retry_interval_s")}
+        state["credentials"] = current_credentials() if is_http(self.uri) else {}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        apply_credentials(state.pop("credentials", {}) or {})
+        state.setdefault("shown_uri", redact_uri(state["uri"]))
         self.__dict__.update(state)
         self._init_runtime()
+
+    def __repr__(self) -> str:
+        return f"Tracker(uri={self.shown_uri!r}, run_id={self.run_id!r})"
 
     def _init_runtime(self) -> None:
         self._lock = threading.Condition()
@@ -274,7 +288,7 @@ class Tracker:
         try:
             self._get_client().set_terminated(self.run_id, status=status)
         except Exception as exc:
-            warnings.warn(f"tracking: could not mark run {self.run_id} {status} at {self.uri}: {exc}",
+            warnings.warn(f"tracking: could not mark run {self.run_id} {status} at {self.shown_uri}: {exc}",
                           stacklevel=2)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
@@ -392,10 +406,10 @@ class Tracker:
         if self._outage_start is None:
             self._outage_start = time.time()
             self._outage_reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-            warnings.warn(f"tracking: MLflow at {self.uri} failed ({self._outage_reason}); training "
+            warnings.warn(f"tracking: MLflow at {self.shown_uri} failed ({self._outage_reason}); training "
                           f"continues, {self.pending} pending item(s) kept and retried every "
                           f"{self.retry_interval_s:.0f}s", RuntimeWarning, stacklevel=2)
-            log.warning("tracking outage started at %s: %s", self.uri, self._outage_reason)
+            log.warning("tracking outage started at %s: %s", self.shown_uri, self._outage_reason)
 
     def _end_outage(self) -> None:
         start, end = self._outage_start, time.time()
@@ -403,7 +417,7 @@ class Tracker:
         gap = {"start": round(start, 3), "end": round(end, 3), "seconds": round(end - start, 3),
                "reason": self._outage_reason}
         self.gaps.append(gap)
-        warnings.warn(f"tracking: MLflow at {self.uri} is back after {gap['seconds']:.1f}s; buffered "
+        warnings.warn(f"tracking: MLflow at {self.shown_uri} is back after {gap['seconds']:.1f}s; buffered "
                       "data sent (gap recorded in tag tracking.gaps)", RuntimeWarning, stacklevel=2)
         total = sum(g["seconds"] for g in self.gaps)
         # caller holds self._lock
@@ -426,9 +440,9 @@ class Tracker:
                 records.append({"kind": "artifact", "artifact_path": artifact_path, "file": Path(local).name})
             else:
                 records.append({"kind": op.kind, "payload": op.payload})
-        (out / "unsent.json").write_text(json.dumps({"uri": self.uri, "run_id": self.run_id,
+        (out / "unsent.json").write_text(json.dumps({"uri": self.shown_uri, "run_id": self.run_id,
                                                      "gaps": self.gaps, "items": records}, indent=1))
-        warnings.warn(f"tracking: {len(ops)} item(s) could not be sent to {self.uri} for run {self.run_id}; "
+        warnings.warn(f"tracking: {len(ops)} item(s) could not be sent to {self.shown_uri} for run {self.run_id}; "
                       f"saved under {out}", RuntimeWarning, stacklevel=3)
 
 

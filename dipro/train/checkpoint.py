@@ -11,35 +11,49 @@ merges them in storage) holds:
 | ``train_state.pt`` | rank 0 (DDP) | optimizer, scheduler, GradScaler |
 | ``deepspeed/`` | every rank (DeepSpeed) | DeepSpeed's own format: partitions, optimizer, scheduler |
 | ``rng/rank_{r}.pt`` | every rank | python, numpy, torch (and CUDA) RNG states |
-| ``meta.json`` | rank 0, last | epoch, global step, data position, best metric, monitor value, world size |
+| ``meta.json`` | rank 0 | epoch, global step, data position, best metric, monitor value, world size |
+| ``digests/rank_{r}.json`` | every rank, last | size and sha256 of every file that rank wrote |
 
 The best checkpoint is kept apart in ``{run_dir}/best/`` (model, config, label stats,
 meta: what evaluation and the registry need) and is never pruned by ``num_to_keep``.
+
+Every file is written to a temp name and renamed; each rank stages its part in a local
+directory that is removed afterwards whatever happens (:func:`staged_checkpoint`), and a
+write that fails for lack of space or a size limit is one line (``StorageError``) that says
+the previous checkpoints are intact.  The digests let ``--resume`` tell a truncated or
+damaged file from a good one (:func:`checkpoint_problem`): it names the file and resumes
+from an older checkpoint only when asked to (``--resume RUN@previous`` or
+``--resume RUN@checkpoint_...``), never silently.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from dipro.config import Config, from_dict, save_config
+from data_sharding import atomic
 from data_sharding.errors import UserError
+from dipro.config import Config, from_dict, save_config
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 LABEL_STATS_FILE = "label_stats.json"
 META_FILE = "meta.json"
 RNG_DIR = "rng"
+DIGEST_DIR = "digests"
 BEST_DIR = "best"
 FORMAT_VERSION = 1
+PREVIOUS = "previous"
+"""``--resume RUN@previous``: the complete checkpoint before RUN's newest one."""
 
 
 @dataclass
@@ -63,19 +77,49 @@ class TrainState:
 # ----------------------------------------------------------------------------- atomic writes
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through a temp file opened here, so a failed write keeps its OSError (errno) as context."""
+    with atomic.open_atomic(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def torch_write_failed(exc: BaseException) -> bool:
+    """torch's C++ writer (``torch.save`` to a path, as DeepSpeed does) reports a short write as
+    ``RuntimeError: ... unexpected pos`` / ``file write failed`` without an errno."""
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc))
+
+
+@contextlib.contextmanager
+def staged_checkpoint(rank: int, what: str, unchanged: str) -> Iterator[Path]:
+    """A local directory for this rank's part of one checkpoint, removed afterwards whatever happens.
+
+    A write that fails for lack of space or a file-size limit (also inside DeepSpeed or Ray's
+    upload) becomes a one-line ``StorageError`` naming ``what`` and saying ``unchanged``.
+    """
+    local = Path(tempfile.mkdtemp(prefix=f"dipro-ckpt-r{rank}-"))
+    try:
+        yield local
+    except BaseException as exc:
+        reason = None
+        if isinstance(exc, atomic.StorageError) or atomic.storage_errno(exc) is not None:
+            inner = atomic.storage_error(exc, "")
+            reason, where = inner.reason or str(inner), inner.path
+        elif torch_write_failed(exc):
+            reason, where = "a file write stopped part-way (disk full or a file-size limit?)", ""
+        if reason is None:
+            raise
+        try:
+            where = Path(where).relative_to(local).as_posix()
+        except ValueError:
+            pass
+        raise atomic.StorageError(f"cannot write {what} (rank {rank}{', ' + where if where else ''}): {reason}; "
+                                  f"{unchanged}, no temp file left. Free space or raise the limit and run again",
+                                  where, reason) from exc
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -124,17 +168,71 @@ def write_model_files(dst: Path, model_state: dict[str, torch.Tensor], cfg: Conf
 
 def replace_dir_atomically(src: Path, dst: Path) -> None:
     """Copy ``src`` to a sibling temp dir of ``dst``, then swap it into place."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic.copy_dir(src, dst, unchanged=f"{dst} keeps its previous contents")
+
+
+def update_best(ckpt_dir: Path, run_dir: Path) -> None:
+    """Copy the inference files of ``ckpt_dir`` to ``run_dir/best`` atomically (old best kept on failure)."""
+    best = Path(run_dir) / BEST_DIR
+    atomic.copy_dir(ckpt_dir, best, (MODEL_FILE, CONFIG_FILE, LABEL_STATS_FILE, META_FILE),
+                    unchanged=f"the previous best checkpoint {best} is unchanged")
+
+
+# ----------------------------------------------------------------------------- digests / verification
+
+def digest_file(ckpt_dir: Path, rank: int) -> Path:
+    return Path(ckpt_dir) / DIGEST_DIR / f"rank_{rank}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_digest(local: Path, rank: int) -> None:
+    """Record size and sha256 of every file this rank staged in ``local`` (call it last)."""
+    local = Path(local)
+    files = {}
+    for p in sorted(local.rglob("*")):
+        if p.is_file() and p.parent.name != DIGEST_DIR:
+            files[p.relative_to(local).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    atomic_write_text(digest_file(local, rank), json.dumps({"rank": rank, "files": files}, indent=1))
+
+
+def checkpoint_problem(ckpt_dir: str | Path, hashes: bool = True) -> str | None:
+    """What is wrong with a checkpoint (first problem, naming the file), or None when it is whole.
+
+    Checkpoints with digests: every rank's digest present, every file it lists present with
+    the recorded size (and sha256 when ``hashes``).  Older ones without digests: the files
+    :func:`is_complete` looks for.
+    """
+    d = Path(ckpt_dir)
+    try:
+        meta = read_meta(d)
+    except UserError as exc:
+        return str(exc)
+    world = int(meta.get("world_size", 1))
+    if not (d / DIGEST_DIR).is_dir():
+        return None if is_complete(d) else f"{d} is incomplete (model, config or a rank's RNG file missing)"
+    for r in range(world):
+        df = digest_file(d, r)
+        try:
+            listed = json.loads(df.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{df} is missing or unreadable: rank {r}'s part of the checkpoint was not written completely"
+        for rel, rec in sorted(listed.items()):
+            f = d / rel
+            if not f.is_file():
+                return f"{f} is missing (rank {r} wrote it)"
+            size = f.stat().st_size
+            if size != rec["bytes"]:
+                return f"{f} is truncated or damaged: {size} bytes, {rec['bytes']} were written"
+            if hashes and _sha256(f) != rec["sha256"]:
+                return f"{f} is damaged: its sha256 differs from the one recorded when it was written"
+    return None
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -157,7 +255,11 @@ def meta_from_state(state: TrainState, **extra: Any) -> dict[str, Any]:
 
 
 def is_complete(ckpt_dir: Path) -> bool:
-    """meta.json, model.pt and every rank's RNG file present (a half-uploaded one is not)."""
+    """meta.json, model.pt, every rank's RNG file (and digest, when the checkpoint has digests) present.
+
+    A half-uploaded checkpoint is not complete; whether its files are whole is
+    :func:`checkpoint_problem`'s question.
+    """
     ckpt_dir = Path(ckpt_dir)
     try:
         meta = read_meta(ckpt_dir)
@@ -165,7 +267,10 @@ def is_complete(ckpt_dir: Path) -> bool:
         return False
     if not (ckpt_dir / MODEL_FILE).is_file() or not (ckpt_dir / CONFIG_FILE).is_file():
         return False
-    return all(rng_file(ckpt_dir, r).is_file() for r in range(int(meta.get("world_size", 1))))
+    ranks = range(int(meta.get("world_size", 1)))
+    if (ckpt_dir / DIGEST_DIR).is_dir() and not all(digest_file(ckpt_dir, r).is_file() for r in ranks):
+        return False
+    return all(rng_file(ckpt_dir, r).is_file() for r in ranks)
 
 
 def read_label_stats(ckpt_dir: Path) -> dict:
@@ -217,8 +322,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 # ----------------------------------------------------------------------------- finding runs
 
+def split_resume(run: str) -> tuple[str, str | None]:
+    """``RUN`` -> (RUN, None); ``RUN@previous`` / ``RUN@checkpoint_...`` -> (RUN, selector)."""
+    run = str(run)
+    if "@" in run and not Path(run).exists():
+        name, _, which = run.rpartition("@")
+        if name and which:
+            return name, which
+    return run, None
+
+
 def resolve_run_dir(storage_path: str | Path, run: str) -> Path:
-    """``run`` is a run name under ``storage_path`` or a path to a run directory."""
+    """``run`` is a run name under ``storage_path`` or a path to a run directory (``@...`` ignored)."""
+    run, _ = split_resume(run)
     candidates = [Path(run), Path(storage_path) / run]
     for c in candidates:
         if c.is_dir():
@@ -252,3 +368,49 @@ def find_last_checkpoint(storage_path: str | Path, run: str) -> Path:
     if not ckpts:
         raise UserError(f"run {run!r} ({run_dir}) has no complete checkpoint to resume from")
     return ckpts[-1]
+
+
+_VERIFIED: set[tuple] = set()
+
+
+def find_resume_checkpoint(storage_path: str | Path, resume: str) -> Path:
+    """The checkpoint ``--resume`` continues from, verified file by file.
+
+    ``RUN``: its newest complete checkpoint; ``RUN@previous``: the complete one before that;
+    ``RUN@checkpoint_...``: that one.  A checkpoint whose files are truncated or damaged is
+    a UserError naming the file and the older checkpoint to ask for -- never a silent fallback.
+    """
+    run, which = split_resume(resume)
+    run_dir = resolve_run_dir(storage_path, run)
+    last = find_last_checkpoint(storage_path, run)
+    if which is None:
+        chosen = last
+    elif which == PREVIOUS:
+        older = [c for c in list_checkpoints(run_dir) if c.resolve() != last.resolve()
+                 and _order(c) < _order(last)]
+        if not older:
+            raise UserError(f"--resume {resume}: run {run!r} has no complete checkpoint before {last.name}")
+        chosen = older[-1]
+    else:
+        chosen = run_dir / which
+        if not chosen.is_dir():
+            names = ", ".join(c.name for c in list_checkpoints(run_dir)) or "none"
+            raise UserError(f"--resume {resume}: no checkpoint {which!r} in {run_dir} (complete ones: {names})")
+    # (the CLI and the launcher both ask: hash once per process while no file changed)
+    key = (str(chosen.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                        for f in sorted(chosen.rglob("*")) if f.is_file()))
+    if key not in _VERIFIED:
+        problem = checkpoint_problem(chosen)
+        if problem is not None:
+            older = [c.name for c in list_checkpoints(run_dir) if _order(c) < _order(chosen)]
+            hint = (f"resume from the one before with --resume {run}@{PREVIOUS}" if which is None and older else
+                    f"pick another with --resume {run}@CHECKPOINT ({', '.join(older)})" if older else
+                    "no older checkpoint of this run is complete")
+            raise UserError(f"cannot resume from {chosen}: {problem}; {hint}")
+        _VERIFIED.add(key)
+    return chosen
+
+
+def _order(ckpt_dir: Path) -> tuple[int, bool, int]:
+    meta = read_meta(ckpt_dir)
+    return int(meta.get("global_step", 0)), meta.get("kind") == "epoch", int(meta.get("epoch", 0))

@@ -190,10 +190,15 @@ def checkpoint_from_model_uri(uri: str) -> Path:
 
     from dipro.train.checkpoint import CONFIG_FILE, MODEL_FILE
 
+    from dipro.tracking.registry import _tracking_uri
+    from dipro.tracking.uri import redact_uri, resolve_tracking_uri
+
+    tracking = resolve_tracking_uri()  # credentials out of the URI, into MLflow's environment
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        with _tracking_uri(tracking):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # MLflow raises several types for unknown names/aliases/servers
-        raise UserError(f"cannot download model {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {exc}") from None
+        raise UserError(f"cannot download model {uri!r} from MLflow ({redact_uri(tracking)}): {exc}") from None
     for weights in sorted(local.rglob(MODEL_FILE)):
         if (weights.parent / CONFIG_FILE).is_file():
             return weights.parent

@@ -21,10 +21,16 @@ from dipro.config import Config, to_dict
 from data_sharding.errors import ConfigError, UserError
 from dipro.train import TrainResult
 from dipro.train import checkpoint as ck
+from dipro.train import failures, rundir
+
+_run_log: rundir.RunLog | None = None
+"""The run's ``train.log`` once its directory is claimed: every driver message goes there too."""
 
 
 def _say(msg: str) -> None:
     print(f"[dipro train] {msg}", flush=True)
+    if _run_log is not None:
+        _run_log.write(f"[dipro train] {msg}")
 
 
 def make_run_name(cfg: Config) -> str:
@@ -51,21 +57,10 @@ def validate_config(cfg: Config, *, cuda_available: bool | None = None) -> str:
 
 
 def check_data(cfg: Config) -> int:
-    """Shards and label stats are there; returns micro batches per rank per epoch."""
-    from dipro.data.plan import read_manifest, train_num_steps
-    from dipro.train.data import read_label_stats
+    """Shards fit the config (``dipro.train.preflight``); returns micro batches per rank per epoch."""
+    from dipro.train.preflight import check_shards
 
-    read_label_stats(cfg.data.shards)
-    train = read_manifest(cfg.data.shards, cfg.task, "train")
-    read_manifest(cfg.data.shards, cfg.task, "val")
-    micro = train_num_steps(train.num_samples, cfg.data.batch_size, cfg.trainer.num_workers)
-    if cfg.trainer.max_steps_per_epoch is not None:
-        micro = min(micro, cfg.trainer.max_steps_per_epoch * cfg.optim.grad_accum)
-    if micro < cfg.optim.grad_accum:
-        raise ConfigError(
-            f"{train.num_samples} training samples give {micro} micro batch(es) of {cfg.data.batch_size} per worker "
-            f"per epoch, fewer than optim.grad_accum={cfg.optim.grad_accum}")
-    return micro
+    return check_shards(cfg)
 
 
 def init_ray(cfg: Config) -> bool:
@@ -131,7 +126,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
     storage = Path(os.path.abspath(os.path.expanduser(cfg.trainer.storage_path)))
     resume_from: Path | None = None
     if resume:
-        resume_from = ck.find_last_checkpoint(storage, resume)
+        resume_from = ck.find_resume_checkpoint(storage, resume)
         meta = ck.read_meta(resume_from)
         if meta.get("strategy") != cfg.trainer.strategy:
             raise ConfigError(f"--resume {resume}: its checkpoint was written by trainer.strategy="
@@ -142,10 +137,9 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
     run_name = cfg.trainer.run_name or make_run_name(cfg)
     if resume and cfg.trainer.run_name is None:
         run_name = f"{ck.resolve_run_dir(storage, resume).name.split('-resumed-')[0]}-resumed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    run_dir = storage / run_name
-    if run_dir.exists():
-        raise ConfigError(f"run {run_name!r} already exists under {storage}: Ray would silently resume it. "
-                          "Choose another trainer.run_name, or continue it with --resume")
+    run_dir = rundir.claim(storage, run_name)  # refuses a name in use, naming who uses it
+    global _run_log
+    _run_log = log = rundir.RunLog(run_dir)
     cfg.trainer.run_name = run_name
     workers, accum = cfg.trainer.num_workers, cfg.optim.grad_accum
     _say(f"run {run_name}: task {cfg.task}, {cfg.trainer.strategy}"
@@ -156,7 +150,14 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
     if resume_from is not None:
         _say(f"resuming {resume} from {resume_from}")
 
-    started_here = init_ray(cfg)
+    _say(f"run directory {run_dir} (log: {log.path})")
+    try:
+        started_here = init_ray(cfg)
+    except BaseException:
+        rundir.release(run_dir)
+        _run_log = None
+        raise
+    fitting = False
     try:
         check_resources(cfg, started_here)
         if tracker is None and cfg.tracking.enabled:
@@ -166,7 +167,6 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
         if tracker is not None:
             tracker.log_params({"effective_batch_size": cfg.effective_batch_size, "precision_used": precision,
                                 "resumed_from": str(resume_from) if resume_from else "none"})
-        run_dir.mkdir(parents=True)
         if resume_from is not None:
             old_best = ck.resolve_run_dir(storage, resume) / ck.BEST_DIR
             if (old_best / ck.MODEL_FILE).is_file():
@@ -184,14 +184,22 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
                                  failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),
         )
+        fitting = True
         try:
             result = trainer.fit()
         except Exception as exc:
-            if tracker is not None:
-                tracker.finish("FAILED")
+            failure = failures.rank_error(exc)
             reason = _failure_message(exc)
-            if reason is not None:
-                raise UserError(f"run {run_name} stopped: {reason}") from None
+            summary = (failure.one_line() if failure is not None else
+                       f"run {run_name} stopped: {reason}" if reason is not None else
+                       f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}")
+            log.failure(summary, exc, failure.traces if failure is not None else None)
+            _say(f"run {run_name} failed; full trace in {log.path}")
+            if tracker is not None:
+                tracker.set_tags(failures.failure_tags(summary, failure))
+                tracker.finish("FAILED")
+            if failure is not None or reason is not None:
+                raise UserError(summary) from None
             raise
         summary = result.return_value or {}
         best_dir = run_dir / ck.BEST_DIR
@@ -225,6 +233,14 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
                            metrics=metrics, mlflow_run_id=run_id, epochs_completed=summary.get("epochs_completed"),
                            global_step=summary.get("global_step"), history=summary.get("history", []),
                            test=test)
+    except BaseException as exc:
+        if not fitting:
+            if tracker is not None:  # the MLflow run was created but training never started
+                tracker.set_tags(failures.failure_tags(f"{type(exc).__name__}: {exc}", None))
+                tracker.finish("FAILED")
+            rundir.release(run_dir)  # claimed, but no worker ever ran: the name is free again
+        raise
     finally:
+        _run_log = None
         if started_here:
             ray.shutdown()

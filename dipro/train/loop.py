@@ -25,8 +25,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,9 @@ import numpy as np
 import torch
 
 from dipro.config import Config, from_dict
-from data_sharding.errors import ConfigError
+from data_sharding.errors import ConfigError, DataError, UserError
 from dipro.train import checkpoint as ck
-from dipro.train import faults
+from dipro.train import failures, faults
 from dipro.train.data import eval_loader, read_label_stats, train_loader
 from dipro.train.evaluate import EvalResult, finalize, gather_predictions, predict
 from dipro.train.strategies import Strategy, build_strategy
@@ -248,6 +246,9 @@ class Worker:
             self._load(Path(resume_from), "--resume")
 
     def _load(self, d: Path, why: str) -> None:
+        problem = ck.checkpoint_problem(d, hashes=False)  # sizes: a truncated file is named, not unpickled
+        if problem is not None:
+            raise DataError(f"cannot resume ({why}) from {d}: {problem}")
         meta = ck.read_meta(d)
         if meta.get("strategy") != self.strategy.name:
             raise ConfigError(f"checkpoint {d} was written by strategy {meta.get('strategy')!r}, "
@@ -271,28 +272,25 @@ class Worker:
         from ray.train import Checkpoint
 
         s = self.state
-        local = Path(tempfile.mkdtemp(prefix=f"dipro-ckpt-r{self.rank}-"))
-        model_state = self.strategy.consolidated_state_dict()
-        self.strategy.save_state(local)
-        ck.atomic_torch_save(ck.rng_state(), ck.rng_file(local, self.rank))
-        meta = ck.meta_from_state(s, kind=kind, run_name=self.run_name, monitor=self.cfg.monitor,
-                                  monitor_value=(val.metrics.get(self.cfg.monitor) if val else None),
-                                  world_size=self.world, strategy=self.strategy.name, precision=self.precision,
-                                  metrics=metrics)
-        if self.rank == 0:
-            ck.write_model_files(local, model_state, self.cfg, self.label_stats, meta)
-            if improved:
-                best_src = Path(tempfile.mkdtemp(prefix="dipro-best-"))
-                for name in (ck.MODEL_FILE, ck.CONFIG_FILE, ck.LABEL_STATS_FILE, ck.META_FILE):
-                    shutil.copy2(local / name, best_src / name)
-                ck.replace_dir_atomically(best_src, self.run_dir / ck.BEST_DIR)
-                shutil.rmtree(best_src, ignore_errors=True)
-        del model_state
         # "_epochN" = the checkpoint taken at the end of epoch N (0-based); none = mid-epoch.
         name = f"checkpoint_s{s.global_step:08d}" + (f"_epoch{s.epoch - 1:04d}" if kind == "epoch" else "")
-        ray.train.report(metrics if self.rank == 0 else {}, checkpoint=Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=name, delete_local_checkpoint_after_upload=True)
-        shutil.rmtree(local, ignore_errors=True)
+        with ck.staged_checkpoint(self.rank, f"checkpoint {name} of run {self.run_name}",
+                                  f"the run's previous checkpoints under {self.run_dir} are intact") as local:
+            model_state = self.strategy.consolidated_state_dict()
+            self.strategy.save_state(local)
+            ck.atomic_torch_save(ck.rng_state(), ck.rng_file(local, self.rank))
+            meta = ck.meta_from_state(s, kind=kind, run_name=self.run_name, monitor=self.cfg.monitor,
+                                      monitor_value=(val.metrics.get(self.cfg.monitor) if val else None),
+                                      world_size=self.world, strategy=self.strategy.name, precision=self.precision,
+                                      metrics=metrics)
+            if self.rank == 0:
+                ck.write_model_files(local, model_state, self.cfg, self.label_stats, meta)
+                if improved:
+                    ck.update_best(local, self.run_dir)
+            del model_state
+            ck.write_digest(local, self.rank)  # last: a checkpoint without every rank's digest is incomplete
+            ray.train.report(metrics if self.rank == 0 else {}, checkpoint=Checkpoint.from_directory(str(local)),
+                             checkpoint_dir_name=name, delete_local_checkpoint_after_upload=True)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> EvalResult | None:
@@ -420,7 +418,16 @@ class Worker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``).
+
+    A user error on this rank leaves with its rank and full trace attached and a one-frame
+    traceback (``dipro.train.failures``): the driver prints one line, the run log keeps the trace.
+    """
     if config.get("faults"):
         os.environ[faults.ENV] = config["faults"]
-    return Worker(config).run()
+    try:
+        return Worker(config).run()
+    except UserError as exc:
+        import ray.train
+
+        raise failures.mark_rank_error(exc, ray.train.get_context().get_world_rank()).with_traceback(None) from None

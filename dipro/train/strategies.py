@@ -19,7 +19,6 @@ The loop only talks to :class:`Strategy`:
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +209,9 @@ class DDPStrategy(Strategy):
         if self.rank == 0:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict()}
-            _atomic_torch_save(state, Path(ckpt_dir) / TRAIN_STATE_FILE)
+            from dipro.train.checkpoint import atomic_torch_save
+
+            atomic_torch_save(state, Path(ckpt_dir) / TRAIN_STATE_FILE)
 
     def load_state(self, ckpt_dir):
         """Model from ``model.pt`` (float32), optimizer/scheduler/scaler from ``train_state.pt``."""
@@ -305,12 +306,6 @@ class DeepSpeedStrategy(Strategy):
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load its checkpoint from {path} (tag {DEEPSPEED_TAG!r})")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def build_strategy(cfg: Config, model: nn.Module, **kw) -> Strategy:
