@@ -139,8 +139,13 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    num_workers: int = 1
-    """Ray Train workers (one process per GPU, or per CPU slot)."""
+    num_workers: int | str = 1
+    """Ray Train workers (one process per GPU, or per CPU slot); ``"MIN-MAX"`` (e.g. ``2-8``) for an
+    elastic group that starts with as many as fit, up to MAX, and continues on what is left (not
+    below MIN) when nodes go (Ray Train's ``ScalingConfig(num_workers=(MIN, MAX))``; DDP only)."""
+    placement_strategy: str = "PACK"
+    """Ray placement group strategy of the worker group: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    (SPREAD puts the ranks on different nodes where it can)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     strategy: str = "ddp"
@@ -160,7 +165,15 @@ class TrainerConfig:
     """Extra checkpoints every N optimizer steps inside an epoch (0 = only per epoch)."""
     num_to_keep: int = 2
     max_failures: int = 0
-    """Ray FailureConfig: worker-group restarts from the last checkpoint."""
+    """Ray FailureConfig: worker-group restarts from the last checkpoint (a worker or its node died)."""
+    schedule_timeout_s: float = 300.0
+    """Longest wait for the worker group to be placed and started (at the start and after every
+    failure); then the run fails with a line naming what it asked for and what the cluster has."""
+    max_preemption_failures: int = -1
+    """Restarts after node preemptions (spot reclaims, drains), counted apart from max_failures;
+    -1 = unlimited (Ray FailureConfig.max_preemption_failures)."""
+    preemption_grace_s: float = 0.0
+    """How long surviving workers may keep running past a preemption deadline (Ray FailureConfig)."""
     storage_path: str = "runs"
     """Ray storage path for checkpoints (must be shared storage on a cluster)."""
     run_name: str | None = None
@@ -168,13 +181,62 @@ class TrainerConfig:
     log_every_n_steps: int = 10
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "trainer.num_workers must be >= 1")
+        self.num_workers = parse_num_workers(self.num_workers)
+        _check(self.placement_strategy in PLACEMENT_STRATEGIES,
+               f"trainer.placement_strategy must be {'|'.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
+        _check(self.schedule_timeout_s > 0, "trainer.schedule_timeout_s must be > 0")
+        _check(self.max_preemption_failures >= -1, "trainer.max_preemption_failures must be >= -1 (-1 = unlimited)")
+        _check(self.preemption_grace_s >= 0, "trainer.preemption_grace_s must be >= 0")
+        _check(not (self.elastic and self.strategy == "deepspeed"),
+               f"trainer.num_workers={self.num_workers} (elastic) needs trainer.strategy=ddp: DeepSpeed's "
+               "partitioned checkpoints resume only with the worker count that saved them")
         _check(self.strategy in ("ddp", "deepspeed"), f"trainer.strategy must be ddp|deepspeed, got {self.strategy!r}")
         _check(self.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3")
         _check(self.precision in ("bf16", "fp16", "fp32"), f"trainer.precision must be bf16|fp16|fp32, got {self.precision!r}")
         _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
         _check(self.max_failures >= -1, "trainer.max_failures must be >= -1 (-1 = unlimited)")
         _check(self.num_to_keep >= 1, "trainer.num_to_keep must be >= 1")
+
+    @property
+    def elastic(self) -> bool:
+        """True for a ``MIN-MAX`` worker count."""
+        return isinstance(self.num_workers, str)
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.num_workers)[1]
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def worker_range(num_workers: int | str) -> tuple[int, int]:
+    """``2`` -> (2, 2); ``"1-4"`` -> (1, 4) (already validated by :func:`parse_num_workers`)."""
+    if isinstance(num_workers, int):
+        return num_workers, num_workers
+    lo, hi = num_workers.split("-")
+    return int(lo), int(hi)
+
+
+def parse_num_workers(value: int | str) -> int | str:
+    """A worker count ``N >= 1`` (int) or an elastic range ``"MIN-MAX"`` with 1 <= MIN <= MAX (``"3-3"`` is 3)."""
+    if isinstance(value, int):
+        _check(value >= 1, "trainer.num_workers must be >= 1")
+        return value
+    text = str(value).strip().replace(" ", "")
+    if text.isdigit():
+        return parse_num_workers(int(text))
+    lo, sep, hi = text.partition("-")
+    _check(sep == "-" and lo.isdigit() and hi.isdigit(),
+           f"trainer.num_workers must be a count (2) or a range MIN-MAX (2-8), got {value!r}")
+    _check(1 <= int(lo) <= int(hi), f"trainer.num_workers={value}: need 1 <= MIN <= MAX")
+    if int(lo) == int(hi):
+        return int(lo)
+    return f"{int(lo)}-{int(hi)}"
 
 
 @dataclass
@@ -209,7 +271,8 @@ class Config:
 
     @property
     def effective_batch_size(self) -> int:
-        return self.data.batch_size * self.trainer.num_workers * self.optim.grad_accum
+        """Samples per optimizer step; with an elastic worker count, at the largest group."""
+        return self.data.batch_size * self.trainer.max_workers * self.optim.grad_accum
 
 
 def _check(cond: bool, message: str) -> None:

@@ -13,11 +13,22 @@ keep running without token auth and no ``~/.ray/auth_token`` is ever written.
 their workers on SIGTERM), then any of its descendants still alive.  It never
 runs ``ray stop``, which kills every Ray process of every user on the machine
 (other engineers' and CI jobs' clusters included).
+
+Several nodes on one machine: :meth:`RayHead.add_node` starts a worker node (its
+own ``ray start --block --address ...`` process) that joins this head with the
+same token.  Each node, the head included, gets its own node-manager, object-manager,
+dashboard-agent, runtime-env-agent and metrics ports, a disjoint worker port range,
+and (worker nodes) its own ``--temp-dir``: with a shared temp dir a worker node's
+runtime-env agent garbage-collects the job's unpacked working dir under the running
+driver.  Nodes are started one at a time (two raylets starting together can race for
+a port); :meth:`RayNode.kill_raylet` SIGKILLs one node's raylet by pid, which is how
+the tests lose a node.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -33,12 +44,92 @@ from pathlib import Path
 import psutil
 
 VENV_BIN = Path(sys.executable).parent
+_TAKEN_RANGES: list[range] = []  # worker port ranges handed out by this process (kept disjoint)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_range(size: int = 100) -> range:
+    """``size`` consecutive ports, free now and disjoint from every range handed out before."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - size)
+        r = range(base, base + size)
+        if any(r.start < t.stop and t.start < r.stop for t in _TAKEN_RANGES):
+            continue
+        if all(_port_is_free(p) for p in r):
+            _TAKEN_RANGES.append(r)
+            return r
+    raise RuntimeError(f"no {size} consecutive free ports found")
+
+
+def node_port_args() -> list[str]:
+    """Every per-node port of ``ray start`` set to a free one, plus a private worker port range."""
+    workers = free_port_range()
+    return [
+        "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()),
+        # Every port Ray would otherwise take at a fixed default (agent 52365, client 10001)
+        # is a free one, so this node coexists with other Ray instances on the machine.
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--min-worker-port", str(workers.start),
+        "--max-worker-port", str(workers.stop - 1),
+    ]
+
+
+def _session_members(sid: int) -> list[psutil.Process]:
+    """Processes in session ``sid`` (each node's ``ray start`` runs in a session of its own,
+    so this finds its processes even after they were re-parented when the raylet died)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.pid != os.getpid():
+                found.append(p)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def _stop_tree(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM a ``ray start --block`` process (it tears down what it started), then kill
+    what is left of its tree and of its session."""
+    if proc is None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    alive = {p.pid: p for p in [*alive, *_session_members(proc.pid)]}.values()
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(alive), timeout=5)
 
 
 class RayHead:
@@ -52,8 +143,11 @@ class RayHead:
         # Short path: Ray's unix socket paths must stay under ~107 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dprt", dir="/tmp"))
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.log_path = self.temp_dir / "ray-start.log"
         self._proc: subprocess.Popen | None = None
+        self.node_id: str | None = None
+        self.nodes: list[RayNode] = []
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(
             RAY_AUTH_MODE="token",
@@ -73,10 +167,8 @@ class RayHead:
             "--port", str(self.gcs_port),
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard_port),
-            # Every port Ray would otherwise take at a fixed default (agent 52365, client 10001)
-            # is a free one, so this head coexists with other Ray instances on the machine.
-            "--dashboard-agent-listen-port", str(free_port()),
             "--ray-client-server-port", str(free_port()),
+            *node_port_args(),
             "--num-cpus", str(self.num_cpus),
             "--num-gpus", "0",
             "--include-dashboard", "true",
@@ -94,33 +186,27 @@ class RayHead:
                 raise RuntimeError(f"ray start exited with {self._proc.returncode}:\n{self.start_log()}")
             try:
                 self.api("/api/version")
-                return self
+                alive = self.alive_node_ids()
+                if len(alive) == 1:
+                    self.node_id = next(iter(alive))
+                    return self
             except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1.0)
+                pass
+            time.sleep(1.0)
         self.stop()
         raise RuntimeError(f"Ray head did not answer on {self.address} within {timeout_s:.0f}s:\n{self.start_log()}")
 
-    def stop(self, grace_s: float = 30.0) -> None:
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the worker nodes (newest first), then the head; everything by pid.
+
+        After jobs ran, the head's ``ray start --block`` often does not finish its own
+        teardown within 30 s of SIGTERM; after ``grace_s`` what is left is killed.
+        """
+        for node in reversed(self.nodes):
+            node.stop()
+        self.nodes = []
         proc, self._proc = self._proc, None
-        if proc is not None:
-            try:
-                tree = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                tree = []
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-            _, alive = psutil.wait_procs(tree, timeout=5)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(alive, timeout=5)
+        _stop_tree(proc, grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "RayHead":
@@ -128,6 +214,43 @@ class RayHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # ------------------------------------------------------------------ worker nodes
+    def add_node(self, num_cpus: int, timeout_s: float = 120.0) -> "RayNode":
+        """Start one worker node and wait until the head counts it alive (one node at a time)."""
+        node = RayNode(self, num_cpus)
+        self.nodes.append(node)
+        node.start(timeout_s)
+        return node
+
+    def ensure_nodes(self, count: int, num_cpus: int) -> list["RayNode"]:
+        """Forget dead worker nodes (stopping what is left of them), start new ones up to ``count`` alive."""
+        for node in [n for n in self.nodes if not n.alive()]:
+            node.stop()
+            self.nodes.remove(node)
+        while len(self.nodes) < count:
+            self.add_node(num_cpus)
+        return list(self.nodes)
+
+    def alive_node_ids(self) -> set[str]:
+        """Node ids the head's GCS reports ALIVE (Ray's state API through the dashboard)."""
+        data = self.api("/api/v0/nodes?limit=1000")
+        rows = data["data"]["result"]["result"]
+        return {r["node_id"] for r in rows if r.get("state") == "ALIVE"}
+
+    def wait_for_nodes(self, predicate, what: str, timeout_s: float = 120.0) -> set[str]:
+        """Poll :meth:`alive_node_ids` until ``predicate(ids)`` holds."""
+        deadline = time.monotonic() + timeout_s
+        ids: set[str] = set()
+        while time.monotonic() < deadline:
+            try:
+                ids = self.alive_node_ids()
+                if predicate(ids):
+                    return ids
+            except (urllib.error.URLError, ConnectionError, OSError, KeyError):
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {what}; alive nodes: {sorted(ids)}")
 
     # ------------------------------------------------------------------ clients
     def start_log(self) -> str:
@@ -157,9 +280,10 @@ class RayHead:
         )
 
     def submit(self, submission_id: str, entrypoint: list[str], runtime_env: dict,
-               cwd: str | Path, timeout: float = 600.0) -> subprocess.CompletedProcess:
+               cwd: str | Path, timeout: float = 600.0, wait: bool = True) -> subprocess.CompletedProcess:
         """``ray job submit`` and follow the logs until the job ends (exit 1 when it FAILED).
 
+        ``wait=False`` submits with ``--no-wait`` and returns once the job is accepted.
         Right after start the dashboard answers before the head's job agent has registered
         and refuses submissions with "No available agent to submit job, please try again
         later"; that refusal (no job was created) is retried for up to a minute.
@@ -170,6 +294,7 @@ class RayHead:
                 "job", "submit", "--address", self.address,
                 "--submission-id", submission_id,
                 "--runtime-env-json", json.dumps(runtime_env),
+                *([] if wait else ["--no-wait"]),
                 "--", *entrypoint,
                 cwd=cwd, timeout=timeout,
             )
@@ -177,7 +302,105 @@ class RayHead:
                 return proc
             time.sleep(2.0)
 
+    def wait_for_job(self, submission_id: str, timeout_s: float = 600.0) -> dict:
+        """Poll the job until it reaches a terminal status; returns its info."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.job_info(submission_id)
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {submission_id} still {info['status']} after {timeout_s:.0f}s")
+            time.sleep(2.0)
+
+    def stop_job(self, submission_id: str) -> None:
+        self.ray_cli("job", "stop", "--address", self.address, submission_id)
+
     def logs(self, submission_id: str) -> str:
         proc = self.ray_cli("job", "logs", "--address", self.address, submission_id)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
+
+
+class RayNode:
+    """One worker node of a :class:`RayHead`: its own ``ray start --block`` process, ports and temp dir."""
+
+    def __init__(self, head: RayHead, num_cpus: int) -> None:
+        self.head = head
+        self.num_cpus = num_cpus
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="dprn", dir="/tmp"))
+        self.log_path = self.temp_dir / "ray-start.log"
+        self.node_id: str | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> "RayNode":
+        before = self.head.alive_node_ids()
+        cmd = [
+            str(VENV_BIN / "ray"), "start", "--block",
+            "--address", self.head.gcs_address,
+            "--node-ip-address", "127.0.0.1",
+            *node_port_args(),
+            "--num-cpus", str(self.num_cpus),
+            "--num-gpus", "0",
+            "--temp-dir", str(self.temp_dir),
+            "--disable-usage-stats",
+        ]
+        log = open(self.log_path, "wb")
+        self._proc = subprocess.Popen(cmd, env=self.head.env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log.close()
+        try:
+            ids = self.head.wait_for_nodes(lambda ids: len(ids - before) >= 1 or self._proc.poll() is not None,
+                                           "a new worker node", timeout_s)
+        except RuntimeError:
+            self.stop()
+            raise
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"worker node exited with {self._proc.returncode}:\n{self.start_log()}")
+        self.node_id = next(iter(ids - before))
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def raylet(self) -> psutil.Process:
+        """This node's raylet process (a descendant of its ``ray start`` process)."""
+        for p in psutil.Process(self._proc.pid).children(recursive=True):
+            try:
+                if p.name() == "raylet" or "/raylet" in " ".join(p.cmdline()[:1]):
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        raise RuntimeError(f"no raylet under ray start pid {self._proc.pid}")
+
+    def descendant_pids(self) -> set[int]:
+        try:
+            return {p.pid for p in psutil.Process(self._proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def kill_raylet(self) -> int:
+        """SIGKILL this node's raylet (the node is lost); returns its pid."""
+        p = self.raylet()
+        os.kill(p.pid, signal.SIGKILL)
+        return p.pid
+
+    def alive(self) -> bool:
+        if self._proc is None or self._proc.poll() is not None:
+            return False
+        try:
+            return self.raylet().is_running()
+        except (RuntimeError, psutil.NoSuchProcess):
+            return False
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        proc, self._proc = self._proc, None
+        _stop_tree(proc, grace_s)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def start_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "<no log>"

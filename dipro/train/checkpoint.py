@@ -250,6 +250,22 @@ def state_from_meta(meta: dict[str, Any]) -> TrainState:
     return TrainState(**{k: meta[k] for k in keys if k in meta})
 
 
+def rescale_data_position(batches_in_epoch: int, saved_world: int, world: int, accum: int, used_micro: int) -> int:
+    """Micro batches per rank already consumed, for a group of ``world`` ranks resuming a checkpoint
+    written by ``saved_world`` ranks (an elastic group that shrank or grew).
+
+    Every rank reads ``1/world`` of the epoch, so ``batches_in_epoch * saved_world`` micro batches
+    (of one rank's size) were consumed over all ranks; the new group skips that many divided by
+    ``world``, rounded down to a whole optimizer step (``accum`` micro batches) and capped at
+    ``used_micro`` (the micro batches a rank uses per epoch).  What is kept is how much of the
+    epoch is left (rounding down redoes less than one step rather than dropping any); which
+    samples are left is not, because the epoch's blocks are cut anew for the new world size
+    (dipro/data/plan.py).
+    """
+    consumed = batches_in_epoch * saved_world // world
+    return min((consumed // accum) * accum, used_micro)
+
+
 def meta_from_state(state: TrainState, **extra: Any) -> dict[str, Any]:
     return {**asdict(state), **extra}
 

@@ -4,6 +4,12 @@
 
     {"kill_rank": 1, "kill_at_step": 3, "marker": "/tmp/killed"}   # SIGKILL rank 1 once after step 3
     {"nan_at_step": 2}                                              # make the loss of step 2 NaN
+    {"hold_at_step": 3, "hold_file": "/tmp/held", "hold_s": 300}    # every rank waits after step 3, once
+
+``hold_at_step`` lets a test act on a run at a known point (kill a node while
+training is in flight): each rank writes ``{hold_file}.rank{R}`` and sleeps up to
+``hold_s`` seconds (then carries on); a restarted worker group finds the files and
+does not wait again.
 
 ``marker`` makes the kill happen once per marker file (a restarted worker group
 finds the file and carries on).  Unset (the normal case) every hook is a no-op.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -47,3 +54,15 @@ def maybe_nan(loss: torch.Tensor, global_step: int) -> torch.Tensor:
     if spec and spec.get("nan_at_step") == global_step:
         return loss * float("nan")
     return loss
+
+
+def maybe_hold(rank: int, global_step: int) -> None:
+    """Wait here once per rank if the spec asks to hold at this step (see the module docstring)."""
+    spec = _spec()
+    if not spec or spec.get("hold_at_step") != global_step:
+        return
+    mine = Path(f"{spec['hold_file']}.rank{rank}")
+    if mine.exists():
+        return
+    mine.write_text(f"rank {rank} held at step {global_step} (pid {os.getpid()})\n")
+    time.sleep(float(spec.get("hold_s", 300)))

@@ -76,11 +76,12 @@ def check_resources(cfg: Config, started_here: bool) -> None:
     import ray
 
     res = ray.cluster_resources()
-    need_cpu = cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
-    need_gpu = cfg.trainer.num_workers if cfg.trainer.use_gpu else 0
+    workers = cfg.trainer.min_workers  # an elastic group starts with MIN
+    need_cpu = workers * cfg.trainer.cpus_per_worker
+    need_gpu = workers if cfg.trainer.use_gpu else 0
     problems = []
     if need_cpu > res.get("CPU", 0):
-        problems.append(f"{need_cpu:g} CPUs ({cfg.trainer.num_workers} workers x {cfg.trainer.cpus_per_worker:g}) "
+        problems.append(f"{need_cpu:g} CPUs ({workers} workers x {cfg.trainer.cpus_per_worker:g}) "
                         f"but the cluster has {res.get('CPU', 0):g}")
     if need_gpu > res.get("GPU", 0):
         problems.append(f"{need_gpu} GPUs but the cluster has {res.get('GPU', 0):g}")
@@ -88,7 +89,8 @@ def check_resources(cfg: Config, started_here: bool) -> None:
         msg = "trainer asks for " + "; ".join(problems)
         if started_here:
             raise ConfigError(msg + " (lower trainer.num_workers / trainer.cpus_per_worker, or set RAY_ADDRESS)")
-        _say(f"warning: {msg}; waiting for the cluster to scale up")
+        _say(f"warning: {msg}; waiting up to trainer.schedule_timeout_s={cfg.trainer.schedule_timeout_s:g}s "
+             "for the cluster to scale up")
 
 
 def _failure_message(exc: BaseException) -> str | None:
@@ -116,9 +118,10 @@ def _evaluate_task(best_dir: str, split: str, device: str, precision: str):
 def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> TrainResult:
     """Train ``cfg`` (see :func:`dipro.train.run_training`)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dipro.train import placement
     from dipro.train.loop import train_loop_per_worker
 
     precision = validate_config(cfg)
@@ -144,9 +147,12 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
     workers, accum = cfg.trainer.num_workers, cfg.optim.grad_accum
     _say(f"run {run_name}: task {cfg.task}, {cfg.trainer.strategy}"
          + (f" ZeRO-{cfg.trainer.zero_stage}" if cfg.trainer.strategy == "deepspeed" else "")
-         + f", precision {precision}, {workers} worker(s) on {'GPU' if cfg.trainer.use_gpu else 'CPU'}")
+         + f", precision {precision}, {workers} worker(s) on {'GPU' if cfg.trainer.use_gpu else 'CPU'}"
+         + f", placement {cfg.trainer.placement_strategy}")
     _say(f"effective batch = micro batch {cfg.data.batch_size} x workers {workers} x accumulation {accum} "
-         f"= {cfg.effective_batch_size}; {micro // accum} optimizer steps/epoch, up to {cfg.trainer.max_epochs} epochs")
+         f"= {cfg.effective_batch_size}" + (f" at {cfg.trainer.max_workers} workers (elastic: it shrinks with the group)"
+                                             if cfg.trainer.elastic else "")
+         + f"; {micro // accum} optimizer steps/epoch, up to {cfg.trainer.max_epochs} epochs")
     if resume_from is not None:
         _say(f"resuming {resume} from {resume_from}")
 
@@ -178,18 +184,19 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
             train_loop_per_worker,
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.trainer.use_gpu,
-                                         resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
+            scaling_config=placement.scaling_config(cfg),
             run_config=RunConfig(name=run_name, storage_path=str(storage),
-                                 failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),
+                                 failure_config=placement.failure_config(cfg),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
+                                 callbacks=[placement.SchedulingDeadline(cfg.trainer.schedule_timeout_s)]),
         )
         fitting = True
         try:
-            result = trainer.fit()
+            with placement.start_timeout_env(cfg):
+                result = trainer.fit()
         except Exception as exc:
             failure = failures.rank_error(exc)
-            reason = _failure_message(exc)
+            reason = _failure_message(exc) or placement.not_placed_message(exc, cfg)
             summary = (failure.one_line() if failure is not None else
                        f"run {run_name} stopped: {reason}" if reason is not None else
                        f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}")

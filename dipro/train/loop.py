@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,8 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         cfg = self.cfg
+        self._say(f"world rank {self.rank} of {self.world} on Ray node {ray.get_runtime_context().get_node_id()} "
+                  f"({socket.gethostname()}, pid {os.getpid()})")
         if cfg.trainer.use_gpu:
             import ray.train.torch
 
@@ -255,6 +258,10 @@ class Worker:
                               f"this run uses {self.strategy.name!r}")
         self.strategy.load_state(d)
         self.state = ck.state_from_meta(meta)
+        saved_world = int(meta.get("world_size", self.world))
+        if saved_world != self.world:  # an elastic group resized: keep the fraction of the epoch done
+            self.state.batches_in_epoch = ck.rescale_data_position(
+                self.state.batches_in_epoch, saved_world, self.world, self.accum, self.used_micro)
         rng = ck.rng_file(d, self.rank)
         if rng.is_file():
             ck.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
@@ -318,7 +325,7 @@ class Worker:
 
         cfg, s, st = self.cfg, self.state, self.strategy
         every = cfg.trainer.checkpoint_every_n_steps
-        samples_per_step = cfg.effective_batch_size
+        samples_per_step = cfg.data.batch_size * self.world * self.accum  # this group's size (elastic: may vary)
         while s.epoch < cfg.trainer.max_epochs:
             epoch = s.epoch
             self.loader.set_epoch(epoch)
@@ -360,6 +367,7 @@ class Worker:
                 if s.global_step % cfg.trainer.log_every_n_steps == 0 or s.batches_in_epoch == self.used_micro:
                     dt = time.perf_counter() - t_window
                     logm = {**window_terms.global_means(self.device), "train/lr": st.lr(), "train/epoch": epoch,
+                            "train/world_size": self.world,
                             "train/samples_per_s": steps_in_window * samples_per_step / max(dt, 1e-9),
                             "train/step_time_s": dt / max(steps_in_window, 1),
                             **self.loader.stats.as_dict()}
@@ -372,6 +380,7 @@ class Worker:
                             self.tracker.log_metrics(logm, step=s.global_step)
                     window_terms, t_window, steps_in_window = _Running(), time.perf_counter(), 0
                 faults.maybe_kill(self.rank, s.global_step)
+                faults.maybe_hold(self.rank, s.global_step)
                 if every and s.global_step % every == 0 and s.batches_in_epoch < self.used_micro:
                     self._save_and_report("step", {"epoch": epoch, "global_step": s.global_step,
                                                    **epoch_terms.global_means(self.device)}, None, improved=False)

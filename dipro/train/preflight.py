@@ -86,7 +86,9 @@ def check_shards(cfg: Config) -> int:
     for shard_set in (train, val):
         check_manifest_settings(cfg, shard_set)
     check_ehr_features(cfg)
-    batch, accum, workers = cfg.data.batch_size, cfg.optim.grad_accum, cfg.trainer.num_workers
+    # an elastic group (trainer.num_workers=MIN-MAX) is checked at its largest size: the most ranks
+    # split the epoch into the fewest micro batches per rank
+    batch, accum, workers = cfg.data.batch_size, cfg.optim.grad_accum, cfg.trainer.max_workers
     need = batch * accum * workers
     if train.num_samples < need:
         raise ConfigError(
