@@ -297,9 +297,14 @@ def row_cxrs(task_dir: str, row: dict[str, Any]) -> tuple[list[str], list[float]
 
 
 def ehr_window(task_dir: str, row: dict[str, Any]) -> tuple[int, int]:
-    """Inclusive hour range of the sample's EHR window (docs/ARCHITECTURE.md section 1)."""
+    """Inclusive hour range of the sample's EHR window (docs/ARCHITECTURE.md section 1).
+
+    Progression: the hours h with h - 1 <= t2 and h + 1 >= t1, i.e. [t1 - 1, t2 + 1] as the
+    authors select rows (github.com/Chenliu-svg/DiPro ``dataset_module/dipro_dataset.py:
+    DiproDataset.__getitem__``); mortality / LOS: hours 0..48.
+    """
     if task_dir == "disease_progression":
-        return math.floor(row["cxr1_hours"]), math.ceil(row["cxr2_hours"])
+        return math.ceil(row["cxr1_hours"] - 1), math.floor(row["cxr2_hours"] + 1)
     return 0, ICU_WINDOW_HOURS
 
 

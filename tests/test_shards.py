@@ -113,7 +113,7 @@ def test_sample_contents_equal_the_processed_inputs(fx, shards):
             stay = meta["stay_id"]
             if meta["task_dir"] == "disease_progression":
                 row = prog.iloc[meta["row"]]
-                lo, hi = math.floor(row.cxr1_hours), math.ceil(row.cxr2_hours)
+                lo, hi = math.ceil(row.cxr1_hours - 1), math.floor(row.cxr2_hours + 1)  # hours in [t1 - 1, t2 + 1]
                 assert labels == {"progression": [int(row[d]) for d in DISEASE_SLUGS]}
                 assert meta["dicom_ids"] == [row.cxr1_dicom_id, row.cxr2_dicom_id]
                 expected_rl = np.stack(list(row.region_labels))[None]
