@@ -385,6 +385,7 @@ class SampleBuilder:
     view: ProcessedView
     task_dir: str
     crop_size: int
+    resample: str = "bilinear"
     image_digests: dict[str, str] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
     ehr: dict[int, StayEHR] = field(default_factory=dict)
@@ -460,7 +461,7 @@ class SampleBuilder:
                 data = None
             self.image_digests[path] = image_digest(data)
             result = crop_regions(data, [cxr[c] for c in BOX_COLUMNS], self.crop_size,
-                                  recorded_size=(cxr["width"], cxr["height"]))
+                                  recorded_size=(cxr["width"], cxr["height"]), resample=self.resample)
             self.counts.update(result.counts)
             self._crop_cache[cache_key] = (result.crops, result.present)
         return self._crop_cache[cache_key]
