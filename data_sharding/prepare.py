@@ -208,10 +208,11 @@ def load_scene_graphs(cxr: pd.DataFrame, roots: RawRoots, report: C.RuleReport, 
 
 def stream_ehr(paths: dict[str, Path], stays: pd.DataFrame, population: pd.DataFrame, report: C.RuleReport,
                opts: PrepareOptions) -> tuple[E.HourlyAccumulator, E.EventStats, pd.DataFrame]:
-    """Stream every event table block by block: the hourly grid of the cohort ``stays``, and the
-    normalisation statistics of the ``population`` stays plus each stay's first height and weight.
+    """Stream every event table block by block: the hourly grid of the cohort ``stays``, the
+    measurement statistics of the ``population`` stays (``--norm-stats all``; empty otherwise),
+    and each of these stays' first height and weight.
 
-    Returns the accumulators and the stays ``EventStats`` indexes (cohort and population)."""
+    Returns the accumulators and the stays ``EventStats`` indexes (cohort, then population)."""
     acc = E.HourlyAccumulator(stays["stay_id"].to_numpy(), stays["intime"], stays["outtime"])
     union = pd.concat([stays, population], ignore_index=True).drop_duplicates("stay_id").reset_index(drop=True)
     stats = E.EventStats(union["stay_id"].to_numpy(), union["intime"], union["outtime"],
@@ -366,16 +367,22 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
 
     # EHR and demographics: statistics over the `norm_stats` population.
     population = stays[is_train] if opts.norm_stats == "train" else all_stays
-    acc, stats, union = stream_ehr(paths, stays, population, report, opts)
+    acc, stats, union = stream_ehr(paths, stays, population if opts.norm_stats == "all" else stays.iloc[:0],
+                                   report, opts)
     values, masks, offsets = acc.grids()
     no_events = int((np.add.reduceat(masks.sum(axis=1), offsets[:-1]) == 0).sum()) if len(values) else 0
     values = E.impute(values, offsets)
-    mean, std = stats.mean_std()
+    if opts.norm_stats == "train":  # this project: the training stays' hourly grid
+        mean, std = E.grid_stats(values, offsets, is_train)
+        n_stat = np.full(len(EHR_VALUE_COLUMNS), int(np.diff(offsets)[is_train].sum()))
+    else:  # the authors: every measurement of every stay
+        mean, std = stats.mean_std()
+        n_stat = stats.counts()
     values = (values - mean) / std
 
     raw = D.raw_features(union, stats.first_values(EHR_VALUE_COLUMNS.index("height")),
                          stats.first_values(EHR_VALUE_COLUMNS.index("weight")))
-    in_pop = union["stay_id"].isin(population["stay_id"]).to_numpy()
+    in_pop = union["stay_id"].isin(population["stay_id"]).to_numpy()  # union holds every population stay
     defaults = {c: float(E.NORMAL[EHR_VALUE_COLUMNS.index(c)]) for c in ("height", "weight")}
     demo_stats = D.fit(raw[in_pop], {"age": 65.0, **defaults})
     cohort_raw = raw.set_index("stay_id").loc[stays["stay_id"].to_numpy()].reset_index()
@@ -405,7 +412,8 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
         _write_json({"mean": dict(zip(EHR_VALUE_COLUMNS, map(float, mean))),
                      "std": dict(zip(EHR_VALUE_COLUMNS, map(float, std))),
                      "n_stays": int(population["stay_id"].nunique()), "split": opts.norm_stats,
-                     "n_events": dict(zip(EHR_VALUE_COLUMNS, map(int, stats.counts()))),
+                     "statistic": "hourly_rows" if opts.norm_stats == "train" else "events",
+                     "n": dict(zip(EHR_VALUE_COLUMNS, map(int, n_stat))),
                      "demographics": {k: demo_stats[k] for k in ("mean", "std", "q1", "q3", "mode")}},
                     tmp / "ehr_stats.json")
         _write_json(L.label_stats(progression, mortality_los), tmp / "label_stats.json"); steps.update()
@@ -422,7 +430,8 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
         rep = report.to_dict()
         rep.update({"ehr_cleaning": dict(sorted(acc.info.items())), "counts": counts,
                     "normalisation": {"population": opts.norm_stats, "n_stays": int(population["stay_id"].nunique()),
-                                      "events": int(stats.counts().sum())},
+                                      "statistic": "hourly rows" if opts.norm_stats == "train" else "events",
+                                      "n": int(n_stat.sum())},
                     "demographics": demographics_report,
                     "inputs": {"cxr": str(roots.cxr), "mimiciv": str(roots.mimiciv),
                                "imagenome": str(roots.imagenome)},
@@ -460,8 +469,8 @@ def format_summary(result: PrepareResult) -> str:
              f"disease_progression: {c['progression_pairs']} of {c['consecutive_pairs']} consecutive pairs "
              f"({c['progression_pairs_gold']} gold); mortality_los: {c['mortality_los_stays']} stays",
              f"EHR: {c['ehr_rows']} hourly rows in {c['ehr_parts']} part(s) from {c['ehr_events_used']} events; "
-             f"{c['stays_without_ehr_events']} stay(s) without any event; statistics over the {norm['population']} "
-             f"population ({norm['n_stays']} stays, {norm['events']} events)",
+             f"{c['stays_without_ehr_events']} stay(s) without any event; statistics: {norm['statistic']} of the "
+             f"{norm['population']} population ({norm['n_stays']} stays, {norm['n']} values)",
              "EHR cleaning: " + (", ".join(f"{k}: {v}" for k, v in result.report["ehr_cleaning"].items()) or "none"),
              "demographics: " + ", ".join(
                  f"{v} Q1-Q3 {demo['q1'][v]:.4g}-{demo['q3'][v]:.4g} ({demo['outliers_excluded_from_stats'][v]} "

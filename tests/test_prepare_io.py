@@ -194,23 +194,26 @@ def test_normalisation_uses_training_split_only(tmp_path):
     s2 = json.loads((tmp_path / "p2/ehr_stats.json").read_text())
     assert s1 == s2 and s1["split"] == "train" and s1["n_stays"] == int((cohort.split == "train").sum())
 
-    # Exactly the authors' statistic, over the training stays' heart-rate *events* (not the hourly grid).
-    hr = _hr_events(base, set(cohort.loc[cohort.split == "train", "stay_id"]))
-    assert s1["n_events"]["heart_rate"] == len(hr)
-    assert s1["mean"]["heart_rate"] == pytest.approx(hr.sum() / len(hr))
-    assert s1["std"]["heart_rate"] == pytest.approx(np.sqrt(((hr - hr.sum() / len(hr)) ** 2).sum() / len(hr)))
+    # And they are exactly the mean/std of the training rows: z-scored train rows have mean 0, std 1.
     ehr = pq.read_table(tmp_path / "p1/ehr/part-00000.parquet").to_pandas()
+    train = ehr[ehr.stay_id.isin(cohort.loc[cohort.split == "train", "stay_id"])]
+    z = train["heart_rate"].to_numpy(np.float64)
+    assert z.mean() == pytest.approx(0, abs=1e-5) and z.std() == pytest.approx(1, abs=1e-4)
+    assert s1["statistic"] == "hourly_rows" and s1["n"]["heart_rate"] == len(train)
     test = ehr[ehr.stay_id.isin(held_out)]
     assert abs(test["heart_rate"].mean()) > 1e-3  # held-out rows are not re-centred on themselves
     assert r1.report["counts"]["subjects_per_split"]["train"] + r1.report["counts"]["subjects_per_split"]["val"] \
         + r1.report["counts"]["subjects_per_split"]["test"] == 20
 
-    # --norm-stats all (the authors): every stay's events, so the held-out change moves the mean.
+    # --norm-stats all (the authors): mean and population std of every stay's heart-rate *measurements*
+    # (not of the hourly grid), so the held-out change moves them.
     prepare(resolve_roots(tmp_path / "raw2"), tmp_path / "p3", PrepareOptions(norm_stats="all", **OPTS))
     s3 = json.loads((tmp_path / "p3/ehr_stats.json").read_text())
-    hr_all = _hr_events(changed, set(cohort.stay_id))
-    assert s3["split"] == "all" and s3["n_stays"] == 20
-    assert s3["mean"]["heart_rate"] == pytest.approx(hr_all.mean()) and s3["mean"]["heart_rate"] > s1["mean"]["heart_rate"]
+    hr = _hr_events(changed, set(cohort.stay_id))
+    assert s3["split"] == "all" and s3["statistic"] == "events" and s3["n_stays"] == 20
+    assert s3["n"]["heart_rate"] == len(hr)
+    assert s3["mean"]["heart_rate"] == pytest.approx(hr.sum() / len(hr))
+    assert s3["std"]["heart_rate"] == pytest.approx(np.sqrt(((hr - hr.sum() / len(hr)) ** 2).sum() / len(hr)))
 
 
 # ----------------------------------------------------------------------------- unit rules
