@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="processed output folder (written atomically)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="random_state of the patient-level split (default 0: the authors' split)")
-    f = p.add_argument_group("fidelity", "definitions that differ from the authors' code (docs/FIDELITY.md); "
-                                         "the defaults follow the authors except where noted")
+    f = p.add_argument_group("fidelity", "definitions where this project and the authors' code differ "
+                                         "(docs/FIDELITY.md); the defaults follow the authors except where noted")
     f.add_argument("--dp-labels", choices=("authors", "severity"), default="authors",
                    help="disease-progression labels: authors (regions must agree; pairs without a label dropped; "
                         "default) or severity (worsened if any region worsened; every consecutive pair kept)")
@@ -37,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="region-level finding names: mapped (ImaGenome's 'pulmonary edema/hazy opacity' is edema; "
                         "default, a deviation) or authors (literal match: no region-level edema label)")
     f.add_argument("--norm-stats", choices=("train", "all"), default="train",
-                   help="population of the EHR and demographic normalisation statistics: train (cohort training "
-                        "stays; default, a deviation) or all (the authors: every stay, test included)")
+                   help="EHR and demographic normalisation statistics: train (the training stays; EHR over their "
+                        "hourly grid; default, a deviation) or all (the authors: every stay, test included; EHR over "
+                        "every measurement)")
     p.add_argument("--block-mb", type=int, default=16, help="MB per streamed block of the event tables (default 16)")
     p.add_argument("--full-jpeg-decode", action="store_true",
                    help="decode every pixel of each JPEG (default: header, markers and end-of-image check)")
