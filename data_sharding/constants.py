@@ -5,7 +5,8 @@ Single source of truth for region names, disease names, the 38 EHR variables
 features and the columns each raw MIMIC file must have.  Both the synthetic
 generator (:mod:`data_sharding.synth`) and the readers
 (:mod:`data_sharding.readers`) import from here so they cannot drift apart.
-Source: ../shared/DATA_FORMATS.md (public dataset docs + mimic3-benchmarks).
+Sources: the public dataset docs, mimic3-benchmarks, and the authors' preprocessing
+(github.com/Chenliu-svg/DiPro ``mimic_data_extract/``); docs/FIDELITY.md lists each rule.
 """
 from __future__ import annotations
 
@@ -52,6 +53,25 @@ IMAGENOME_FINDING_TO_DISEASE: dict[str, str] = {
     "pleural effusion": "pleural effusion",
     "pneumonia": "pneumonia",
 }
+
+# The authors' two name lists (github.com/Chenliu-svg/DiPro).  Pair level
+# (mimic_data_extract/mimic3benchmark/scripts/process_ImaGenome.py: pair_progression_statistic)
+# uses ImaGenome's names, edema included; region level (split_train_and_test.py:
+# get_organ_progression_labels_dp / _mort_los) matches the paper's names literally, so
+# ImaGenome's "pulmonary edema/hazy opacity" never matches there (`--region-names authors`).
+PAIR_LEVEL_FINDING_TO_DISEASE: dict[str, str] = {
+    "lung opacity": "lung opacity",
+    "pleural effusion": "pleural effusion",
+    "atelectasis": "atelectasis",
+    "enlarged cardiac silhouette": "enlarged cardiac silhouette",
+    "pulmonary edema/hazy opacity": "pulmonary edema",
+    "consolidation": "consolidation",
+    "pneumonia": "pneumonia",
+}
+AUTHORS_REGION_FINDING_TO_DISEASE: dict[str, str] = {d: d for d in DISEASES}
+#: Attribute categories whose names count as findings of a comparison (process_ImaGenome.py:
+#: get_disease_progression_labels); the yes/no polarity is not looked at.
+FINDING_CATEGORIES = ("anatomicalfinding", "disease")
 
 # --- Progression label encoding used by the paper.
 WORSENED, IMPROVED, NO_CHANGE, NOT_MENTIONED = 0, 1, 2, 3
@@ -154,6 +174,26 @@ RACE_GROUPS = (
     "UNKNOWN/UNABLE TO OBTAIN/PATIENT DECLINED TO ANSWER",
     "WHITE",
 )
+# MIMIC-IV ``admissions.race`` -> race group: the authors' table (ehr_preprocess.py:
+# process_demographic).  A value not in it (e.g. PORTUGUESE) or missing is imputed with the
+# most frequent group, as there.
+RACE_TO_GROUP: dict[str, str] = {
+    **{r: "WHITE" for r in ("WHITE", "WHITE - OTHER EUROPEAN", "WHITE - RUSSIAN", "WHITE - EASTERN EUROPEAN",
+                            "WHITE - BRAZILIAN")},
+    **{r: "BLACK/AFRICAN AMERICAN" for r in ("BLACK/AFRICAN AMERICAN", "BLACK/CAPE VERDEAN",
+                                             "BLACK/CARIBBEAN ISLAND", "BLACK/AFRICAN")},
+    **{r: "HISPANIC/LATINO" for r in (
+        "HISPANIC/LATINO - PUERTO RICAN", "HISPANIC OR LATINO", "HISPANIC/LATINO - DOMINICAN",
+        "HISPANIC/LATINO - GUATEMALAN", "HISPANIC/LATINO - SALVADORAN", "HISPANIC/LATINO - MEXICAN",
+        "HISPANIC/LATINO - CUBAN", "HISPANIC/LATINO - COLUMBIAN", "HISPANIC/LATINO - HONDURAN",
+        "HISPANIC/LATINO - CENTRAL AMERICAN")},
+    **{r: "ASIAN" for r in ("ASIAN", "ASIAN - CHINESE", "ASIAN - SOUTH EAST ASIAN", "ASIAN - ASIAN INDIAN",
+                            "ASIAN - KOREAN")},
+    **{r: "OTHER" for r in ("OTHER", "AMERICAN INDIAN/ALASKA NATIVE", "NATIVE HAWAIIAN OR OTHER PACIFIC ISLANDER",
+                            "SOUTH AMERICAN", "MULTIPLE RACE/ETHNICITY")},
+    **{r: "UNKNOWN/UNABLE TO OBTAIN/PATIENT DECLINED TO ANSWER" for r in ("UNKNOWN", "UNABLE TO OBTAIN",
+                                                                          "PATIENT DECLINED TO ANSWER")},
+}
 LANGUAGES = ("?", "ENGLISH")
 MARITAL_STATUSES = ("DIVORCED", "MARRIED", "SINGLE", "WIDOWED")
 DEMOGRAPHIC_FEATURES: tuple[str, ...] = (
@@ -166,13 +206,15 @@ DEMOGRAPHIC_FEATURES: tuple[str, ...] = (
 NUM_DEMOGRAPHICS = len(DEMOGRAPHIC_FEATURES)
 assert NUM_DEMOGRAPHICS == 17
 
-# --- Cohort rules (paper).
+# --- Cohort rules (paper; order and boundaries as in the authors' get_cxr.py: align_cxr_with_stay).
 MIN_AGE = 18
 MIN_STAY_HOURS = 48.0
+IQR_FACTOR = 1.5             # LOS and continuous demographics: Q1 - 1.5 IQR .. Q3 + 1.5 IQR
 MIN_CXRS, MAX_CXRS = 2, 14
-MIN_CXR_GAP_HOURS = 8.0      # a CXR < 8 h after the previous kept one is dropped
+MIN_CXR_GAP_HOURS = 8.0      # a CXR < 8 h after the previous CXR of the stay is dropped
 MAX_CXR_GAP_HOURS = 96.0     # a stay with a gap >= 96 h is dropped
-ICU_WINDOW_HOURS = 48        # mortality / LOS inputs: first 48 h, 49 hourly steps
+FIRST_CXR_GAP_HOURS = 12.0   # the gap the authors give a stay's first CXR (keeps it, never >= 96 h)
+ICU_WINDOW_HOURS = 48        # mortality / LOS inputs: CXRs before 48 h, EHR hours 0..48 (49 steps)
 ICU_WINDOW_STEPS = ICU_WINDOW_HOURS + 1
 
 # --- Raw layout (relative to the raw root) and required columns per file.

@@ -1,12 +1,17 @@
 """Region crops: one JPEG decode per CXR, ten boxes cut and resized to the crop size.
 
 The authors decode the full ~2,500 x 3,000 JPEG for every region of every
-sample at every epoch.  Here each image is decoded once per shard build, and
-when every present box is at least ``2**k`` times the crop size the JPEG is
-decoded at ``1 / 2**k`` scale (libjpeg DCT scaling via ``Image.draft``), which
-loses nothing the final crop could show.  Boxes are in full-image pixels
-(``cxr.parquet``); a null or invalid box yields a zero crop with
-``region_present = 0`` -- a missing region is marked, never faked.
+sample at every epoch, cut each box with ``PIL.Image.crop`` (integer pixels) and
+resize it to 224 x 224 with NEAREST (github.com/Chenliu-svg/DiPro
+``dataset_module/dipro_dataset.py: DiproDataset.get_cxr_regions``).  Here each image is
+decoded once per shard build and, by default (``resample="bilinear"``), each box is
+resampled with PIL's bilinear filter (antialiased when shrinking); when every present
+box is at least ``2**k`` times the crop size the JPEG is decoded at ``1 / 2**k`` scale
+(libjpeg DCT scaling via ``Image.draft``), which loses nothing the final crop could show.
+``resample="nearest"`` (``dipro shard --crop-resample nearest``) reproduces the authors'
+crops: full decode, box rounded to whole pixels, NEAREST.  Boxes are in full-image pixels
+(``cxr.parquet``, clipped to the image by ``dipro prepare``); a null or invalid box yields
+a zero crop with ``region_present = 0`` -- a missing region is marked, never faked.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from PIL import Image
 
 from data_sharding.constants import NUM_REGIONS
 
+#: Crop resampling modes: this project's default, then the authors'.
+RESAMPLE_MODES = ("bilinear", "nearest")
 # Largest JPEG DCT down-scaling libjpeg offers.
 _DRAFT_REDUCTIONS = (8, 4, 2, 1)
 # Smallest box side (pixels of the full image) that counts as a region.
@@ -83,17 +90,20 @@ def crop_regions(
     crop_size: int,
     *,
     recorded_size: tuple[int, int] | None = None,
+    resample: str = "bilinear",
 ) -> CropResult:
     """Decode one image (its file bytes; None = file missing) and crop its 10 region boxes.
 
     ``boxes`` are the 10 ``box_<region>`` values of the CXR's row in region
-    order.  ``recorded_size`` is (width, height) from ``cxr.parquet``; a
+    order; ``resample`` is one of :data:`RESAMPLE_MODES` (module docstring).  ``recorded_size`` is (width, height) from ``cxr.parquet``; a
     different actual size is counted (boxes are used in the actual image's
     pixels, clipped to it).  Undecodable images give all regions missing and
     are counted, so one bad file out of thousands does not stop a build.
     """
     if len(boxes) != NUM_REGIONS:
         raise ValueError(f"expected {NUM_REGIONS} boxes, got {len(boxes)}")
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample {resample!r}: expected one of {', '.join(RESAMPLE_MODES)}")
     crops, present = empty_crops(crop_size)
     counts: Counter = Counter()
     if data is None:
@@ -112,7 +122,7 @@ def crop_regions(
             parsed.append(box)
         if all(b is None for b in parsed):
             return CropResult(crops, present, counts)
-        if img.format == "JPEG":
+        if img.format == "JPEG" and resample == "bilinear":
             r = draft_reduction(parsed, crop_size)
             img.draft("L", (math.ceil(full_w / r), math.ceil(full_h / r)))
         img = img.convert("L")
@@ -124,8 +134,12 @@ def crop_regions(
         if box is None:
             continue
         x1, y1, x2, y2 = box
-        region = img.resize((crop_size, crop_size), Image.Resampling.BILINEAR,
-                            box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+        if resample == "nearest":  # the authors' crop(box) then Resize(NEAREST), in full-image pixels
+            region = img.crop(tuple(int(round(v)) for v in box)).resize((crop_size, crop_size),
+                                                                         Image.Resampling.NEAREST)
+        else:
+            region = img.resize((crop_size, crop_size), Image.Resampling.BILINEAR,
+                                box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
         crops[i] = np.asarray(region, dtype=np.uint8)
         present[i] = 1
     return CropResult(crops, present, counts)

@@ -1,11 +1,26 @@
 """The 17 demographic features of :data:`~data_sharding.constants.DEMOGRAPHIC_FEATURES`.
 
+As the authors build them (github.com/Chenliu-svg/DiPro ``mimic_data_extract/mimic3benchmark/
+scripts/ehr_preprocess.py: get_demographic_ehr, process_demographic``):
+
 * age = anchor_age + (year of ICU intime - anchor_year) (MIMIC-IV's shifted-age rule);
-* height (cm), weight (kg): first value measured in the stay (cleaned like every
-  EHR value), the variable's normal value when never measured;
-* age/height/weight z-scored with statistics of the training stays only;
-* one-hots: gender (F, M), race group (6), language (?, ENGLISH), marital status (4).
-  A value outside the categories gives an all-zero group (e.g. marital status missing).
+* height (cm), weight (kg): the first value measured in the stay (converted, not clamped;
+  missing when never measured);
+* age / height / weight: Q1, Q3 of the statistics population; values outside
+  [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (inclusive) are left out of the mean and the standard
+  deviation (pandas ``std``, ddof 1) -- and only out of them: an outlier is *kept* and
+  normalised with those statistics like every other value; a missing value becomes the mean;
+  then ``(x - mean) / std``;
+* categorical: gender (F, M), race group (6, the authors' table
+  :data:`~data_sharding.constants.RACE_TO_GROUP`), language (?, ENGLISH), marital status (4),
+  one-hot; a missing value -- and a race the table does not list -- becomes the most
+  frequent category of the population (ties: the first in sort order, as ``Series.mode()[0]``).
+  A non-missing value outside the categories gives an all-zero group (language: any value
+  other than ENGLISH counts as "?").
+
+The statistics population is the cohort's training stays (``--norm-stats train``, default)
+or the authors' "all stays" (``--norm-stats all``: every stay that passes the stay rules 1-4,
+test stays included -- their leak).
 """
 from __future__ import annotations
 
@@ -15,74 +30,106 @@ import pandas as pd
 from data_sharding.constants import (
     DEMOGRAPHIC_COLUMNS,
     GENDERS,
+    IQR_FACTOR,
     LANGUAGES,
     MARITAL_STATUSES,
     RACE_GROUPS,
+    RACE_TO_GROUP,
     slug,
 )
 
 CONTINUOUS = ("age", "height", "weight")
-_UNKNOWN = "UNKNOWN/UNABLE TO OBTAIN/PATIENT DECLINED TO ANSWER"
+CATEGORICAL = {"gender": GENDERS, "race": RACE_GROUPS, "language": LANGUAGES, "marital": MARITAL_STATUSES}
+#: A present value that belongs to no category: one-hot all zero, never imputed.
+OUTSIDE = "<outside the categories>"
 
 
-def race_group(race: object) -> str:
-    """MIMIC-IV ``race`` (2.0; ``ethnicity`` before) -> one of the 6 groups of the paper."""
-    r = str(race).strip().upper() if isinstance(race, str) else ""
-    if not r or r in ("UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER") or r.startswith("UNKNOWN"):
-        return _UNKNOWN
-    if r.startswith("WHITE") or r == "PORTUGUESE":
-        return "WHITE"
-    if r.startswith("BLACK"):
-        return "BLACK/AFRICAN AMERICAN"
-    if r.startswith("HISPANIC") or r == "SOUTH AMERICAN":
-        return "HISPANIC/LATINO"
-    if r.startswith("ASIAN"):
-        return "ASIAN"
-    return "OTHER"
+def race_group(race: object) -> str | None:
+    """MIMIC-IV ``race`` -> one of the 6 groups with the authors' table; None when missing or not in it."""
+    if not isinstance(race, str) or not race.strip():
+        return None
+    return RACE_TO_GROUP.get(race.strip().upper())
 
 
-def language_group(language: object) -> str:
-    """MIMIC-IV 2.0 records ENGLISH or '?'; anything else counts as '?' (not English / unknown)."""
-    return "ENGLISH" if isinstance(language, str) and language.strip().upper() == "ENGLISH" else "?"
+def language_group(language: object) -> str | None:
+    """MIMIC-IV 2.0 records ENGLISH or '?'; None when missing; any other language counts as '?'."""
+    if not isinstance(language, str) or not language.strip():
+        return None
+    return "ENGLISH" if language.strip().upper() == "ENGLISH" else "?"
+
+
+def _category(value: object, categories: tuple[str, ...]) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    v = value.strip().upper()
+    return v if v in categories else OUTSIDE
 
 
 def raw_features(stays: pd.DataFrame, height: np.ndarray, weight: np.ndarray) -> pd.DataFrame:
-    """Unnormalised features, one row per stay (same order as ``stays``)."""
+    """Unnormalised features, one row per stay (same order as ``stays``): continuous values (NaN =
+    missing) and one category name per categorical variable (None = missing)."""
     out = pd.DataFrame({"subject_id": stays["subject_id"].to_numpy(np.int64),
                         "stay_id": stays["stay_id"].to_numpy(np.int64)})
     year = stays["intime"].dt.year.to_numpy()
     anchor_year = pd.to_numeric(stays["anchor_year"], errors="coerce").to_numpy(np.float64)
     age = stays["anchor_age"].to_numpy(np.float64) + np.where(np.isnan(anchor_year), 0.0, year - anchor_year)
     out["age"] = age
-    out["height"] = height
-    out["weight"] = weight
-    gender = stays["gender"].fillna("").astype(str).str.strip().str.upper()
-    for g in GENDERS:
-        out[slug(f"gender_{g}")] = (gender == g).to_numpy(np.float64)
-    race = stays["race"].map(race_group)
-    for r in RACE_GROUPS:
-        out[slug(f"race_{r}")] = (race == r).to_numpy(np.float64)
-    lang = stays["language"].map(language_group)
-    for lg in LANGUAGES:
-        out[slug(f"language_{lg}")] = (lang == lg).to_numpy(np.float64)
-    marital = stays["marital_status"].fillna("").astype(str).str.strip().str.upper()
-    for m in MARITAL_STATUSES:
-        out[slug(f"marital_{m}")] = (marital == m).to_numpy(np.float64)
-    assert list(out.columns[2:]) == list(DEMOGRAPHIC_COLUMNS), "demographic column order drifted from constants"
+    out["height"] = np.asarray(height, dtype=np.float64)
+    out["weight"] = np.asarray(weight, dtype=np.float64)
+    out["gender"] = [_category(g, GENDERS) for g in stays["gender"]]
+    out["race"] = [race_group(r) for r in stays["race"]]
+    out["language"] = [language_group(x) for x in stays["language"]]
+    out["marital"] = [_category(m, MARITAL_STATUSES) for m in stays["marital_status"]]
     return out
 
 
-def normalise(features: pd.DataFrame, is_train: np.ndarray) -> tuple[pd.DataFrame, dict]:
-    """Z-score age/height/weight with training-stay statistics; columns cast to float32."""
-    out = features.copy()
-    stats: dict = {"mean": {}, "std": {}}
-    train = features[np.asarray(is_train, dtype=bool)]
+def _mode(values: pd.Series, fallback: str) -> str:
+    counts = values[values.notna() & (values != OUTSIDE)].value_counts()
+    if counts.empty:
+        return fallback
+    top = counts[counts == counts.max()].index
+    return str(sorted(top)[0])
+
+
+def fit(population: pd.DataFrame, defaults: dict[str, float]) -> dict:
+    """Statistics of the population's raw features (see the module docstring).
+
+    ``defaults`` gives a mean for a continuous variable the population never has (std 1 then).
+    """
+    stats: dict = {"mean": {}, "std": {}, "q1": {}, "q3": {}, "outliers_excluded": {}, "mode": {},
+                   "n_stays": len(population)}
     for c in CONTINUOUS:
-        mean = float(train[c].mean())
-        std = float(train[c].std(ddof=0))
-        std = std if std > 1e-8 else 1.0
-        stats["mean"][c], stats["std"][c] = mean, std
-        out[c] = (out[c] - mean) / std
+        x = population[c]
+        q1, q3 = float(x.quantile(0.25)), float(x.quantile(0.75))
+        lo, hi = q1 - IQR_FACTOR * (q3 - q1), q3 + IQR_FACTOR * (q3 - q1)
+        clear = x[(x >= lo) & (x <= hi)]
+        mean, std = float(clear.mean()), float(clear.std())
+        if not np.isfinite(mean):
+            mean = float(defaults[c])
+        if not (np.isfinite(std) and std > 1e-8):
+            std = 1.0
+        stats["mean"][c], stats["std"][c], stats["q1"][c], stats["q3"][c] = mean, std, q1, q3
+        stats["outliers_excluded"][c] = int((x.notna() & ~((x >= lo) & (x <= hi))).sum())
+    for c, cats in CATEGORICAL.items():
+        stats["mode"][c] = _mode(population[c], cats[0])
+    return stats
+
+
+def apply(features: pd.DataFrame, stats: dict) -> tuple[pd.DataFrame, dict]:
+    """Impute, normalise and one-hot encode; returns the 17 float32 columns and what was imputed."""
+    out = features[["subject_id", "stay_id"]].copy()
+    imputed: dict = {}
+    for c in CONTINUOUS:
+        x = features[c].to_numpy(np.float64)
+        imputed[c] = int(np.isnan(x).sum())
+        x = np.where(np.isnan(x), stats["mean"][c], x)
+        out[c] = (x - stats["mean"][c]) / stats["std"][c]
+    for c, cats in CATEGORICAL.items():
+        v = features[c].where(features[c].notna(), stats["mode"][c])
+        imputed[c] = int(features[c].isna().sum())
+        for cat in cats:
+            out[slug(f"{c}_{cat}")] = (v == cat).to_numpy(np.float64)
+    out = out[["subject_id", "stay_id", *DEMOGRAPHIC_COLUMNS]]
     for c in DEMOGRAPHIC_COLUMNS:
         out[c] = out[c].astype(np.float32)
-    return out, stats
+    return out, imputed

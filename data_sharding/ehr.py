@@ -1,7 +1,7 @@
-"""The 38-variable hourly EHR: parse, clean, resample, mask, impute, z-score (train statistics only).
+"""The 38-variable hourly EHR: parse, clean, resample, mask, impute, z-score.
 
 Per event (chartevents / outputevents rows of the 38 itemids of
-:data:`~data_sharding.constants.EHR_VARIABLES`, cohort stays only):
+:data:`~data_sharding.constants.EHR_VARIABLES`):
 
 * GCS arrives as text ("4 Spontaneously", "No Response-ETT") and maps to its
   ordinal with :data:`~data_sharding.constants.GCS_TEXT_TO_VALUE` (valuenum is the fallback).
@@ -11,15 +11,30 @@ Per event (chartevents / outputevents rows of the 38 itemids of
 * A NaN / unparseable value or charttime, or an event outside [intime, outtime],
   is skipped and counted by reason.
 
-Per stay: hourly grid, hour ``h`` = [intime + h, intime + h + 1), hours
-``0 .. floor(LOS hours)``; the last value in each hour is kept and its mask set
-to 1; then forward fill, then the variable's normal value where nothing was
-measured yet; then z-score ``(x - mean_train) / std_train`` with mean/std over
-every hourly row of the *training* stays (the authors used all stays: a leak).
+Per cohort stay (:class:`HourlyAccumulator`): hourly grid, hour ``h`` = [intime + h,
+intime + h + 1), hours ``0 .. floor(LOS hours)``; the last value in each hour is kept and
+its mask set to 1; then forward fill, then the variable's normal value where nothing was
+measured yet; then z-score ``(x - mean) / std``.
+
+Normalisation statistics, ``--norm-stats``:
+
+* ``train`` (default, this project): mean / std per variable over every hourly row of
+  the *training* stays' imputed grid (:func:`grid_stats`) -- the statistics of exactly
+  what the model is fed, so every input column is centred and scaled, with no test data
+  in them;
+* ``all`` (the authors, github.com/Chenliu-svg/DiPro ``ehr_preprocess.py: get_mean_std``):
+  mean and population std of every clamped *measurement* (:class:`EventStats`) of every
+  stay of the authors' "all stays", test stays included.  Measurement statistics leave
+  the imputed hours far from 0 where the normal value is far from the measured ones
+  (e.g. prothrombin time, whose itemid charts INR ~1.2 while the normal value is 14.5 s).
+
+:class:`EventStats` also records each stay's first height and weight (converted, not
+clamped) for the demographics, as mimic3-benchmarks' episode files do.
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +114,38 @@ def parse_values(df: pd.DataFrame, source: str, counts: Counter) -> tuple[np.nda
     return var, value
 
 
+@dataclass
+class Events:
+    """One block of events, parsed: stay id, variable index, charttime (ns), value (converted, unclamped)."""
+
+    stay_id: np.ndarray
+    var: np.ndarray
+    t_ns: np.ndarray
+    """int64 nanoseconds; 0 where ``bad_t``."""
+    value: np.ndarray
+    """float64, NaN = unparseable."""
+    bad_t: np.ndarray
+
+
+def parse_block(df: pd.DataFrame, source: str, info: Counter) -> Events:
+    """Parse one block of events (columns stay_id, itemid, charttime, value, ...); conversions counted in ``info``."""
+    if df.empty:
+        z = np.zeros(0, dtype=np.int64)
+        return Events(z, z, z, np.zeros(0), np.zeros(0, dtype=bool))
+    var, value = parse_values(df, source, info)
+    t = pd.to_datetime(df["charttime"], format="ISO8601", errors="coerce")
+    bad_t = t.isna().to_numpy()
+    t_ns = np.where(bad_t, 0, t.to_numpy(dtype="datetime64[ns]").astype(np.int64))
+    return Events(df["stay_id"].to_numpy(dtype=np.int64), var, t_ns, value, bad_t)
+
+
+def merge_in_order(a: Events, a_rows: np.ndarray, b: Events, b_rows: np.ndarray) -> Events:
+    """Events ``a`` and ``b`` (from the block rows ``a_rows`` / ``b_rows``) as one, in block row order."""
+    order = np.argsort(np.concatenate([a_rows, b_rows]), kind="stable")
+    return Events(*(np.concatenate([getattr(a, f), getattr(b, f)])[order]
+                    for f in ("stay_id", "var", "t_ns", "value", "bad_t")))
+
+
 class HourlyAccumulator:
     """Keeps, per (stay, variable, hour), the last value seen -- block by block, bounded by stay-hours."""
 
@@ -116,26 +163,28 @@ class HourlyAccumulator:
 
     def add(self, df: pd.DataFrame, source: str) -> None:
         """Parse, clean and reduce one block of events (columns stay_id, itemid, charttime, value, ...)."""
-        if df.empty:
+        self.add_events(parse_block(df, source, self.info))
+
+    def add_events(self, ev: Events) -> None:
+        """Reduce parsed events; rows of stays this accumulator does not hold are ignored."""
+        pos = self.pos.reindex(ev.stay_id).to_numpy()
+        mine = ~np.isnan(pos)
+        if not mine.any():
             return
-        var, value = parse_values(df, source, self.info)
-        t = pd.to_datetime(df["charttime"], format="ISO8601", errors="coerce")
-        bad_t = t.isna().to_numpy()
+        pos = pos[mine].astype(np.int64)
+        var, value, t_ns, bad_t = ev.var[mine], ev.value[mine], ev.t_ns[mine], ev.bad_t[mine]
         bad_v = np.isnan(value) & ~bad_t
         self.counts["event with unparseable charttime"] += int(bad_t.sum())
         self.counts["event with NaN/unparseable value"] += int(bad_v.sum())
-        pos = self.pos.reindex(df["stay_id"].to_numpy()).to_numpy()
         ok = ~bad_t & ~bad_v
-        t_ns = np.where(ok, t.to_numpy(dtype="datetime64[ns]").astype(np.int64), 0)
-        p = np.where(ok, pos, 0).astype(np.int64)
-        inside = ok & (t_ns >= self.intime_ns[p]) & (t_ns <= self.outtime_ns[p])
+        inside = ok & (t_ns >= self.intime_ns[pos]) & (t_ns <= self.outtime_ns[pos])
         self.counts["event outside the ICU stay"] += int((ok & ~inside).sum())
         clamped = np.clip(value, LOW[var], HIGH[var])
         self.info["value clamped to physiological range"] += int((inside & (clamped != value)).sum())
-        hour = (t_ns - self.intime_ns[p]) // HOUR_NS
+        hour = (t_ns - self.intime_ns[pos]) // HOUR_NS
         sel = inside
         self.n_events += int(sel.sum())
-        part = pd.DataFrame({"pos": p[sel], "var": var[sel], "hour": hour[sel].astype(np.int64),
+        part = pd.DataFrame({"pos": pos[sel], "var": var[sel], "hour": hour[sel].astype(np.int64),
                              "t": t_ns[sel], "value": clamped[sel]})
         self._parts.append(self._reduce(part))
         self._rows += len(self._parts[-1])
@@ -163,15 +212,104 @@ class HourlyAccumulator:
         return values, masks, offsets
 
 
-def first_observed(values: np.ndarray, masks: np.ndarray, offsets: np.ndarray, var: int) -> np.ndarray:
-    """Per stay, the first measured value of variable ``var`` (NaN when never measured)."""
-    out = np.full(len(offsets) - 1, np.nan)
-    rows = np.flatnonzero(masks[:, var])
-    if len(rows):
-        stay = np.searchsorted(offsets, rows, side="right") - 1
-        first = np.unique(stay, return_index=True)
-        out[first[0]] = values[rows[first[1]], var]
-    return out
+class EventStats:
+    """Normalisation statistics over the events of a population of stays, and first height/weight per stay.
+
+    ``stay_ids`` are every stay of interest (cohort and population); ``in_population`` marks
+    those whose events enter the statistics.  Events must arrive in file order.  Per variable
+    the clamped values of in-stay events are folded in chunks of :data:`CHUNK` values, in
+    arrival order (count, mean, sum of squared deviations, merged with Chan et al.'s pairwise
+    update): the same numbers as the authors' running sums, with less rounding, and -- the
+    chunks being cut by count, not by read block -- bit-identical for any ``--block-mb``.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, stay_ids: np.ndarray, intime: pd.Series, outtime: pd.Series, in_population: np.ndarray,
+                 first_vars: tuple[int, ...] = ()):
+        self.stay_ids = np.asarray(stay_ids, dtype=np.int64)
+        self.pos = pd.Series(np.arange(len(self.stay_ids)), index=self.stay_ids)
+        self.intime_ns = intime.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        self.outtime_ns = outtime.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        self.in_population = np.asarray(in_population, dtype=bool)
+        self.n = np.zeros(NUM_EHR_VARIABLES)
+        self.mean = np.zeros(NUM_EHR_VARIABLES)
+        self.m2 = np.zeros(NUM_EHR_VARIABLES)
+        self._pending: list[list[np.ndarray]] = [[] for _ in range(NUM_EHR_VARIABLES)]
+        self._pending_n = np.zeros(NUM_EHR_VARIABLES, dtype=np.int64)
+        self.first_vars = tuple(first_vars)
+        self._first_t = np.full((len(self.stay_ids), len(self.first_vars)), np.iinfo(np.int64).max, dtype=np.int64)
+        self._first_v = np.full((len(self.stay_ids), len(self.first_vars)), np.nan)
+
+    def add(self, ev: Events) -> None:
+        pos = self.pos.reindex(ev.stay_id).to_numpy()
+        ok = ~np.isnan(pos) & ~ev.bad_t & ~np.isnan(ev.value)
+        if not ok.any():
+            return
+        p = pos[ok].astype(np.int64)
+        var, value, t = ev.var[ok], ev.value[ok], ev.t_ns[ok]
+        inside = (t >= self.intime_ns[p]) & (t <= self.outtime_ns[p])
+        p, var, value, t = p[inside], var[inside], value[inside], t[inside]
+        pop = self.in_population[p]
+        self._queue(var[pop], np.clip(value[pop], LOW[var[pop]], HIGH[var[pop]]))
+        for k, v in enumerate(self.first_vars):
+            sel = var == v
+            if sel.any():
+                self._first(k, p[sel], t[sel], value[sel])
+
+    def _queue(self, var: np.ndarray, x: np.ndarray) -> None:
+        order = np.argsort(var, kind="stable")  # per variable, arrival order is kept
+        var, x = var[order], x[order]
+        bounds = np.searchsorted(var, np.arange(NUM_EHR_VARIABLES + 1))
+        for v in np.unique(var):
+            self._pending[v].append(x[bounds[v]:bounds[v + 1]])
+            self._pending_n[v] += bounds[v + 1] - bounds[v]
+            if self._pending_n[v] >= self.CHUNK:
+                buf = np.concatenate(self._pending[v])
+                cut = len(buf) - len(buf) % self.CHUNK
+                for a in range(0, cut, self.CHUNK):
+                    self._fold(int(v), buf[a:a + self.CHUNK])
+                self._pending[v] = [buf[cut:]] if cut < len(buf) else []
+                self._pending_n[v] = len(buf) - cut
+
+    def _fold(self, v: int, x: np.ndarray, state: tuple | None = None) -> tuple:
+        n_a, mean_a, m2_a = state if state is not None else (self.n[v], self.mean[v], self.m2[v])
+        n_b, mean_b = float(len(x)), float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        out = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
+        if state is None:
+            self.n[v], self.mean[v], self.m2[v] = out
+        return out
+
+    def _first(self, k: int, p: np.ndarray, t: np.ndarray, value: np.ndarray) -> None:
+        df = pd.DataFrame({"p": p, "t": t, "v": value, "row": np.arange(len(p))})
+        df = df[df["t"] == df.groupby("p")["t"].transform("min")]
+        df = df.sort_values(["p", "row"]).drop_duplicates("p", keep="last")  # same time: the later row
+        pp, tt = df["p"].to_numpy(), df["t"].to_numpy()
+        better = tt <= self._first_t[pp, k]  # a later block is later in the file: it wins ties
+        self._first_t[pp[better], k] = tt[better]
+        self._first_v[pp[better], k] = df["v"].to_numpy()[better]
+
+    def counts(self) -> np.ndarray:
+        """Events per variable that entered the statistics."""
+        return self.n + self._pending_n
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-variable mean and population std; a variable never measured gets its normal value and std 1."""
+        n, mean, m2 = self.n.copy(), self.mean.copy(), self.m2.copy()
+        for v in range(NUM_EHR_VARIABLES):
+            if self._pending_n[v]:
+                n[v], mean[v], m2[v] = self._fold(v, np.concatenate(self._pending[v]), (n[v], mean[v], m2[v]))
+        std = np.sqrt(np.where(n > 0, m2 / np.maximum(n, 1), 1.0))
+        mean = np.where(n > 0, mean, NORMAL)
+        std[~(std > 1e-8)] = 1.0
+        return mean, std
+
+    def first_values(self, var: int) -> np.ndarray:
+        """Per stay (order of ``stay_ids``), the first measured value of ``var`` (NaN when never)."""
+        return self._first_v[:, self.first_vars.index(var)].copy()
 
 
 def impute(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -185,8 +323,8 @@ def impute(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return values
 
 
-def train_stats(values: np.ndarray, offsets: np.ndarray, is_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean/std per variable over every hourly row of the training stays (std 0 -> 1)."""
+def grid_stats(values: np.ndarray, offsets: np.ndarray, is_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean/std per variable over every hourly row (imputed grid) of the training stays (std 0 -> 1)."""
     rows = np.repeat(np.asarray(is_train, dtype=bool), np.diff(offsets))
     if not rows.any():
         raise ValueError("no training stay: cannot compute normalisation statistics")

@@ -1,4 +1,4 @@
-"""Chest ImaGenome 1.0.0: scene graphs (region boxes, comparison relationships) and the gold file.
+"""Chest ImaGenome 1.0.0: scene graphs (region boxes, comparison relationships) and the gold file, as read.
 
 Scene graph (``silver_dataset/scene_graph/{dicom_id}_SceneGraph.json``):
 
@@ -10,18 +10,15 @@ Scene graph (``silver_dataset/scene_graph/{dicom_id}_SceneGraph.json``):
   compare a region of this image (``subject_id = "{dicom}_{bbox}"``) with the same
   region of a prior image (``object_id = "{prior dicom}_{bbox}"``); the
   ``attributes`` name the findings (``"anatomicalfinding|yes|lung opacity"``).
-  Finding names are mapped explicitly to the paper's 7 diseases with
-  :data:`~data_sharding.constants.IMAGENOME_FINDING_TO_DISEASE` (ImaGenome's
-  "pulmonary edema/hazy opacity" is the paper's pulmonary edema).
+  Each is kept as a :class:`Relation` -- every bbox, every comparison name (a repeated
+  name counted twice), every finding with its category and yes/no -- and
+  :attr:`SceneGraph.first_prior` records the prior of the *first* relationship, which
+  is the image the authors pair this one with (``process_ImaGenome.py:
+  get_disease_progression_labels``).  The labelling rules live in :mod:`data_sharding.dp_labels`.
 
-Region labels are int8 ``[10 regions][7 diseases]`` in the paper's encoding
-(worsened 0, improved 1, no change 2, not mentioned 3).  When several
-relationships give one (region, disease) different comparisons, the most
-severe wins (worsened > improved > no change) and the conflict is counted.
-
-Gold (``gold_dataset/gold_object_comparison_with_coordinates.txt``, TSV): a pair
-(current, previous) present in the gold file is labelled by gold alone -- the
-radiologist annotation of that pair replaces the silver one entirely.
+Gold (``gold_dataset/gold_object_comparison_with_coordinates.txt``, TSV): the rows of
+each (current, previous) image pair in file order (image ids with a ``.dcm`` / ``.jpg``
+suffix are matched without it), and the set of gold subjects (every row's patient_id).
 """
 from __future__ import annotations
 
@@ -39,22 +36,16 @@ from data_sharding.constants import (
     COMPARISON_TO_LABEL,
     DISEASES,
     IMAGENOME_FINDING_TO_DISEASE,
-    IMPROVED,
-    NO_CHANGE,
     NOT_MENTIONED,
     NUM_DISEASES,
     NUM_REGIONS,
     REGIONS,
-    WORSENED,
 )
 from data_sharding.readers import check_columns, read_table
 from data_sharding.errors import DataError
 
 REGION_INDEX = {r: i for i, r in enumerate(REGIONS)}
 DISEASE_INDEX = {d: i for i, d in enumerate(DISEASES)}
-#: Severity order used to resolve conflicting comparisons (lower = wins).
-_SEVERITY = {WORSENED: 0, IMPROVED: 1, NO_CHANGE: 2, NOT_MENTIONED: 3}
-
 Box = tuple[float, float, float, float]
 
 
@@ -63,9 +54,18 @@ def empty_region_labels() -> np.ndarray:
     return np.full((NUM_REGIONS, NUM_DISEASES), NOT_MENTIONED, dtype=np.int8)
 
 
-def merge_label(current: int, new: int) -> int:
-    """The more severe of two comparison labels (worsened > improved > no change > not mentioned)."""
-    return new if _SEVERITY[new] < _SEVERITY[current] else current
+@dataclass(frozen=True)
+class Relation:
+    """One comparison relationship of a scene graph, before any labelling rule."""
+
+    prior: str
+    """dicom_id of the image compared with."""
+    bbox: str
+    """bbox name, lower case (any of ImaGenome's 29 / 36 regions, not only the paper's 10)."""
+    comparisons: tuple[int, ...]
+    """labels of its ``comparison|yes|<state>`` names, in order, repeats kept."""
+    findings: tuple[tuple[str, str, str], ...]
+    """(category, yes/no, name) of each attribute, lower case."""
 
 
 @dataclass
@@ -75,8 +75,10 @@ class SceneGraph:
     dicom_id: str
     boxes: dict[int, Box] = field(default_factory=dict)
     """region index -> (x1, y1, x2, y2) in full-image pixels (only valid boxes)."""
-    comparisons: dict[str, np.ndarray] = field(default_factory=dict)
-    """prior dicom_id -> region labels [10][7] from this image's relationships."""
+    relations: list[Relation] = field(default_factory=list)
+    """comparison relationships in file order."""
+    first_prior: str | None = None
+    """prior dicom_id of the first relationship: the pair the authors label with this graph."""
 
 
 def split_object_id(object_id: str) -> tuple[str, str]:
@@ -120,24 +122,22 @@ def _flatten(values) -> list[str]:
     return out
 
 
-def _comparison_of(names: list[str]) -> set[int]:
-    out = set()
+def _comparisons_of(names: list[str]) -> tuple[int, ...]:
+    out = []
     for n in names:
         parts = [p.strip().lower() for p in n.split("|")]
         if len(parts) == 3 and parts[0] == "comparison" and parts[1] == "yes" and parts[2] in COMPARISON_TO_LABEL:
-            out.add(COMPARISON_TO_LABEL[parts[2]])
-    return out
+            out.append(COMPARISON_TO_LABEL[parts[2]])
+    return tuple(out)
 
 
-def _diseases_of(attributes: list[str]) -> set[int]:
-    out = set()
+def _findings_of(attributes: list[str]) -> tuple[tuple[str, str, str], ...]:
+    out = []
     for a in attributes:
         parts = [p.strip().lower() for p in a.split("|")]
-        if len(parts) == 3 and parts[1] == "yes":
-            d = finding_to_disease(parts[2])
-            if d is not None:
-                out.add(DISEASE_INDEX[d])
-    return out
+        if len(parts) == 3:
+            out.append((parts[0], parts[1], parts[2]))
+    return tuple(out)
 
 
 def parse_scene_graph(
@@ -186,21 +186,13 @@ def parse_scene_graph(
         if cur != dicom_id or prior == dicom_id:
             counts["relationship malformed"] += 1
             continue
-        region = REGION_INDEX.get(str(rel.get("bbox_name", bbox)).strip().lower())
-        if region is None:
-            continue
-        comps = _comparison_of(_flatten(rel.get("relationship_names", [])))
+        if sg.first_prior is None:
+            sg.first_prior = prior
+        comps = _comparisons_of(_flatten(rel.get("relationship_names", [])))
         if not comps:
             continue  # not a comparison relationship
-        if len(comps) > 1:
-            counts["relationship with conflicting comparisons"] += 1
-        label = min(comps, key=_SEVERITY.__getitem__)
-        labels = sg.comparisons.setdefault(prior, empty_region_labels())
-        for d in _diseases_of(_flatten(rel.get("attributes", []))):
-            old = int(labels[region, d])
-            if old != NOT_MENTIONED and old != label:
-                counts["conflicting region label"] += 1
-            labels[region, d] = merge_label(old, label)
+        name = str(rel.get("bbox_name") or bbox).strip().lower()
+        sg.relations.append(Relation(prior, name, comps, _findings_of(_flatten(rel.get("attributes", [])))))
     return sg
 
 
@@ -270,11 +262,20 @@ def _strip_image_id(v: str) -> str:
     return v
 
 
+@dataclass(frozen=True)
+class GoldRow:
+    """One gold comparison row: bbox and label name lower case, comparison label (None: not one of the 3)."""
+
+    bbox: str
+    label_name: str
+    comparison: int | None
+
+
 @dataclass
 class GoldLabels:
-    """Gold comparisons: (current dicom, previous dicom) -> region labels [10][7]; gold subjects."""
+    """Gold rows per (current dicom, previous dicom) in file order, and the gold subjects."""
 
-    pairs: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    rows: dict[tuple[str, str], list[GoldRow]] = field(default_factory=dict)
     subjects: set[int] = field(default_factory=set)
 
 
@@ -294,30 +295,13 @@ def read_gold(path: Path, counts: Counter) -> GoldLabels:
             counts["gold row with unparseable patient_id"] += 1
             continue
         gold.subjects.add(subject)
-        region = REGION_INDEX.get(str(row.bbox).strip().lower())
-        disease = finding_to_disease(row.label_name) if row.label_name is not None else None
-        comp = COMPARISON_TO_LABEL.get(str(row.comparison).strip().lower())
-        if row.current_image_id is None or row.previous_image_id is None or comp is None:
+        if row.current_image_id is None or row.previous_image_id is None:
             counts["gold row malformed"] += 1
             continue
+        comp = COMPARISON_TO_LABEL.get(str(row.comparison).strip().lower())
+        if comp is None:
+            counts["gold row with a comparison other than worsened/improved/no change"] += 1
         key = (_strip_image_id(row.current_image_id), _strip_image_id(row.previous_image_id))
-        labels = gold.pairs.setdefault(key, empty_region_labels())
-        if region is None or disease is None:
-            continue  # a region or finding outside the paper's 10 x 7 (pair still covered by gold)
-        d = DISEASE_INDEX[disease]
-        labels[region, d] = merge_label(int(labels[region, d]), comp)
+        gold.rows.setdefault(key, []).append(
+            GoldRow(str(row.bbox or "").strip().lower(), str(row.label_name or "").strip().lower(), comp))
     return gold
-
-
-def region_labels_for_pair(
-    prior: str, current: str, scene_graphs: dict[str, SceneGraph], gold: GoldLabels
-) -> tuple[np.ndarray, str]:
-    """Region labels [10][7] for the pair (prior -> current) and their source ("gold" or "silver")."""
-    g = gold.pairs.get((current, prior))
-    if g is not None:
-        return g.copy(), "gold"
-    sg = scene_graphs.get(current)
-    if sg is not None and prior in sg.comparisons:
-        return sg.comparisons[prior].copy(), "silver"
-    return empty_region_labels(), "silver"
-

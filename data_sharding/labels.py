@@ -1,20 +1,21 @@
 """Labels of the three tasks.
 
-* **disease_progression** -- one row per pair of consecutive kept CXRs of a stay.
-  Region labels ``[10][7]`` come from ImaGenome (gold overrides silver for the
-  pairs gold covers, see :mod:`data_sharding.imagenome`).  Study-level label per
-  disease, from its 10 region labels: *worsened* if any region worsened, else
-  *improved* if any region improved, else *no change* if any region is marked
-  unchanged, else *not mentioned* (3, masked out of losses and metrics).
-  A worsening anywhere is a worsening of the patient, so it dominates.
+* **disease_progression** -- one row per pair of consecutive CXRs of a cohort stay that
+  :class:`~data_sharding.dp_labels.ProgressionLabeler` keeps (authors' rule: at least one
+  of the 7 diseases labelled; severity rule: every pair), with study labels ``[7]`` and
+  region labels ``[10][7]`` (worsened 0, improved 1, no change 2, not mentioned 3 --
+  masked out of losses and metrics).
 * **mortality** -- in-hospital death: ``deathtime`` within [admittime, dischtime],
   or ``dod`` (a date) within [date(admittime), date(dischtime)].
 * **length_of_stay** -- ICU LOS in days (outtime - intime) binned with edges
   [2, 3, 4, 6, 11), right-open: [2,3) -> 0, [3,4) -> 1, [4,6) -> 2, [6,11) -> 3.
-  Below 2 days cannot occur after the > 48 h rule (clamped to 0 for robustness);
-  11 days and more join the last bin, which therefore reads ">= 6 days".
-* mortality and LOS share inputs: the CXRs of the first 48 h (at least 2 of
-  them, else the stay is not in that task) and EHR hours 0..48.
+  Below 2 days cannot occur after the > 48 h rule (clamped to 0 for robustness); 11 days
+  and more join the last bin (the authors' ``pd.cut`` would give no class; the LOS IQR rule
+  removes most such stays, the report counts the rest).
+* mortality and LOS share inputs: the CXRs taken before 48 h (strictly, ``CXRRelTime < 48``
+  in the authors' ``split_train_and_test.py: split_dataset_for_each_task``; at least 2 of
+  them, else the stay is not in that task) and EHR hours 0..48; region labels of each
+  consecutive pair of those CXRs, labelled or not.
 """
 from __future__ import annotations
 
@@ -24,16 +25,12 @@ import pandas as pd
 from data_sharding.constants import (
     DISEASE_SLUGS,
     ICU_WINDOW_HOURS,
-    IMPROVED,
     LOS_BIN_EDGES,
     MIN_CXRS,
-    NO_CHANGE,
-    NOT_MENTIONED,
     NUM_DISEASES,
     NUM_LOS_BINS,
-    WORSENED,
 )
-from data_sharding.imagenome import GoldLabels, SceneGraph, region_labels_for_pair
+from data_sharding.dp_labels import ProgressionLabeler
 
 
 def los_bin(los_days) -> np.ndarray:
@@ -52,59 +49,47 @@ def in_hospital_mortality(stays: pd.DataFrame) -> np.ndarray:
     return (by_time | by_date).to_numpy().astype(np.int8)
 
 
-def study_labels(region_labels: np.ndarray) -> np.ndarray:
-    """``[..., 10, 7]`` region labels -> ``[..., 7]`` study labels (worsened > improved > no change > not mentioned)."""
-    r = np.asarray(region_labels)
-    out = np.full(r.shape[:-2] + (r.shape[-1],), NOT_MENTIONED, dtype=np.int8)
-    for label in (NO_CHANGE, IMPROVED, WORSENED):  # later assignments win
-        out[(r == label).any(axis=-2)] = label
-    return out
-
-
-def pair_labels(cxr: pd.DataFrame, scene_graphs: dict[str, SceneGraph], gold: GoldLabels) -> dict:
-    """(stay_id) -> list of (region_labels [10][7], source) for each consecutive pair of that stay's CXRs."""
-    out: dict[int, list[tuple[np.ndarray, str]]] = {}
-    for stay_id, g in cxr.groupby("stay_id", sort=True):
-        d = g["dicom_id"].tolist()
-        out[int(stay_id)] = [region_labels_for_pair(d[i], d[i + 1], scene_graphs, gold) for i in range(len(d) - 1)]
-    return out
-
-
-def progression_table(cohort: pd.DataFrame, cxr: pd.DataFrame, pairs: dict) -> pd.DataFrame:
-    """tasks/disease_progression rows: consecutive CXR pairs with study and region labels."""
+def progression_table(cohort: pd.DataFrame, cxr: pd.DataFrame, labeler: ProgressionLabeler) -> tuple[pd.DataFrame, int]:
+    """tasks/disease_progression rows and the number of consecutive pairs looked at."""
     split = cohort.set_index("stay_id")["split"]
     rows: list[dict] = []
+    n_pairs = 0
     for stay_id, g in cxr.groupby("stay_id", sort=True):
         d, h = g["dicom_id"].tolist(), g["hours"].tolist()
         subject = int(g["subject_id"].iloc[0])
-        for i, (labels, source) in enumerate(pairs[int(stay_id)]):
+        for i in range(len(d) - 1):
+            n_pairs += 1
+            lab = labeler.pair(d[i], d[i + 1])
+            if not lab.keep:
+                continue
             row = {"subject_id": subject, "stay_id": int(stay_id), "split": split[stay_id],
                    "cxr1_dicom_id": d[i], "cxr2_dicom_id": d[i + 1],
                    "cxr1_hours": float(h[i]), "cxr2_hours": float(h[i + 1])}
-            row.update(dict(zip(DISEASE_SLUGS, study_labels(labels).tolist())))
-            row["region_labels"] = labels
-            row["label_source"] = source
+            row.update(dict(zip(DISEASE_SLUGS, lab.study.tolist())))
+            row["region_labels"] = lab.region
+            row["label_source"] = lab.source
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), n_pairs
 
 
-def mortality_los_table(cohort: pd.DataFrame, cxr: pd.DataFrame, pairs: dict) -> tuple[pd.DataFrame, int]:
-    """tasks/mortality_los rows (CXRs of the first 48 h, >= 2) and the number of stays with fewer."""
+def mortality_los_table(cohort: pd.DataFrame, cxr: pd.DataFrame, labeler: ProgressionLabeler) -> tuple[pd.DataFrame, int]:
+    """tasks/mortality_los rows (CXRs before 48 h, >= 2) and the number of stays with fewer."""
     c = cohort.set_index("stay_id")
     rows: list[dict] = []
     too_few = 0
     for stay_id, g in cxr.groupby("stay_id", sort=True):
-        early = g["hours"].to_numpy() <= ICU_WINDOW_HOURS
+        early = g["hours"].to_numpy() < ICU_WINDOW_HOURS
         n = int(early.sum())  # CXRs are time-sorted, so the early ones are a prefix
         if n < MIN_CXRS:
             too_few += 1
             continue
         s = c.loc[stay_id]
+        d = g["dicom_id"].tolist()[:n]
         rows.append({
             "subject_id": int(s["subject_id"]), "stay_id": int(stay_id), "split": s["split"],
-            "dicom_ids": g["dicom_id"].tolist()[:n], "cxr_hours": [float(x) for x in g["hours"].tolist()[:n]],
+            "dicom_ids": d, "cxr_hours": [float(x) for x in g["hours"].tolist()[:n]],
             "mortality": int(s["mortality"]), "los_days": float(s["los_days"]), "los_bin": int(s["los_bin"]),
-            "region_labels": np.stack([lab for lab, _ in pairs[int(stay_id)][: n - 1]]),
+            "region_labels": np.stack([labeler.region(d[i], d[i + 1]) for i in range(n - 1)]),
         })
     return pd.DataFrame(rows), too_few
 

@@ -38,24 +38,33 @@ class ShardSettings:
     max_samples_per_shard: int = 1000
     max_shard_bytes: int = 512 * 1024 * 1024
     format_version: int = FORMAT_VERSION
+    resample: str = "bilinear"
+    """Crop resampling (:data:`data_sharding.crops.RESAMPLE_MODES`): ``bilinear`` or the authors' ``nearest``."""
 
     def __post_init__(self) -> None:
+        from data_sharding.crops import RESAMPLE_MODES
+
         if self.crop_size < 8:
             raise DataError(f"crop size must be >= 8 pixels, got {self.crop_size}")
+        if self.resample not in RESAMPLE_MODES:
+            raise DataError(f"crop resampling must be one of {', '.join(RESAMPLE_MODES)}, got {self.resample!r}")
         if self.max_samples_per_shard < 1:
             raise DataError(f"max samples per shard must be >= 1, got {self.max_samples_per_shard}")
         if self.max_shard_bytes < 20480:
             raise DataError(f"max shard bytes must be >= 20480, got {self.max_shard_bytes}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        data = asdict(self)
+        if data["resample"] == "bilinear":
+            del data["resample"]  # the default is implied: shards built before the option keep their fingerprint
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "ShardSettings":
         try:
             data = json.loads(text)
             known = {f.name for f in fields(cls)}
-            return cls(**{k: int(v) for k, v in data.items() if k in known})
+            return cls(**{k: (str(v) if k == "resample" else int(v)) for k, v in data.items() if k in known})
         except (ValueError, TypeError) as exc:
             raise DataError(f"manifest settings {text!r} are not valid shard settings: {exc}") from None
 

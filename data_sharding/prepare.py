@@ -3,17 +3,19 @@
 Order of work (each step's counts go to ``report.json``):
 
 1. check every required file and its columns up front (fail fast, naming file + column);
-2. stay rules, then CXR rules (:mod:`data_sharding.cohort`), JPEG check and
-   scene graphs in between (they read files, so only for CXRs still in play);
-3. patient-level split (:mod:`data_sharding.splits`), labels (:mod:`data_sharding.labels`);
-4. EHR streamed block by block for the final cohort (:mod:`data_sharding.ehr`),
-   train-only statistics; demographics (:mod:`data_sharding.demographics`);
+2. stay rules (LOS IQR included), then CXR rules (:mod:`data_sharding.cohort`), JPEG check
+   and scene graphs in between (they read files, so only for CXRs still in play);
+3. patient-level split (:mod:`data_sharding.splits`), labels (:mod:`data_sharding.labels`,
+   :mod:`data_sharding.dp_labels`);
+4. EHR streamed block by block for the cohort (:mod:`data_sharding.ehr`), normalisation
+   statistics over the ``norm_stats`` population; demographics (:mod:`data_sharding.demographics`);
 5. everything written into a temporary folder beside ``out`` and renamed into
    place (:func:`data_sharding.atomic.atomic_dir`), so ``out`` is either complete or
    absent, and a previous ``out`` stays as it was when a write fails (disk full: one
    line naming the file, no temp folder left).
 
-Layout: docs/ARCHITECTURE.md section 1.
+The defaults follow the authors' definitions; each deviation is one option away
+(:class:`PrepareOptions`, docs/FIDELITY.md).  Layout: docs/ARCHITECTURE.md section 1.
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ from data_sharding.constants import (
     DISEASE_SLUGS,
     EHR_VALUE_COLUMNS,
     EHR_VARIABLES,
+    LOS_BIN_EDGES,
     SPLITS,
 )
+from data_sharding.dp_labels import DP_LABEL_MODES, GOLD_MODES, REGION_NAME_MODES, ProgressionLabeler
 from data_sharding.imagenome import SceneGraphSource, parse_scene_graph, read_gold
 from data_sharding.readers import (
     DEFAULT_BLOCK_SIZE,
@@ -53,7 +57,7 @@ from data_sharding.readers import (
     stream_events,
 )
 from data_sharding.splits import DEFAULT_SPLIT_SEED, split_subjects
-from data_sharding.errors import DataError, UserError
+from data_sharding.errors import ConfigError, DataError, UserError
 
 EVENT_COLUMNS = {
     "chartevents": ["charttime", "value", "valuenum", "valueuom"],
@@ -62,9 +66,21 @@ EVENT_COLUMNS = {
 }
 
 
+NORM_STATS = ("train", "all")
+
+
 @dataclass
 class PrepareOptions:
     split_seed: int = DEFAULT_SPLIT_SEED
+    """``random_state`` of both ``train_test_split`` draws (the authors' value is 0)."""
+    dp_labels: str = "authors"
+    """Disease-progression label rule: ``authors`` | ``severity`` (:mod:`data_sharding.dp_labels`)."""
+    gold_labels: str = "per-disease"
+    """Gold correction of a study label (``authors`` rule): ``per-disease`` | ``first-row`` (the authors' code)."""
+    region_names: str = "mapped"
+    """Region-level finding names: ``mapped`` (edema counted) | ``authors`` (literal: no region edema label)."""
+    norm_stats: str = "train"
+    """Population of the EHR and demographic statistics: ``train`` (cohort train stays) | ``all`` (authors)."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Bytes per streamed block of an event table."""
     full_jpeg_decode: bool = False
@@ -72,6 +88,22 @@ class PrepareOptions:
     overwrite: bool = False
     progress: bool = True
     ehr_rows_per_part: int = 250_000
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("dp_labels", DP_LABEL_MODES), ("gold_labels", GOLD_MODES),
+                              ("region_names", REGION_NAME_MODES), ("norm_stats", NORM_STATS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"prepare option {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.dp_labels == "severity" and self.gold_labels != "per-disease":
+            raise ConfigError("prepare option gold_labels applies to dp_labels=authors only "
+                              "(the severity rule labels a gold pair by its gold rows alone)")
+        if self.block_size < 1:
+            raise ConfigError(f"prepare option block_size={self.block_size}: expected >= 1 byte")
+
+    def fidelity(self) -> dict:
+        """The options that change definitions, as recorded in report.json."""
+        return {"split_seed": self.split_seed, "dp_labels": self.dp_labels, "gold_labels": self.gold_labels,
+                "region_names": self.region_names, "norm_stats": self.norm_stats}
 
 
 @dataclass
@@ -175,30 +207,48 @@ def load_scene_graphs(cxr: pd.DataFrame, roots: RawRoots, report: C.RuleReport, 
 
 # ----------------------------------------------------------------------------- EHR
 
-def stream_ehr(paths: dict[str, Path], stays: pd.DataFrame, report: C.RuleReport, opts: PrepareOptions):
-    """Stream every event table block by block into the hourly accumulator of the cohort stays."""
+def stream_ehr(paths: dict[str, Path], stays: pd.DataFrame, population: pd.DataFrame, report: C.RuleReport,
+               opts: PrepareOptions) -> tuple[E.HourlyAccumulator, E.EventStats, pd.DataFrame]:
+    """Stream every event table block by block: the hourly grid of the cohort ``stays``, the
+    measurement statistics of the ``population`` stays (``--norm-stats all``; empty otherwise),
+    and each of these stays' first height and weight.
+
+    Returns the accumulators and the stays ``EventStats`` indexes (cohort, then population)."""
     acc = E.HourlyAccumulator(stays["stay_id"].to_numpy(), stays["intime"], stays["outtime"])
-    hadm_to_stay = pd.Series(stays["stay_id"].to_numpy(), index=stays["hadm_id"].to_numpy())
+    union = pd.concat([stays, population], ignore_index=True).drop_duplicates("stay_id").reset_index(drop=True)
+    stats = E.EventStats(union["stay_id"].to_numpy(), union["intime"], union["outtime"],
+                         union["stay_id"].isin(population["stay_id"]).to_numpy(),
+                         first_vars=(EHR_VALUE_COLUMNS.index("height"), EHR_VALUE_COLUMNS.index("weight")))
+    cohort_ids = stays["stay_id"].to_numpy()
+    hadm_to_stay = pd.Series(union["stay_id"].to_numpy(), index=union["hadm_id"].to_numpy())
+    other_info: Counter = Counter()
     for source in ("chartevents", "labevents", "outputevents"):
         itemids = [v.itemid for v in EHR_VARIABLES if v.source == source]
         if not itemids:
             continue
         path = paths[source]
         key = "hadm_id" if source == "labevents" else "stay_id"  # one ICU stay per admission (cohort rule)
-        keys = stays[key].to_numpy()
+        keys = union[key].to_numpy()
         bar = tqdm(total=path.stat().st_size, desc=f"read {source}", unit="B", unit_scale=True,
                    disable=not opts.progress)
         done = 0
+        kind = "outputevents" if source == "outputevents" else "chartevents"
         for block, pos in stream_events(path, source, EVENT_COLUMNS[source], itemids, keys, key, opts.block_size):
             if source == "labevents":
                 block["stay_id"] = hadm_to_stay.reindex(block["hadm_id"].to_numpy()).to_numpy()
-            acc.add(block, "outputevents" if source == "outputevents" else "chartevents")
+            mine = block["stay_id"].isin(cohort_ids).to_numpy()
+            ev = E.parse_block(block[mine], kind, acc.info)
+            acc.add_events(ev)
+            if not mine.all():  # population-only rows: parsed apart (cleaning counts are the cohort's)
+                ev = E.merge_in_order(ev, np.flatnonzero(mine),
+                                      E.parse_block(block[~mine], kind, other_info), np.flatnonzero(~mine))
+            stats.add(ev)
             bar.update(max(0, pos - done))
             done = max(done, pos)
         bar.close()
     for k, v in acc.counts.items():
         report.skip(k, v)
-    return acc
+    return acc, stats, union
 
 
 # ----------------------------------------------------------------------------- writing
@@ -279,13 +329,12 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
     report = C.RuleReport()
 
     patients, admissions, icustays, metadata = _read_dimension_tables(paths)
-    stays = C.select_stays(patients, admissions, icustays, report)
+    all_stays, stays = C.select_stays(patients, admissions, icustays, report)
     images = C.select_images(metadata, report)
     cxr = C.match_to_stays(images, stays, report)
     cxr = check_images(cxr, roots, report, opts)
     cxr, graphs = load_scene_graphs(cxr, roots, report, opts)
-    cxr = C.apply_min_gap(cxr, report)
-    stays, cxr = C.apply_stay_cxr_rules(stays, cxr, report)
+    stays, cxr = C.apply_cxr_rules(stays, cxr, report)
     if stays.empty:
         raise DataError("no ICU stay passes the cohort rules; see the counts above:\n" + report.summary())
 
@@ -296,35 +345,55 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
 
     # Outcomes and split.
     stays = stays.copy()
-    stays["los_days"] = (stays["outtime"] - stays["intime"]) / pd.Timedelta(days=1)
     stays["mortality"] = L.in_hospital_mortality(stays)
     stays["los_bin"] = L.los_bin(stays["los_days"].to_numpy())
-    split = split_subjects(stays["subject_id"], gold.subjects & set(stays["subject_id"].tolist()), opts.split_seed)
+    split = split_subjects(stays["subject_id"], gold.subjects, opts.split_seed)
     stays["split"] = stays["subject_id"].map(split)
     is_train = (stays["split"] == "train").to_numpy()
     if not is_train.any():
         raise DataError(f"the cohort has {stays['subject_id'].nunique()} subject(s): too few for a training split")
 
     # Labels.
-    pairs = L.pair_labels(cxr, graphs, gold)
-    progression = L.progression_table(stays, cxr, pairs)
-    mortality_los, too_few = L.mortality_los_table(stays, cxr, pairs)
-    report.rule("mortality_los_2_cxrs_in_48h", "stays", len(mortality_los),
-                {"fewer than 2 CXRs in the first 48 h": too_few})
+    labeler = ProgressionLabeler(graphs, gold, opts.dp_labels, opts.gold_labels, opts.region_names)
+    progression, n_pairs = L.progression_table(stays, cxr, labeler)
+    dp_counts = dict(sorted(labeler.counts.items()))
+    no_label = {k[len("pairs dropped: "):]: v for k, v in dp_counts.items() if k.startswith("pairs dropped: ")}
+    report.rule("progression_pair_labelled", "pairs", len(progression), no_label,
+                details={k: v for k, v in dp_counts.items() if not k.startswith("pairs dropped: ")} or None)
+    mortality_los, too_few = L.mortality_los_table(stays, cxr, labeler)
+    long_stays = int((mortality_los["los_days"] >= LOS_BIN_EDGES[-1]).sum()) if len(mortality_los) else 0
+    report.rule("mortality_los_2_cxrs_before_48h", "stays", len(mortality_los),
+                {"fewer than 2 CXRs before 48 h": too_few},
+                details={f"LOS >= {LOS_BIN_EDGES[-1]:g} d, in the last LOS bin": long_stays} if long_stays else None)
 
-    # EHR.
-    acc = stream_ehr(paths, stays, report, opts)
+    # EHR and demographics: statistics over the `norm_stats` population.
+    population = stays[is_train] if opts.norm_stats == "train" else all_stays
+    acc, stats, union = stream_ehr(paths, stays, population if opts.norm_stats == "all" else stays.iloc[:0],
+                                   report, opts)
     values, masks, offsets = acc.grids()
-    height = E.first_observed(values, masks, offsets, EHR_VALUE_COLUMNS.index("height"))
-    weight = E.first_observed(values, masks, offsets, EHR_VALUE_COLUMNS.index("weight"))
     no_events = int((np.add.reduceat(masks.sum(axis=1), offsets[:-1]) == 0).sum()) if len(values) else 0
     values = E.impute(values, offsets)
-    mean, std = E.train_stats(values, offsets, is_train)
-    values = (values - mean) / std  # z-score with training-split statistics only
+    if opts.norm_stats == "train":  # this project: the training stays' hourly grid
+        mean, std = E.grid_stats(values, offsets, is_train)
+        n_stat = np.full(len(EHR_VALUE_COLUMNS), int(np.diff(offsets)[is_train].sum()))
+    else:  # the authors: every measurement of every stay
+        mean, std = stats.mean_std()
+        n_stat = stats.counts()
+    values = (values - mean) / std
 
-    demo_raw = D.raw_features(stays, np.where(np.isnan(height), E.NORMAL[EHR_VALUE_COLUMNS.index("height")], height),
-                              np.where(np.isnan(weight), E.NORMAL[EHR_VALUE_COLUMNS.index("weight")], weight))
-    demo, demo_stats = D.normalise(demo_raw, is_train)
+    raw = D.raw_features(union, stats.first_values(EHR_VALUE_COLUMNS.index("height")),
+                         stats.first_values(EHR_VALUE_COLUMNS.index("weight")))
+    in_pop = union["stay_id"].isin(population["stay_id"]).to_numpy()  # union holds every population stay
+    defaults = {c: float(E.NORMAL[EHR_VALUE_COLUMNS.index(c)]) for c in ("height", "weight")}
+    demo_stats = D.fit(raw[in_pop], {"age": 65.0, **defaults})
+    cohort_raw = raw.set_index("stay_id").loc[stays["stay_id"].to_numpy()].reset_index()
+    demo, imputed = D.apply(cohort_raw, demo_stats)
+    race_unlisted = int(sum(isinstance(r, str) and r.strip() != "" and D.race_group(r) is None for r in stays["race"]))
+    demographics_report = {"population": opts.norm_stats, "n_stays": int(in_pop.sum()),
+                           "q1": demo_stats["q1"], "q3": demo_stats["q3"],
+                           "outliers_excluded_from_stats": demo_stats["outliers_excluded"],
+                           "imputed_in_cohort": imputed, "mode": demo_stats["mode"],
+                           "race_not_in_the_authors_table": race_unlisted}
 
     # Write everything into a temp dir beside `out`, then rename (data_sharding.atomic).
     unchanged = f"{out} is unchanged" if out.exists() else f"{out} was not created"
@@ -353,10 +422,14 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
         step("ehr/", lambda: parts.extend(E.write_parts(
             tmp / "ehr", stays["stay_id"].to_numpy(), values, masks, offsets, opts.ehr_rows_per_part)))
         step("demographics.parquet", write_demographics, demo, tmp / "demographics.parquet")
-        step("ehr_stats.json", _write_json, {"mean": dict(zip(EHR_VALUE_COLUMNS, map(float, mean))),
-                                             "std": dict(zip(EHR_VALUE_COLUMNS, map(float, std))),
-                                             "n_stays": int(is_train.sum()), "split": "train",
-                                             "demographics": demo_stats}, tmp / "ehr_stats.json", count=False)
+        step("ehr_stats.json", _write_json, {
+            "mean": dict(zip(EHR_VALUE_COLUMNS, map(float, mean))),
+            "std": dict(zip(EHR_VALUE_COLUMNS, map(float, std))),
+            "n_stays": int(population["stay_id"].nunique()), "split": opts.norm_stats,
+            "statistic": "hourly_rows" if opts.norm_stats == "train" else "events",
+            "n": dict(zip(EHR_VALUE_COLUMNS, map(int, n_stat))),
+            "demographics": {k: demo_stats[k] for k in ("mean", "std", "q1", "q3", "mode")}},
+            tmp / "ehr_stats.json", count=False)
         step("label_stats.json", _write_json, L.label_stats(progression, mortality_los), tmp / "label_stats.json")
         counts = {
             "subjects": int(stays["subject_id"].nunique()), "stays": len(stays), "cxrs": len(cxr),
@@ -366,13 +439,17 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
             "stays_per_split": {s: int((stays["split"] == s).sum()) for s in SPLITS},
             "subjects_per_split": {s: int(stays.loc[stays["split"] == s, "subject_id"].nunique()) for s in SPLITS},
             "ehr_rows": int(offsets[-1]), "ehr_parts": len(parts), "ehr_events_used": acc.n_events,
-            "stays_without_ehr_events": no_events,
+            "stays_without_ehr_events": no_events, "consecutive_pairs": n_pairs,
         }
         rep = report.to_dict()
         rep.update({"ehr_cleaning": dict(sorted(acc.info.items())), "counts": counts,
+                    "normalisation": {"population": opts.norm_stats, "n_stays": int(population["stay_id"].nunique()),
+                                      "statistic": "hourly rows" if opts.norm_stats == "train" else "events",
+                                      "n": int(n_stat.sum())},
+                    "demographics": demographics_report,
                     "inputs": {"cxr": str(roots.cxr), "mimiciv": str(roots.mimiciv),
                                "imagenome": str(roots.imagenome)},
-                    "split_seed": opts.split_seed})
+                    "options": opts.fidelity(), "split_seed": opts.split_seed})
         step("report.json", _write_json, rep, tmp / "report.json")
         steps.close()
     return PrepareResult(out=out, report=rep, seconds=time.perf_counter() - t0, counts=counts)
@@ -382,13 +459,22 @@ def format_summary(result: PrepareResult) -> str:
     """The per-rule counts of report.json plus the headline counts, as printed by the CLI."""
     rep = C.RuleReport(rules=result.report["rules"], skipped=Counter(result.report["skipped"]))
     c = result.counts
+    norm, demo = result.report["normalisation"], result.report["demographics"]
+    opts = ", ".join(f"{k}={v}" for k, v in result.report["options"].items())
     lines = [rep.summary(), "",
+             f"options: {opts}",
              f"cohort: {c['subjects']} subjects, {c['stays']} stays, {c['cxrs']} CXRs "
-             f"(stays per split: {c['stays_per_split']})",
-             f"disease_progression: {c['progression_pairs']} pairs ({c['progression_pairs_gold']} gold); "
-             f"mortality_los: {c['mortality_los_stays']} stays",
+             f"(stays per split: {c['stays_per_split']}; subjects per split: {c['subjects_per_split']})",
+             f"disease_progression: {c['progression_pairs']} of {c['consecutive_pairs']} consecutive pairs "
+             f"({c['progression_pairs_gold']} gold); mortality_los: {c['mortality_los_stays']} stays",
              f"EHR: {c['ehr_rows']} hourly rows in {c['ehr_parts']} part(s) from {c['ehr_events_used']} events; "
-             f"{c['stays_without_ehr_events']} stay(s) without any event",
+             f"{c['stays_without_ehr_events']} stay(s) without any event; statistics: {norm['statistic']} of the "
+             f"{norm['population']} population ({norm['n_stays']} stays, {norm['n']} values)",
              "EHR cleaning: " + (", ".join(f"{k}: {v}" for k, v in result.report["ehr_cleaning"].items()) or "none"),
+             "demographics: " + ", ".join(
+                 f"{v} Q1-Q3 {demo['q1'][v]:.4g}-{demo['q3'][v]:.4g} ({demo['outliers_excluded_from_stats'][v]} "
+                 f"outliers out of the statistics, kept)" for v in D.CONTINUOUS)
+             + "; imputed: " + (", ".join(f"{k} {n}" for k, n in demo["imputed_in_cohort"].items() if n) or "none")
+             + f"; race not in the authors' table: {demo['race_not_in_the_authors_table']}",
              f"wrote {result.out} in {result.seconds:.1f} s"]
     return "\n".join(lines)

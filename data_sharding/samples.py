@@ -297,9 +297,14 @@ def row_cxrs(task_dir: str, row: dict[str, Any]) -> tuple[list[str], list[float]
 
 
 def ehr_window(task_dir: str, row: dict[str, Any]) -> tuple[int, int]:
-    """Inclusive hour range of the sample's EHR window (docs/ARCHITECTURE.md section 1)."""
+    """Inclusive hour range of the sample's EHR window (docs/ARCHITECTURE.md section 1).
+
+    Progression: the hours h with h - 1 <= t2 and h + 1 >= t1, i.e. [t1 - 1, t2 + 1] as the
+    authors select rows (github.com/Chenliu-svg/DiPro ``dataset_module/dipro_dataset.py:
+    DiproDataset.__getitem__``); mortality / LOS: hours 0..48.
+    """
     if task_dir == "disease_progression":
-        return math.floor(row["cxr1_hours"]), math.ceil(row["cxr2_hours"])
+        return math.ceil(row["cxr1_hours"] - 1), math.floor(row["cxr2_hours"] + 1)
     return 0, ICU_WINDOW_HOURS
 
 
@@ -380,6 +385,7 @@ class SampleBuilder:
     view: ProcessedView
     task_dir: str
     crop_size: int
+    resample: str = "bilinear"
     image_digests: dict[str, str] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
     ehr: dict[int, StayEHR] = field(default_factory=dict)
@@ -455,7 +461,7 @@ class SampleBuilder:
                 data = None
             self.image_digests[path] = image_digest(data)
             result = crop_regions(data, [cxr[c] for c in BOX_COLUMNS], self.crop_size,
-                                  recorded_size=(cxr["width"], cxr["height"]))
+                                  recorded_size=(cxr["width"], cxr["height"]), resample=self.resample)
             self.counts.update(result.counts)
             self._crop_cache[cache_key] = (result.crops, result.present)
         return self._crop_cache[cache_key]

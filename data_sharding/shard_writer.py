@@ -142,7 +142,7 @@ def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings,
     from data_sharding.samples import SampleBuilder, encode_sample, open_processed
 
     view = open_processed(processed)
-    builder = SampleBuilder(view, plan.task, settings.crop_size)
+    builder = SampleBuilder(view, plan.task, settings.crop_size, settings.resample)
     builder.prefetch(list(plan.rows))
     final = Path(out) / plan.path
     final.parent.mkdir(parents=True, exist_ok=True)

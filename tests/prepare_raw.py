@@ -52,7 +52,10 @@ class Cxr:
     view: str = "AP"
     image: str = "ok"            # ok | truncated | missing
     scene_graph: str = "ok"      # ok | malformed | missing | no_relationships
-    comparisons: list = field(default_factory=list)   # (prior dicom, region, comparison, finding)
+    # (prior dicom, bbox name, comparison(s), finding(s)): one relationship each.  A comparison is
+    # "worsened" | "improved" | "no change" (a tuple gives several names); a finding is a name
+    # ("lung opacity" -> "anatomicalfinding|yes|lung opacity") or a full "category|yes/no|name".
+    comparisons: list = field(default_factory=list)
     boxes: dict = field(default_factory=default_boxes)
 
 
@@ -111,16 +114,28 @@ class RawTree:
                           "bbox": bbox, "label_name": finding, "comparison": comparison})
 
     # ---------------------------------------------------------------- a standard ICU patient
-    def icu_patient(self, subject_id: int, cxr_hours=(2.0, 26.0, 50.0), stay_hours: float = 120.0, age: int = 60,
-                    died: bool = False, events: bool = True, stay_id: int | None = None, **cxr_kw) -> list[Cxr]:
-        """A patient with one admission, one 120 h MICU stay from T0, AP CXRs at ``cxr_hours``."""
+    def icu_patient(self, subject_id: int, cxr_hours=(2.0, 26.0, 50.0), stay_hours: float | None = None, age: int = 60,
+                    died: bool = False, events: bool = True, stay_id: int | None = None, chain: bool = True,
+                    weight: float | None = None, **cxr_kw) -> list[Cxr]:
+        """A patient with one admission, one MICU stay of ``stay_hours`` from T0, AP CXRs at ``cxr_hours``.
+
+        ``stay_hours`` defaults to 100-170 h by subject id, so the cohort's LOS spread keeps
+        every such stay well inside the LOS IQR bounds.  ``chain``: each CXR's scene graph
+        compares it with the previous one (left lung, lung opacity worsened).  ``weight``: a
+        weight (kg) charted at 1.5 h.
+        """
+        if stay_hours is None:
+            stay_hours = 100.0 + 7.0 * (subject_id % 11)
         hadm, stay = subject_id * 10 + 1, stay_id or subject_id * 100 + 1
         self.patient(subject_id, age=age)
         self.admission(subject_id, hadm, at(-5), at(stay_hours + 20), deathtime=at(stay_hours + 10) if died else None)
         self.stay(subject_id, hadm, stay, T0, stay_hours)
         cx = [self.cxr(subject_id, at(h), **cxr_kw) for h in cxr_hours]
         for prev, cur in zip(cx, cx[1:]):
-            cur.comparisons.append((prev.dicom_id, "left lung", "worsened", "lung opacity"))
+            if chain:
+                cur.comparisons.append((prev.dicom_id, "left lung", "worsened", "lung opacity"))
+        if weight is not None:
+            self.chartevent(subject_id, hadm, stay, 224639, at(1.5), str(weight), weight, "kg")
         if events:
             self.chartevent(subject_id, hadm, stay, 220045, at(0.5), "88", 88, "bpm")
             self.chartevent(subject_id, hadm, stay, 220045, at(3.2), "95", 95, "bpm")
@@ -196,12 +211,15 @@ class RawTree:
                             "x1": 0, "y1": 0, "x2": 10, "y2": 10, "width": 10, "height": 10})
         doc = {"image_id": c.dicom_id, "patient_id": c.subject_id, "objects": objects}
         if c.scene_graph != "no_relationships":
-            doc["relationships"] = [
-                {"relationship_id": f"{c.dicom_id}_{region}_{prior}_{region}",
-                 "subject_id": f"{c.dicom_id}_{region}", "object_id": f"{prior}_{region}", "bbox_name": region,
-                 "relationship_names": [f"comparison|yes|{comp}"],
-                 "attributes": [f"anatomicalfinding|yes|{finding}"]}
-                for prior, region, comp, finding in c.comparisons]
+            doc["relationships"] = []
+            for k, (prior, region, comp, finding) in enumerate(c.comparisons):
+                comps = [comp] if isinstance(comp, str) else list(comp)
+                finds = [finding] if isinstance(finding, str) else list(finding)
+                doc["relationships"].append({
+                    "relationship_id": f"{c.dicom_id}_{region}_{prior}_{region}_{k}",
+                    "subject_id": f"{c.dicom_id}_{region}", "object_id": f"{prior}_{region}", "bbox_name": region,
+                    "relationship_names": [f"comparison|yes|{x}" for x in comps],
+                    "attributes": [f if "|" in f else f"anatomicalfinding|yes|{f}" for f in finds]})
         p.write_text(json.dumps(doc))
 
 

@@ -24,9 +24,10 @@ from data_sharding.readers import resolve_roots
 
 from data_sharding import synth  # noqa: E402
 
-RULES = ("linked_records", "adult", "one_icu_stay_per_admission", "same_careunit", "stay_longer_than_48h", "ap_view",
-         "valid_study_datetime", "last_image_of_study", "inside_icu_stay", "readable_jpeg", "scene_graph",
-         "min_gap_8h", "max_gap_96h", "cxr_count_2_to_14", "mortality_los_2_cxrs_in_48h")
+RULES = ("linked_records", "adult", "one_icu_stay_per_admission", "same_careunit", "stay_longer_than_48h", "los_iqr",
+         "ap_view", "valid_study_datetime", "last_image_of_study", "inside_icu_stay", "readable_jpeg", "scene_graph",
+         "at_least_2_cxrs", "at_most_14_cxrs", "min_gap_8h", "max_gap_96h", "progression_pair_labelled",
+         "mortality_los_2_cxrs_before_48h")
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +65,17 @@ def test_cohort_invariants(synth_prepared):
     icu = pd.read_csv(raw / "mimiciv/2.0/icu/icustays.csv.gz")
     assert (cohort.subject_id.map(patients.set_index("subject_id").anchor_age) >= MIN_AGE).all()
     assert (cohort.los_days * 24 > MIN_STAY_HOURS).all()
+    b = json.loads((out / "report.json").read_text())["rules"][5]["details"]["bounds_days"]
+    assert ((cohort.los_days > b["low"]) & (cohort.los_days < b["high"])).all()
     st = icu.set_index("stay_id").loc[cohort.stay_id]
     assert (st.first_careunit == st.last_careunit).all()
     assert not cohort.hadm_id.duplicated().any()
     per_stay = cxr.groupby("stay_id")
-    assert per_stay.size().between(MIN_CXRS, MAX_CXRS).all()
+    # The authors do not re-check >= 2 CXRs after the gap rule: a stay may be left with one.
+    assert per_stay.size().between(1, MAX_CXRS).all()
+    left_with_one = int((per_stay.size() < MIN_CXRS).sum())
+    assert json.loads((out / "report.json").read_text())["rules"][15]["details"] == {
+        "stays left with 1 CXR (kept, in no task)": left_with_one}
     for sid, g in per_stay:
         h = np.sort(g.hours.to_numpy())
         gaps = np.diff(h)
@@ -101,7 +108,9 @@ def test_labels_and_edema_mapping(synth_prepared):
     # ImaGenome writes edema as "pulmonary edema/hazy opacity": it must reach the edema column.
     assert (prog["pulmonary_edema"] != 3).any()
     ml = _read(out / "tasks/mortality_los.parquet")
-    assert ml.cxr_hours.map(lambda h: len(h) >= 2 and max(h) <= 48).all()
+    assert ml.cxr_hours.map(lambda h: len(h) >= 2 and max(h) < 48).all()
+    # Every progression sample has a label (the authors drop pairs without one).
+    assert ((prog[list(DISEASE_SLUGS)] != 3).any(axis=1)).all()
     assert ml.los_bin.between(0, 3).all() and ml.mortality.isin([0, 1]).all()
 
 

@@ -113,7 +113,7 @@ def test_sample_contents_equal_the_processed_inputs(fx, shards):
             stay = meta["stay_id"]
             if meta["task_dir"] == "disease_progression":
                 row = prog.iloc[meta["row"]]
-                lo, hi = math.floor(row.cxr1_hours), math.ceil(row.cxr2_hours)
+                lo, hi = math.ceil(row.cxr1_hours - 1), math.floor(row.cxr2_hours + 1)  # hours in [t1 - 1, t2 + 1]
                 assert labels == {"progression": [int(row[d]) for d in DISEASE_SLUGS]}
                 assert meta["dicom_ids"] == [row.cxr1_dicom_id, row.cxr2_dicom_id]
                 expected_rl = np.stack(list(row.region_labels))[None]
@@ -168,6 +168,34 @@ def test_crop_matches_an_independent_full_resolution_crop(tmp_path):
     assert result.present.all() and not result.counts
     small = [[0.0, 0.0, 20.0, 20.0]] + boxes[1:]
     assert draft_reduction([parse_box(b, 1000, 1200) for b in small], CROP) == 1
+
+
+def test_nearest_crop_is_the_authors_crop_then_nearest_resize():
+    """``resample="nearest"``: the whole image decoded, the box rounded to pixels, output pixel (j, i)
+    taken from input pixel (y1 + floor((j + .5) h / C), x1 + floor((i + .5) w / C))."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (300, 260), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+    boxes = [[10.4 + 7 * r, 20.6, 130.2 + 9 * r, 250.0] for r in range(10)]
+    result = crop_regions(buf.getvalue(), boxes, CROP, recorded_size=(260, 300), resample="nearest")
+    for r, b in enumerate(boxes):
+        x1, y1, x2, y2 = (int(round(v)) for v in b)
+        rows = y1 + np.floor((np.arange(CROP) + 0.5) * (y2 - y1) / CROP).astype(int)
+        cols = x1 + np.floor((np.arange(CROP) + 0.5) * (x2 - x1) / CROP).astype(int)
+        np.testing.assert_array_equal(result.crops[r], decoded[np.ix_(rows, cols)])
+    with pytest.raises(ValueError, match="resample"):
+        crop_regions(buf.getvalue(), boxes, CROP, resample="bicubic")
+
+
+def test_resample_setting_round_trips_and_keeps_old_fingerprints():
+    assert "resample" not in ShardSettings(crop_size=CROP).to_json()  # shards built before the option: unchanged
+    nearest = ShardSettings(crop_size=CROP, resample="nearest")
+    assert ShardSettings.from_json(nearest.to_json()) == nearest
+    assert ShardSettings.from_json(ShardSettings(crop_size=CROP).to_json()).resample == "bilinear"
+    with pytest.raises(DataError, match="resampling"):
+        ShardSettings(resample="bicubic")
 
 
 def test_unreadable_image_is_counted_not_fatal(tmp_path):
@@ -276,6 +304,11 @@ def test_cli_shard_prints_totals_and_rejects_bad_input(fx, tmp_path, capsys):
     assert "disease_progression  train" in text and "mortality_los" not in text
     assert "boxes_missing 1" in text
     assert not (out / "mortality_los").exists()
+    assert {ShardSettings.from_json(r.settings).resample for r in read_manifest(out).records} == {"bilinear"}
+    assert run_cli(["shard", "--processed", str(fx.root), "--out", str(tmp_path / "n"), "--crop-size", "32",
+                    "--workers", "1", "--task", "disease_progression", "--crop-resample", "nearest"]) == 0
+    assert {ShardSettings.from_json(r.settings).resample for r in read_manifest(tmp_path / "n").records} == {"nearest"}
+    assert verify_shards(tmp_path / "n") == []
     with pytest.raises(DataError, match="processed directory not found"):
         run_cli(["shard", "--processed", str(tmp_path / "nope"), "--out", str(out)])
     with pytest.raises(DataError, match="no shard manifest"):

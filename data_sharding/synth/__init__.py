@@ -50,7 +50,7 @@ die in hospital (``admissions.deathtime`` and ``patients.dod``; 20 % of deaths
 only via ``dod``).  A per-stay drift strength moves vitals/labs over the first
 48 h (heart rate up, MAP/SBP/DBP and SpO2 down, creatinine, BUN, anion gap,
 lactate up, bicarbonate and pH down, urine output down, GCS down); it is large
-for 80 % of deaths and small for 85 % of survivors (sudden deaths and sick
+for 90 % of deaths and small for 90 % of survivors (sudden deaths and sick
 survivors are the noise).  LOS is drawn inside one of the 4 bins (edges
 [2, 3, 4, 6, 11) days, cycled so each bin is populated; 6 % stay >= 11 days) and
 a respiratory latent ``resp = (bin - 1.5) / 1.5 + N(0, 0.3)`` raises FiO2, PEEP,

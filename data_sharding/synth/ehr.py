@@ -9,8 +9,8 @@ daily, urine output (outputevents 226559) every 1-2 h.  Each measurement is
     ramp(t) = clip(t / 48 h, 0, 1.5)
 
 * ``base``: the stay's own level (normal value + between-stay spread);
-* ``drift`` (mortality signal): ~U(0.6, 1.4) for 80 % of stays ending in death
-  (the rest die suddenly, ~U(0, 0.3)); ~|N(0, 0.2)| for 85 % of survivors (the
+* ``drift`` (mortality signal): ~U(0.6, 1.4) for 90 % of stays ending in death
+  (the rest die suddenly, ~U(0, 0.3)); ~|N(0, 0.2)| for 90 % of survivors (the
   rest are sick survivors, ~U(0.4, 1.0)).  At full drift heart rate rises 30 bpm,
   MAP falls 18 mmHg, SpO2 falls 6 %, creatinine +1.6, BUN +30, bicarbonate -7,
   pH -0.12, urine -55 ml/h, GCS loses 2-3 points per component, ... over the first 48 h;

@@ -41,6 +41,9 @@ def _add_settings(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--max-shard-bytes", type=parse_bytes, default=parse_bytes("512M") if defaults else None,
                    metavar="SIZE", help="at most SIZE bytes per shard, e.g. 512M, 1G" + (" (default: 512M)"
                                                                                           if defaults else keep))
+    p.add_argument("--crop-resample", choices=("bilinear", "nearest"), default="bilinear" if defaults else None,
+                   help="crop resampling: bilinear (antialiased) or nearest (the authors' crops; docs/FIDELITY.md)"
+                        + (" (default: bilinear)" if defaults else keep))
     p.add_argument("--task", choices=_TASK_CHOICES, default="all",
                    help="which shard series to build (default: every task table in the processed dir)")
 
@@ -116,7 +119,7 @@ def _run_shard(args: argparse.Namespace) -> int:
     from data_sharding.shard_writer import write_shards
 
     settings = ShardSettings(crop_size=args.crop_size, max_samples_per_shard=args.max_samples_per_shard,
-                             max_shard_bytes=args.max_shard_bytes)
+                             max_shard_bytes=args.max_shard_bytes, resample=args.crop_resample)
     manifest = write_shards(args.processed, args.out, args.task, settings, workers=args.workers,
                             progress=True, lock_timeout=args.lock_timeout)
     print(manifest.summary_table())
@@ -145,7 +148,7 @@ def _run_regenerate(args: argparse.Namespace) -> int:
     from data_sharding.regenerate import regenerate
 
     overrides = {"crop_size": args.crop_size, "max_samples_per_shard": args.max_samples_per_shard,
-                 "max_shard_bytes": args.max_shard_bytes}
+                 "max_shard_bytes": args.max_shard_bytes, "resample": args.crop_resample}
     report = regenerate(args.processed, args.out, args.task, overrides, ray_address=args.ray_address,
                         num_cpus=args.workers, progress=True, lock_timeout=args.lock_timeout)
     print(report.table())
