@@ -51,7 +51,7 @@ def _train(cfg, label_stats, shuffled: bool):
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, label_stats)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.effective_lr)
     key = TASK_LABEL_KEY[cfg.task]
     gen = torch.Generator().manual_seed(1234)
     for epoch in range(cfg.trainer.max_epochs):
@@ -84,7 +84,7 @@ def _held_out(model, cfg, shard_dir, metric):
 def test_true_labels_beat_shuffled_labels(task, shards):
     cfg = load_config("configs/demo.yaml", [
         f"task={task}", f"data.shards={shards}", "trainer.max_epochs=15", "data.num_loader_workers=0",
-        "data.batch_size=8", "optim.lr=2e-3", "data.augment=false", "model.use_pae=true",
+        "data.batch_size=8", "optim.base_lr=2.5e-4", "data.augment=false", "model.use_pae=true",  # lr 8 x 2.5e-4
     ])
     label_stats = read_label_stats(shards)
     metric, margin = METRIC[task]

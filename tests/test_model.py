@@ -1,4 +1,5 @@
-"""DiPro end to end on in-memory batches: shapes, masks, reversal, gradients, ablations, weights, state dict."""
+"""DiPro end to end on in-memory batches: shapes, masks, reversal, gradients, ablations, weights, state dict,
+for both model variants (``paper``: the authors' computation; ``extended``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +9,13 @@ import pytest
 import torch
 
 from dipro.config import Config, LossConfig, ModelConfig, load_config
-from data_sharding.errors import DataError
+from data_sharding.errors import ConfigError, DataError
 from dipro.model import DiPro, build_model
 from dipro.model.region_encoder import RegionEncoder, build_backbone
 from dipro.model.synthetic import concat_batches, random_batch, uniform_label_stats
 
 TASKS = ("disease_progression", "mortality", "length_of_stay")
+VARIANTS = ("paper", "extended")
 LOGIT_SHAPES = {"disease_progression": (7, 3), "mortality": (), "length_of_stay": (4,)}
 
 
@@ -23,9 +25,9 @@ def small_cfg(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def make_model(task: str, seed: int = 0, **overrides) -> DiPro:
+def make_model(task: str, seed: int = 0, variant: str = "paper", **overrides) -> DiPro:
     torch.manual_seed(seed)
-    return DiPro(small_cfg(**overrides), task, uniform_label_stats(), LossConfig(consistency=1.0))
+    return DiPro(small_cfg(variant=variant, **overrides), task, uniform_label_stats(), LossConfig(consistency=1.0))
 
 
 def outputs_close(a: dict, b: dict, atol: float = 1e-5) -> None:
@@ -33,9 +35,10 @@ def outputs_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert torch.allclose(a[key], b[key], atol=atol), key
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_shapes_and_finite_for_2_to_14_cxrs_and_0_to_200_ehr_hours(task):
-    model = make_model(task).eval()
+def test_shapes_and_finite_for_2_to_14_cxrs_and_0_to_200_ehr_hours(task, variant):
+    model = make_model(task, variant=variant).eval()
     cases = [([2, 2, 2], [0, 1, 200])] if task == "disease_progression" else [([2, 14, 5], [0, 49, 200]), ([14, 3], [200, 0])]
     for num_cxrs, steps in cases:
         batch = random_batch(task, len(num_cxrs), num_cxrs, steps, seed=1)
@@ -70,9 +73,10 @@ def _garbage_padding(batch: dict, real_t: int, real_l: int) -> dict:
     return batch
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_padded_cxrs_and_ehr_steps_change_nothing(task):
-    model = make_model(task).eval()
+def test_padded_cxrs_and_ehr_steps_change_nothing(task, variant):
+    model = make_model(task, variant=variant).eval()
     t = 2 if task == "disease_progression" else 4
     plain = random_batch(task, 1, t, 20, seed=3)
     padded = _garbage_padding(random_batch(task, 1, t, 20, seed=3, pad_cxrs_to=t + 3, pad_ehr_to=57), t, 20)
@@ -88,8 +92,9 @@ def test_padded_cxrs_and_ehr_steps_change_nothing(task):
         assert value.item() == pytest.approx(terms_b[key].item(), rel=1e-4, abs=1e-6), key
 
 
-def test_padding_next_to_a_longer_sample_changes_nothing():
-    model = make_model("mortality").eval()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_next_to_a_longer_sample_changes_nothing(variant):
+    model = make_model("mortality", variant=variant).eval()
     alone = random_batch("mortality", 1, 3, 10, seed=5)
     together = concat_batches([alone, random_batch("mortality", 1, 9, 49, seed=6)])  # sample 0 padded to T=9, L=49
     assert together["crops"].shape[1] == 9 and together["ehr_mask"].shape[1] == 49
@@ -99,8 +104,9 @@ def test_padding_next_to_a_longer_sample_changes_nothing():
     assert torch.allclose(a["region_attention"], b["region_attention"][:1], atol=1e-5)
 
 
-def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly():
-    model = make_model("disease_progression").eval()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly(variant):
+    model = make_model("disease_progression", variant=variant).eval()
     batch = random_batch("disease_progression", 3, 2, 12, seed=4)
     swapped = dict(batch)
     for key in ("crops", "region_mask"):
@@ -118,10 +124,11 @@ def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly():
     assert terms_sw["static"].item() == pytest.approx(terms["static"].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_gradients_reach_every_trainable_parameter(task):
-    model = make_model(task).train()
-    # sample 1 has no EHR (no-EHR token), missing regions use the padding embedding
+def test_gradients_reach_every_trainable_parameter(task, variant):
+    model = make_model(task, variant=variant).train()
+    # sample 1 has no EHR (extended: the no-EHR token), missing regions (extended: the padding embedding)
     batch = random_batch(task, 2, [2, 2] if task == "disease_progression" else [3, 4], [30, 0], seed=2, missing_region_prob=0.3)
     if task == "disease_progression":
         batch["progression"] = torch.tensor([[0, 1, 2, 0, 1, 2, 0], [1, 2, 0, 1, 2, 0, 1]])  # every disease labelled
@@ -146,9 +153,10 @@ ABLATIONS = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
-def test_every_ablation_runs_and_uses_all_its_parameters(ablation):
-    model = make_model("mortality", **ablation).train()
+def test_every_ablation_runs_and_uses_all_its_parameters(ablation, variant):
+    model = make_model("mortality", variant=variant, **ablation).train()
     batch = random_batch("mortality", 2, [4, 3], [49, 0], seed=6, missing_region_prob=0.3)
     if not ablation.get("use_ehr", True):
         for key in ("ehr_values", "ehr_obs_mask", "ehr_hours", "ehr_mask"):
@@ -166,8 +174,9 @@ def test_every_ablation_runs_and_uses_all_its_parameters(ablation):
     assert not unused, f"parameters unused under {ablation}: {unused}"
 
 
-def test_last_cxr_only_equals_feeding_the_last_two_cxrs():
-    model = make_model("length_of_stay", last_cxr_only=True).eval()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_last_cxr_only_equals_feeding_the_last_two_cxrs(variant):
+    model = make_model("length_of_stay", variant=variant, last_cxr_only=True).eval()
     full = random_batch("length_of_stay", 2, [5, 3], 49, seed=8)
     last = dict(full)
     rows = []
@@ -256,20 +265,158 @@ def test_channels_last_gives_the_same_features():
     b = RegionEncoder("tiny", 16, 10, 0.0, channels_last=True).eval()
     b.load_state_dict(a.state_dict())
     batch = random_batch("mortality", 2, 3, 1)
-    present = batch["region_mask"] & batch["cxr_mask"][:, :, None]
+    args = (batch["crops"], batch["region_mask"], batch["cxr_mask"])
     with torch.no_grad():
-        assert torch.allclose(a(batch["crops"], present), b(batch["crops"], present), atol=1e-5)
+        assert torch.allclose(a(*args), b(*args), atol=1e-5)
 
 
 def test_task_configs_build_models():
+    # the authors' effective rates: accumulation 4 x 1 GPU x batch x base_lr (main.py --scale_lr)
+    expected_lr = {"disease_progression": 4 * 8 * 5e-6, "mortality": 4 * 4 * 1e-5, "length_of_stay": 4 * 4 * 8e-6}
     for name in ("disease_progression", "mortality", "length_of_stay"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.task == name and cfg.model.backbone == "resnet50" and cfg.optim.grad_accum == 4
+        assert cfg.model.variant == "paper" and cfg.model.backbone_weights == "imagenet"
+        assert cfg.model.input_scaling == "unit" and cfg.optim.schedule_interval == "epoch"
+        assert cfg.effective_lr == pytest.approx(expected_lr[name])
     demo = load_config("configs/demo.yaml")
+    assert demo.model.backbone_weights is None  # never downloads
     model = build_model(demo, uniform_label_stats())
     batch = random_batch(demo.task, 2, [2, 4], [49, 49], crop_size=demo.model.crop_size)
     loss, _ = model.compute_loss(batch, model(batch))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reversed_static_feature_gets_no_gradient_from_the_static_term(variant):
+    model = make_model("mortality", variant=variant).train()
+    batch = random_batch("mortality", 2, [3, 4], [20, 30], seed=4)
+    out = model(batch)
+    _, terms = model.compute_loss(batch, out)
+    g_s, g_rev = torch.autograd.grad(terms["static"], [out["S"], out["S_rev"]], allow_unused=True)
+    assert g_s is not None and g_s.abs().sum() > 0
+    if variant == "paper":  # mse(S, S~.detach()): S~ is a target
+        assert g_rev is None
+    else:
+        assert g_rev is not None and g_rev.abs().sum() > 0
+
+
+def test_paper_variant_encodes_missing_regions_as_black_crops_and_padded_cxrs_as_zeros():
+    torch.manual_seed(0)
+    enc = RegionEncoder("tiny", 16, 10, 0.0).eval()  # variant paper
+    assert enc.pad_embedding is None
+    batch = random_batch("mortality", 2, [2, 3], 1, seed=1, missing_region_prob=0.4)
+    crops, regions, cxrs = batch["crops"], batch["region_mask"], batch["cxr_mask"]
+    assert (~regions[cxrs]).any()
+    with torch.no_grad():
+        feats = enc(crops, regions, cxrs)
+        black = enc.proj(enc.backbone(torch.zeros(1, 1, 32, 32)))[0]  # what a black crop becomes
+    missing = (~regions) & cxrs[:, :, None]
+    assert torch.allclose(feats[missing], black.expand(int(missing.sum()), -1), atol=1e-5)
+    assert feats[0, 2].abs().sum() == 0  # the padded third CXR of sample 0
+    # augmentation jitters real crops but keeps a missing region black
+    params = (torch.full((2, 3, 10), 1.1), torch.full((2, 3, 10), 9.0), torch.zeros(2, 3, 10, 2, dtype=torch.long))
+    with torch.no_grad():
+        jittered = enc(crops, regions, cxrs, params)
+    assert torch.allclose(jittered[missing], feats[missing], atol=1e-5)
+    assert not torch.allclose(jittered[regions & cxrs[:, :, None]], feats[regions & cxrs[:, :, None]], atol=1e-6)
+
+
+def test_paper_variant_padding_changes_nothing_in_training_mode_either():
+    # BatchNorm statistics (region adapter, f_s, f_d) come from real crops and pairs only
+    model = make_model("mortality", dropout=0.0).train()
+    plain = random_batch("mortality", 2, [3, 4], [20, 30], seed=3)
+    padded = random_batch("mortality", 2, [3, 4], [20, 30], seed=3, pad_cxrs_to=7, pad_ehr_to=60)
+    padded["crops"][:, 4:] = 200
+    padded["ehr_values"][:, 30:] = 50.0
+    with torch.no_grad():
+        a, b = model(plain), model(padded)
+        terms_a, terms_b = model.compute_loss(plain, a)[1], model.compute_loss(padded, b)[1]
+    outputs_close(a, b)
+    for key, value in terms_a.items():
+        assert value.item() == pytest.approx(terms_b[key].item(), rel=1e-4, abs=1e-6), key
+
+
+def test_paper_region_attention_is_the_final_fusion_attention_on_region_tokens():
+    model = make_model("mortality").eval()
+    batch = random_batch("mortality", 2, [3, 2], [20, 10], seed=2)
+    seen = []
+    model.mmf.fusion.register_forward_hook(lambda mod, inp, out: seen.append(out[1]))
+    with torch.no_grad():
+        out = model(batch)
+    w = seen[0]  # [B, 1 + P*R + L, same]: task token first, then the P x R region tokens pair by pair
+    p = 2
+    for i, n_pairs in enumerate([2, 1]):
+        on_regions = w[i, 0, 1 : 1 + p * 10].reshape(p, 10)
+        assert on_regions[n_pairs:].abs().sum() == 0  # padded pair: masked
+        expected = on_regions.sum(0) / on_regions.sum()
+        assert torch.allclose(out["region_attention"][i], expected, atol=1e-6)
+
+
+def test_one_channel_stem_on_gray_equals_the_rgb_network_on_replicated_gray(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    rgb = torchvision.models.resnet18(weights=None).eval()
+    rgb.fc = torch.nn.Identity()
+    path = tmp_path / "resnet18.pt"
+    torch.save(rgb.state_dict(), path)
+    enc = RegionEncoder("resnet18", 16, 10, 0.0, weights_path=str(path)).eval()  # input_scaling unit
+    crops = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    x = enc.normalise(crops)
+    assert torch.equal(x[:, 0], crops.float() / 255)  # the authors' ToTensor: [0, 1], no mean/std
+    with torch.no_grad():
+        ours = enc.backbone(x)
+        theirs = rgb(x.expand(-1, 3, -1, -1))  # Image.convert('RGB'): the gray image in every channel
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    imagenet = RegionEncoder("tiny", 16, 10, 0.0, input_scaling="imagenet")
+    from dipro.model.region_encoder import GRAY_MEAN, GRAY_STD
+
+    assert torch.allclose(imagenet.normalise(crops)[:, 0], (crops.float() / 255 - GRAY_MEAN) / GRAY_STD)
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+    from dipro.model import region_encoder as re
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    url, path = re.imagenet_weights_file("resnet50")
+    assert url == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    # a locally generated resnet18 state dict placed where torchvision's weights API keeps IMAGENET1K_V1
+    _, cached = re.imagenet_weights_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, cached)
+    enc = RegionEncoder("resnet18", 16, 10, 0.0, weights_path="imagenet")
+    assert torch.allclose(enc.backbone.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(enc.backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    # a checkpoint rebuild never touches the cache
+    cached.unlink()
+    RegionEncoder("resnet18", 16, 10, 0.0, weights_path="imagenet", load_pretrained=False)
+
+
+def test_imagenet_weights_offline_is_one_line_saying_where_the_file_goes(tmp_path, monkeypatch):
+    import urllib.error
+
+    from data_sharding.errors import UserError
+    from dipro.model import region_encoder as re
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError) as err:
+        RegionEncoder("resnet50", 16, 10, 0.0, weights_path="imagenet")
+    msg = str(err.value)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "\n" not in msg and "resnet50-0676ba61.pth" in msg and str(cache) in msg
+    assert "model.backbone_weights=/path/to/resnet50-0676ba61.pth" in msg and "Name or service not known" in msg
+    with pytest.raises(ConfigError, match="imagenet"):
+        ModelConfig(backbone="tiny", backbone_weights="imagenet")
 
 
 def _planted_batch(task: str, n: int, seed: int) -> tuple[dict, torch.Tensor]:
@@ -334,9 +481,10 @@ def test_config_dataclass_has_the_ablation_keys():
     assert {"use_ehr", "last_cxr_only", "use_pae", "use_std_losses", "local_fusion", "global_fusion"} <= names
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_bf16_autocast_forward_backward_is_finite(task):
-    model = make_model(task).train()
+def test_bf16_autocast_forward_backward_is_finite(task, variant):
+    model = make_model(task, variant=variant).train()
     batch = random_batch(task, 2, [2, 2] if task == "disease_progression" else [3, 5], [20, 0], seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)

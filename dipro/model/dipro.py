@@ -1,10 +1,17 @@
 """DiPro: region encoder -> STD (+ PAE) -> MMF -> task head, with the paper's losses.
 
+``model.variant``: ``paper`` follows the authors' code point by point (github.com/Chenliu-svg/DiPro
+models/Component.py, models/model.py, models/Base_Predictor.py); ``extended`` is this project's
+earlier reading with its additions (:mod:`dipro.model.mmf_extended`).  docs/FIDELITY.md lists
+every item and where the two differ from the authors.
+
 ``out = model(batch)`` takes a batch as docs/ARCHITECTURE.md §3 defines it and returns
 
 * ``logits``: progression [B,7,3] | mortality [B] | LOS [B,4]
-* ``region_attention`` [B,R]: the task tokens' region-pooling attention, summed over
-  the CXR pairs and averaged over heads and task tokens (sums to 1 per sample)
+* ``region_attention`` [B,R] (sums to 1 per sample): ``paper``, the final fusion layer's
+  attention of the task tokens on the region tokens, normalised over the regions;
+  ``extended``, the task tokens' region-pooling attention; either summed over the CXR
+  pairs and averaged over heads and task tokens
 * ``S``, ``D`` [B,P,R,d] (STD), ``S_rev``, ``D_rev``, ``region_logits``,
   ``region_logits_rev`` [B,P,R,7,3] (PAE, when enabled),
   ``pair_valid`` [B,P] and ``pair_index`` [B,P] (which of the batch's pairs, i.e. which
@@ -27,6 +34,7 @@ from data_sharding.errors import DataError
 from dipro.model import losses as L
 from dipro.model.heads import TASK_OUTPUTS, TaskHeads
 from dipro.model.mmf import MultiscaleMultimodalFusion
+from dipro.model.mmf_extended import ExtendedFusion
 from dipro.model.pae import RegionProgressionHead, pae_progression_loss, static_consistency_loss
 from dipro.model.region_encoder import RegionEncoder
 from dipro.model.std import SpatiotemporalDisentanglement, orthogonality_loss, pair_validity, temporal_consistency_loss
@@ -64,6 +72,7 @@ class DiPro(nn.Module):
         self.cfg, self.task = model_cfg, task
         self.loss_cfg = loss_cfg or LossConfig()
         d = model_cfg.d_model
+        self.paper = model_cfg.variant == "paper"
         self.region_encoder = RegionEncoder(
             model_cfg.backbone,
             d,
@@ -72,13 +81,19 @@ class DiPro(nn.Module):
             weights_path=model_cfg.backbone_weights,
             channels_last=model_cfg.channels_last,
             load_pretrained=load_pretrained,
+            variant=model_cfg.variant,
+            input_scaling=model_cfg.input_scaling,
         )
-        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout)
+        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout, norm="batch" if self.paper else "layer",
+                                                 pair_reversal=model_cfg.pair_reversal)
         self.region_head = RegionProgressionHead(d) if model_cfg.use_pae else None
         num_tokens = TASK_OUTPUTS[task][0]
-        self.mmf = MultiscaleMultimodalFusion(model_cfg, num_tokens)
+        fusion = MultiscaleMultimodalFusion if self.paper else ExtendedFusion
+        self.mmf = fusion(model_cfg, num_tokens)
         self.heads = TaskHeads(task, d, model_cfg.dropout)
-        self.class_weights = L.ClassWeights(task, label_stats)
+        self.class_weights = L.ClassWeights(task, label_stats, model_cfg.variant)
+        # paper: means over all valid terms of the batch, stop-gradient at S~; extended: per sample, both ways
+        self._reduction = "pairs" if self.paper else "per_sample"
 
     # ------------------------------------------------------------------ inputs
     def _check_batch(self, batch: Mapping[str, Any]) -> None:
@@ -142,12 +157,12 @@ class DiPro(nn.Module):
         self._check_batch(batch)
         crops, region_mask, cxr_mask, hours, pair_index = self._select_cxrs(batch)
         augment = self._augmentation(batch, crops.shape[1]) if self.training else None
-        features = self.region_encoder(crops, region_mask & cxr_mask[:, :, None], augment)  # F [B,T,R,d]
+        features = self.region_encoder(crops, region_mask, cxr_mask, augment)  # F [B,T,R,d]
         valid = pair_validity(cxr_mask)
-        static, dynamic = self.std(features)  # S, D (STD)
+        static, dynamic = self.std(features, valid)  # S, D (STD)
         out: dict[str, torch.Tensor] = {"S": static, "D": dynamic, "pair_valid": valid, "pair_index": pair_index}
         if self.region_head is not None:
-            static_rev, dynamic_rev = self.std(features, reverse=True)  # S~, D~ (PAE)
+            static_rev, dynamic_rev = self.std(features, valid, reverse=True)  # S~, D~ (PAE)
             out.update(
                 S_rev=static_rev,
                 D_rev=dynamic_rev,
@@ -182,8 +197,8 @@ class DiPro(nn.Module):
         terms["task_ce"] = self._task_loss(batch, logits)
         valid = out["pair_valid"]
         if self.cfg.use_std_losses:
-            terms["orth"] = orthogonality_loss(out["S"], out["D"], valid)
-            terms["temp"] = temporal_consistency_loss(out["S"], valid)
+            terms["orth"] = orthogonality_loss(out["S"], out["D"], valid, self._reduction)
+            terms["temp"] = temporal_consistency_loss(out["S"], valid, self._reduction)
         if self.region_head is not None:
             labels = batch["region_labels"].long()
             _check_labels(labels, 0, NOT_MENTIONED, "region_labels", batch)
@@ -192,7 +207,8 @@ class DiPro(nn.Module):
             terms["pae_ce"] = pae_progression_loss(
                 out["region_logits"], out["region_logits_rev"], labels, valid, self.class_weights.region
             )
-            terms["static"] = static_consistency_loss(out["S"], out["S_rev"], valid)
+            terms["static"] = static_consistency_loss(out["S"], out["S_rev"], valid, self._reduction,
+                                                      stop_gradient=self.paper)
         terms["total"] = L.total_loss(terms, self.loss_cfg)
         return terms["total"], terms
 

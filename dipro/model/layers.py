@@ -122,14 +122,54 @@ class TimeEmbedding(nn.Module):
         return self.proj(feats.to(self.proj.weight.dtype))
 
 
-def make_transformer_encoder(d_model: int, num_heads: int, num_layers: int, dropout: float) -> nn.TransformerEncoder:
-    """Post-norm transformer encoder (batch first, GELU, 4x feed-forward)."""
+def make_transformer_encoder(d_model: int, num_heads: int, num_layers: int, dropout: float,
+                             activation: str = "gelu") -> nn.TransformerEncoder:
+    """Post-norm transformer encoder (batch first, 4x feed-forward; GELU, or ReLU = torch's default
+    that the authors' layers use)."""
     layer = nn.TransformerEncoderLayer(
         d_model=d_model,
         nhead=num_heads,
         dim_feedforward=4 * d_model,
         dropout=dropout,
-        activation="gelu",
+        activation=activation,
         batch_first=True,
     )
     return nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+
+
+def index_positional_encoding(length: int, d_model: int, device: torch.device | None = None) -> torch.Tensor:
+    """The sinusoidal encoding of positions 0..length-1 (Vaswani et al. 2017) as the authors lay it out
+    (github.com/Chenliu-svg/DiPro models/Component.py: PositionalEncoding): [length, d_model] with
+    PE[pos, 2i] = sin(pos w_i), PE[pos, 2i+1] = cos(pos w_i), w_i = 10000^(-2i/d_model)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    w = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model, device=device)
+    pe[:, 0::2] = torch.sin(pos * w)
+    pe[:, 1::2] = torch.cos(pos * w)[:, : d_model // 2]
+    return pe
+
+
+class EncoderLayerWithWeights(nn.Module):
+    """``nn.TransformerEncoderLayer`` (post-norm, ReLU, 4x feed-forward, batch first) written out so
+    that it also returns its self-attention weights, averaged over heads:
+    ``x = LN1(x + Drop(SA(x)))``, ``x = LN2(x + Drop(W2 Drop(ReLU(W1 x))))``.
+    ``forward(x [B,N,d], padding_mask [B,N] bool, True = ignore) -> (x, weights [B,N,N])``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, 4 * d_model)
+        self.linear2 = nn.Linear(4 * d_model, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, weights = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=True,
+                                       average_attn_weights=True)
+        x = self.norm1(x + self.dropout1(attn))
+        x = self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        return x, weights
