@@ -304,3 +304,25 @@ def test_command_module_imports_only_stdlib():
     names = {a.name.split(".")[0] for n in top for a in n.names} | {
         (n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
     assert names <= {"argparse", "__future__", "annotations", ""}, names
+
+
+def test_missing_imagenet_weights_stop_the_driver_before_ray_starts(tmp_path, monkeypatch):
+    import urllib.error
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import processed_fixture
+
+    from dipro.train import launcher
+
+    shards = processed_fixture.make_training_shards(tmp_path / "data")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(launcher, "init_ray", lambda cfg: pytest.fail("Ray was started"))
+    cfg = demo_cfg("task=length_of_stay", f"data.shards={shards}", f"trainer.storage_path={tmp_path / 'runs'}",
+                   "model.backbone=resnet18", "model.backbone_weights=imagenet")
+    with pytest.raises(UserError, match=r"resnet18-f37072fd\.pth.*model\.backbone_weights=/path/to/"):
+        launcher.launch(cfg)
