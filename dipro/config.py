@@ -61,7 +61,6 @@ class DataConfig:
         _check(2 <= self.max_cxrs <= 14, "data.max_cxrs must be in [2, 14]")
 
 
-MODEL_VARIANTS = ("paper", "extended")
 INPUT_SCALINGS = ("unit", "imagenet")
 PAIR_REVERSALS = ("swap", "interleave")
 BACKBONE_WEIGHTS_IMAGENET = "imagenet"
@@ -69,10 +68,6 @@ BACKBONE_WEIGHTS_IMAGENET = "imagenet"
 
 @dataclass
 class ModelConfig:
-    variant: str = "paper"
-    """paper: the authors' computation point by point (github.com/Chenliu-svg/DiPro models/Component.py,
-    models/model.py; docs/FIDELITY.md) | extended: this project's additions (hour embeddings, one EHR query
-    per interval, region and interval-time embeddings, region pooling; see docs/FIDELITY.md)."""
     backbone: str = "resnet50"
     """Region encoder: resnet50 (paper) | resnet34 | resnet18 | tiny (a 4-layer CNN for tests)."""
     backbone_weights: str | None = None
@@ -86,9 +81,8 @@ class ModelConfig:
     """Side of the square region crops fed to the backbone."""
     d_model: int = 256
     num_layers: int = 2
-    """paper: num_layers // 2 region-aware attention layers (local fusion); the EHR encoder and the
-    final fusion have one layer each, as the authors built them. extended: layers of the EHR encoder
-    (and max(1, num_layers // 2) local-fusion layers)."""
+    """The authors' ``num_transformer_layers``: local fusion has num_layers // 2 region-aware attention
+    layers; the EHR encoder and the final fusion have one layer each, as the authors built them."""
     num_heads: int = 8
     """Attention heads everywhere (the authors' modules fix 8)."""
     dropout: float = 0.1
@@ -111,7 +105,6 @@ class ModelConfig:
     global_fusion: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.variant in MODEL_VARIANTS, f"model.variant must be paper|extended, got {self.variant!r}")
         _check(self.backbone in ("resnet50", "resnet34", "resnet18", "tiny"),
                f"model.backbone must be resnet50|resnet34|resnet18|tiny, got {self.backbone!r}")
         _check(not (self.backbone == "tiny" and self.backbone_weights == BACKBONE_WEIGHTS_IMAGENET),
@@ -125,9 +118,9 @@ class ModelConfig:
         _check(self.crop_size >= 16, "model.crop_size must be >= 16")
         _check(self.group_k >= 1, "model.group_k must be >= 1")
         _check(self.num_layers >= 1, "model.num_layers must be >= 1")
-        _check(not (self.variant == "paper" and self.use_ehr and self.local_fusion and self.num_layers < 2),
-               "model.num_layers must be >= 2 in the paper variant: local fusion has num_layers // 2 "
-               "region-aware attention layers (or set model.local_fusion=false)")
+        _check(not (self.use_ehr and self.local_fusion and self.num_layers < 2),
+               "model.num_layers must be >= 2: local fusion has num_layers // 2 region-aware attention layers "
+               "(or set model.local_fusion=false)")
 
 
 @dataclass
@@ -330,11 +323,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-# Keys that were renamed: using the old one is an error that says what to write instead.
+# Keys that were renamed or removed: using one is an error that says what to write instead.
 RENAMED_KEYS = {
     "optim.lr": "renamed to optim.base_lr: the learning rate is base_lr x optim.grad_accum x trainer.num_workers x "
                 "data.batch_size while optim.scale_lr=true (the default, as the authors scaled it); "
                 "set optim.scale_lr=false to use optim.base_lr as the rate itself",
+    "model.variant": "removed: the model is the authors' computation (docs/FIDELITY.md); the 'extended' variant "
+                     "did not beat it side by side (README, benchmarks/variants.py) and was dropped",
 }
 
 

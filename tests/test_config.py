@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_are_the_paper_configuration():
     cfg = Config()
-    assert cfg.model.variant == "paper" and cfg.model.input_scaling == "unit" and cfg.model.num_heads == 8
+    assert cfg.model.input_scaling == "unit" and cfg.model.num_heads == 8
     assert cfg.optim.scale_lr and cfg.optim.schedule_interval == "epoch" and cfg.optim.grad_clip == 0.0
     assert cfg.model.backbone == "resnet50"
     assert cfg.model.crop_size == 224
@@ -53,7 +53,7 @@ def test_base_inheritance(tmp_path):
         ("trainer.num_workers=two", "trainer.num_workers"),
         ("task=segmentation", "task"),
         ("model.use_ehr=maybe", "model.use_ehr"),
-        ("model.variant=mine", "model.variant"),
+        ("model.variant=extended", "model.variant' was removed"),
         ("model.input_scaling=zscore", "model.input_scaling"),
         ("model.pair_reversal=flip", "model.pair_reversal"),
         ("optim.schedule_interval=batch", "optim.schedule_interval"),

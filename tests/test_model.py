@@ -1,5 +1,4 @@
-"""DiPro end to end on in-memory batches: shapes, masks, reversal, gradients, ablations, weights, state dict,
-for both model variants (``paper``: the authors' computation; ``extended``)."""
+"""DiPro end to end on in-memory batches: shapes, masks, reversal, gradients, ablations, weights, state dict."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +14,6 @@ from dipro.model.region_encoder import RegionEncoder, build_backbone
 from dipro.model.synthetic import concat_batches, random_batch, uniform_label_stats
 
 TASKS = ("disease_progression", "mortality", "length_of_stay")
-VARIANTS = ("paper", "extended")
 LOGIT_SHAPES = {"disease_progression": (7, 3), "mortality": (), "length_of_stay": (4,)}
 
 
@@ -25,9 +23,9 @@ def small_cfg(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def make_model(task: str, seed: int = 0, variant: str = "paper", **overrides) -> DiPro:
+def make_model(task: str, seed: int = 0, **overrides) -> DiPro:
     torch.manual_seed(seed)
-    return DiPro(small_cfg(variant=variant, **overrides), task, uniform_label_stats(), LossConfig(consistency=1.0))
+    return DiPro(small_cfg(**overrides), task, uniform_label_stats(), LossConfig(consistency=1.0))
 
 
 def outputs_close(a: dict, b: dict, atol: float = 1e-5) -> None:
@@ -35,10 +33,9 @@ def outputs_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert torch.allclose(a[key], b[key], atol=atol), key
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_shapes_and_finite_for_2_to_14_cxrs_and_0_to_200_ehr_hours(task, variant):
-    model = make_model(task, variant=variant).eval()
+def test_shapes_and_finite_for_2_to_14_cxrs_and_0_to_200_ehr_hours(task):
+    model = make_model(task).eval()
     cases = [([2, 2, 2], [0, 1, 200])] if task == "disease_progression" else [([2, 14, 5], [0, 49, 200]), ([14, 3], [200, 0])]
     for num_cxrs, steps in cases:
         batch = random_batch(task, len(num_cxrs), num_cxrs, steps, seed=1)
@@ -73,10 +70,9 @@ def _garbage_padding(batch: dict, real_t: int, real_l: int) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_padded_cxrs_and_ehr_steps_change_nothing(task, variant):
-    model = make_model(task, variant=variant).eval()
+def test_padded_cxrs_and_ehr_steps_change_nothing(task):
+    model = make_model(task).eval()
     t = 2 if task == "disease_progression" else 4
     plain = random_batch(task, 1, t, 20, seed=3)
     padded = _garbage_padding(random_batch(task, 1, t, 20, seed=3, pad_cxrs_to=t + 3, pad_ehr_to=57), t, 20)
@@ -92,9 +88,8 @@ def test_padded_cxrs_and_ehr_steps_change_nothing(task, variant):
         assert value.item() == pytest.approx(terms_b[key].item(), rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_padding_next_to_a_longer_sample_changes_nothing(variant):
-    model = make_model("mortality", variant=variant).eval()
+def test_padding_next_to_a_longer_sample_changes_nothing():
+    model = make_model("mortality").eval()
     alone = random_batch("mortality", 1, 3, 10, seed=5)
     together = concat_batches([alone, random_batch("mortality", 1, 9, 49, seed=6)])  # sample 0 padded to T=9, L=49
     assert together["crops"].shape[1] == 9 and together["ehr_mask"].shape[1] == 49
@@ -104,9 +99,8 @@ def test_padding_next_to_a_longer_sample_changes_nothing(variant):
     assert torch.allclose(a["region_attention"], b["region_attention"][:1], atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly(variant):
-    model = make_model("disease_progression", variant=variant).eval()
+def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly():
+    model = make_model("disease_progression").eval()
     batch = random_batch("disease_progression", 3, 2, 12, seed=4)
     swapped = dict(batch)
     for key in ("crops", "region_mask"):
@@ -124,11 +118,10 @@ def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly(variant):
     assert terms_sw["static"].item() == pytest.approx(terms["static"].item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_gradients_reach_every_trainable_parameter(task, variant):
-    model = make_model(task, variant=variant).train()
-    # sample 1 has no EHR (extended: the no-EHR token), missing regions (extended: the padding embedding)
+def test_gradients_reach_every_trainable_parameter(task):
+    model = make_model(task).train()
+    # sample 1 has no EHR, some regions are missing (black crops)
     batch = random_batch(task, 2, [2, 2] if task == "disease_progression" else [3, 4], [30, 0], seed=2, missing_region_prob=0.3)
     if task == "disease_progression":
         batch["progression"] = torch.tensor([[0, 1, 2, 0, 1, 2, 0], [1, 2, 0, 1, 2, 0, 1]])  # every disease labelled
@@ -153,10 +146,9 @@ ABLATIONS = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
-def test_every_ablation_runs_and_uses_all_its_parameters(ablation, variant):
-    model = make_model("mortality", variant=variant, **ablation).train()
+def test_every_ablation_runs_and_uses_all_its_parameters(ablation):
+    model = make_model("mortality", **ablation).train()
     batch = random_batch("mortality", 2, [4, 3], [49, 0], seed=6, missing_region_prob=0.3)
     if not ablation.get("use_ehr", True):
         for key in ("ehr_values", "ehr_obs_mask", "ehr_hours", "ehr_mask"):
@@ -174,9 +166,8 @@ def test_every_ablation_runs_and_uses_all_its_parameters(ablation, variant):
     assert not unused, f"parameters unused under {ablation}: {unused}"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_last_cxr_only_equals_feeding_the_last_two_cxrs(variant):
-    model = make_model("length_of_stay", variant=variant, last_cxr_only=True).eval()
+def test_last_cxr_only_equals_feeding_the_last_two_cxrs():
+    model = make_model("length_of_stay", last_cxr_only=True).eval()
     full = random_batch("length_of_stay", 2, [5, 3], 49, seed=8)
     last = dict(full)
     rows = []
@@ -233,36 +224,36 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, caplog):
     rgb = torchvision.models.resnet18(weights=None).state_dict()  # 3-channel stem + fc, like ImageNet files
     path = tmp_path / "resnet18.pt"
     torch.save(rgb, path)
-    enc = RegionEncoder("resnet18", 16, 10, 0.0, weights_path=str(path))
+    enc = RegionEncoder("resnet18", 16, 0.0, weights_path=str(path))
     assert torch.allclose(enc.backbone.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
     assert torch.equal(enc.backbone.layer1[0].conv1.weight, rgb["layer1.0.conv1.weight"])
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in rgb.items()}}, wrapped)
-    RegionEncoder("resnet18", 16, 10, 0.0, weights_path=str(wrapped))
+    RegionEncoder("resnet18", 16, 0.0, weights_path=str(wrapped))
 
     with caplog.at_level(logging.WARNING, logger="dipro.model.region_encoder"):
-        RegionEncoder("tiny", 16, 10, 0.0)
+        RegionEncoder("tiny", 16, 0.0)
     assert "random initialisation" in caplog.text
 
 
 def test_bad_backbone_weight_files_name_the_file(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(DataError, match="nope.pt"):
-        RegionEncoder("tiny", 16, 10, 0.0, weights_path=str(missing))
+        RegionEncoder("tiny", 16, 0.0, weights_path=str(missing))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a state dict")
     with pytest.raises(DataError, match="garbage.pt"):
-        RegionEncoder("tiny", 16, 10, 0.0, weights_path=str(garbage))
+        RegionEncoder("tiny", 16, 0.0, weights_path=str(garbage))
     other = tmp_path / "resnet18_for_tiny.pt"
     torch.save(build_backbone("resnet18")[0].state_dict(), other)
     with pytest.raises(DataError, match="resnet18_for_tiny.pt.*missing keys"):
-        RegionEncoder("tiny", 16, 10, 0.0, weights_path=str(other))
+        RegionEncoder("tiny", 16, 0.0, weights_path=str(other))
 
 
 def test_channels_last_gives_the_same_features():
     torch.manual_seed(0)
-    a = RegionEncoder("tiny", 16, 10, 0.0).eval()
-    b = RegionEncoder("tiny", 16, 10, 0.0, channels_last=True).eval()
+    a = RegionEncoder("tiny", 16, 0.0).eval()
+    b = RegionEncoder("tiny", 16, 0.0, channels_last=True).eval()
     b.load_state_dict(a.state_dict())
     batch = random_batch("mortality", 2, 3, 1)
     args = (batch["crops"], batch["region_mask"], batch["cxr_mask"])
@@ -276,7 +267,7 @@ def test_task_configs_build_models():
     for name in ("disease_progression", "mortality", "length_of_stay"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.task == name and cfg.model.backbone == "resnet50" and cfg.optim.grad_accum == 4
-        assert cfg.model.variant == "paper" and cfg.model.backbone_weights == "imagenet"
+        assert cfg.model.backbone_weights == "imagenet"
         assert cfg.model.input_scaling == "unit" and cfg.optim.schedule_interval == "epoch"
         assert cfg.effective_lr == pytest.approx(expected_lr[name])
     demo = load_config("configs/demo.yaml")
@@ -287,24 +278,19 @@ def test_task_configs_build_models():
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_reversed_static_feature_gets_no_gradient_from_the_static_term(variant):
-    model = make_model("mortality", variant=variant).train()
+def test_reversed_static_feature_gets_no_gradient_from_the_static_term():
+    model = make_model("mortality").train()
     batch = random_batch("mortality", 2, [3, 4], [20, 30], seed=4)
     out = model(batch)
     _, terms = model.compute_loss(batch, out)
     g_s, g_rev = torch.autograd.grad(terms["static"], [out["S"], out["S_rev"]], allow_unused=True)
     assert g_s is not None and g_s.abs().sum() > 0
-    if variant == "paper":  # mse(S, S~.detach()): S~ is a target
-        assert g_rev is None
-    else:
-        assert g_rev is not None and g_rev.abs().sum() > 0
+    assert g_rev is None  # mse(S, S~.detach()): S~ is a target
 
 
-def test_paper_variant_encodes_missing_regions_as_black_crops_and_padded_cxrs_as_zeros():
+def test_missing_regions_are_encoded_as_black_crops_and_padded_cxrs_as_zeros():
     torch.manual_seed(0)
-    enc = RegionEncoder("tiny", 16, 10, 0.0).eval()  # variant paper
-    assert enc.pad_embedding is None
+    enc = RegionEncoder("tiny", 16, 0.0).eval()
     batch = random_batch("mortality", 2, [2, 3], 1, seed=1, missing_region_prob=0.4)
     crops, regions, cxrs = batch["crops"], batch["region_mask"], batch["cxr_mask"]
     assert (~regions[cxrs]).any()
@@ -322,7 +308,7 @@ def test_paper_variant_encodes_missing_regions_as_black_crops_and_padded_cxrs_as
     assert not torch.allclose(jittered[regions & cxrs[:, :, None]], feats[regions & cxrs[:, :, None]], atol=1e-6)
 
 
-def test_paper_variant_padding_changes_nothing_in_training_mode_either():
+def test_padding_changes_nothing_in_training_mode_either():
     # BatchNorm statistics (region adapter, f_s, f_d) come from real crops and pairs only
     model = make_model("mortality", dropout=0.0).train()
     plain = random_batch("mortality", 2, [3, 4], [20, 30], seed=3)
@@ -337,7 +323,7 @@ def test_paper_variant_padding_changes_nothing_in_training_mode_either():
         assert value.item() == pytest.approx(terms_b[key].item(), rel=1e-4, abs=1e-6), key
 
 
-def test_paper_region_attention_is_the_final_fusion_attention_on_region_tokens():
+def test_region_attention_is_the_final_fusion_attention_on_region_tokens():
     model = make_model("mortality").eval()
     batch = random_batch("mortality", 2, [3, 2], [20, 10], seed=2)
     seen = []
@@ -361,7 +347,7 @@ def test_one_channel_stem_on_gray_equals_the_rgb_network_on_replicated_gray(tmp_
     rgb.fc = torch.nn.Identity()
     path = tmp_path / "resnet18.pt"
     torch.save(rgb.state_dict(), path)
-    enc = RegionEncoder("resnet18", 16, 10, 0.0, weights_path=str(path)).eval()  # input_scaling unit
+    enc = RegionEncoder("resnet18", 16, 0.0, weights_path=str(path)).eval()  # input_scaling unit
     crops = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     x = enc.normalise(crops)
     assert torch.equal(x[:, 0], crops.float() / 255)  # the authors' ToTensor: [0, 1], no mean/std
@@ -369,7 +355,7 @@ def test_one_channel_stem_on_gray_equals_the_rgb_network_on_replicated_gray(tmp_
         ours = enc.backbone(x)
         theirs = rgb(x.expand(-1, 3, -1, -1))  # Image.convert('RGB'): the gray image in every channel
     assert torch.allclose(ours, theirs, atol=1e-4)
-    imagenet = RegionEncoder("tiny", 16, 10, 0.0, input_scaling="imagenet")
+    imagenet = RegionEncoder("tiny", 16, 0.0, input_scaling="imagenet")
     from dipro.model.region_encoder import GRAY_MEAN, GRAY_STD
 
     assert torch.allclose(imagenet.normalise(crops)[:, 0], (crops.float() / 255 - GRAY_MEAN) / GRAY_STD)
@@ -389,12 +375,12 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
     cached.parent.mkdir(parents=True)
     state = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(state, cached)
-    enc = RegionEncoder("resnet18", 16, 10, 0.0, weights_path="imagenet")
+    enc = RegionEncoder("resnet18", 16, 0.0, weights_path="imagenet")
     assert torch.allclose(enc.backbone.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
     assert torch.equal(enc.backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     # a checkpoint rebuild never touches the cache
     cached.unlink()
-    RegionEncoder("resnet18", 16, 10, 0.0, weights_path="imagenet", load_pretrained=False)
+    RegionEncoder("resnet18", 16, 0.0, weights_path="imagenet", load_pretrained=False)
 
 
 def test_imagenet_weights_offline_is_one_line_saying_where_the_file_goes(tmp_path, monkeypatch):
@@ -410,7 +396,7 @@ def test_imagenet_weights_offline_is_one_line_saying_where_the_file_goes(tmp_pat
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError) as err:
-        RegionEncoder("resnet50", 16, 10, 0.0, weights_path="imagenet")
+        RegionEncoder("resnet50", 16, 0.0, weights_path="imagenet")
     msg = str(err.value)
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     assert "\n" not in msg and "resnet50-0676ba61.pth" in msg and str(cache) in msg
@@ -481,10 +467,9 @@ def test_config_dataclass_has_the_ablation_keys():
     assert {"use_ehr", "last_cxr_only", "use_pae", "use_std_losses", "local_fusion", "global_fusion"} <= names
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("task", TASKS)
-def test_bf16_autocast_forward_backward_is_finite(task, variant):
-    model = make_model(task, variant=variant).train()
+def test_bf16_autocast_forward_backward_is_finite(task):
+    model = make_model(task).train()
     batch = random_batch(task, 2, [2, 2] if task == "disease_progression" else [3, 5], [20, 0], seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)

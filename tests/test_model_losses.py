@@ -13,7 +13,6 @@ from data_sharding.errors import DataError
 from dipro.model.layers import EncoderLayerWithWeights, MultiHeadAttention, index_positional_encoding, masked_softmax
 from dipro.model.losses import ClassWeights, balanced_class_weights, los_ce, masked_class_weighted_ce, mortality_bce, total_loss
 from dipro.model.mmf import IntervalEHREncoder, RegionAwareAttention, interval_attention_bias
-from dipro.model.mmf_extended import LocalIntervalEncoder
 from dipro.model.pae import pae_progression_loss, reverse_labels, static_consistency_loss
 from dipro.model.std import (SpatiotemporalDisentanglement, adjacent_pairs, orthogonality_loss, pair_validity,
                              temporal_consistency_loss)
@@ -42,7 +41,7 @@ def test_authors_interleaved_reversal_by_hand():
 
 def test_batchnorm_projections_see_only_valid_pairs():
     torch.manual_seed(0)
-    std = SpatiotemporalDisentanglement(4, 0.0, norm="batch").train()
+    std = SpatiotemporalDisentanglement(4, 0.0).train()
     feats = torch.randn(2, 3, 10, 4)
     valid = torch.tensor([[True, True], [True, False]])
     s, d = std(feats, valid)
@@ -65,10 +64,8 @@ def test_orthogonality_loss_by_hand():
     s = torch.tensor([[[[1.0, 0]], [[1, 0]], [[1, 0]]], [[[2.0, 0]], [[1, 0]], [[1, 0]]]])
     d = torch.tensor([[[[1.0, 1]], [[0, 1]], [[3, 0]]], [[[5.0, 0]], [[0, 1]], [[0, 1]]]])
     valid = torch.tensor([[True, True, False], [True, False, False]])
-    # paper: the mean over the batch's 3 valid (pair, region) terms, as torch.mean(cos^2) without padding
+    # the mean over the batch's 3 valid (pair, region) terms, the authors' torch.mean(cos^2) without padding
     assert orthogonality_loss(s, d, valid).item() == pytest.approx((0.5 + 0.0 + 1.0) / 3)
-    # extended: per sample (0.5 + 0)/2 = 0.25 and 1/1, then the mean over samples
-    assert orthogonality_loss(s, d, valid, "per_sample").item() == pytest.approx((0.25 + 1.0) / 2)
 
 
 def test_temporal_consistency_loss_by_hand():
@@ -81,11 +78,10 @@ def test_temporal_consistency_loss_by_hand():
     one_pair = torch.tensor([[True, False, False]])
     assert temporal_consistency_loss(s, one_pair).item() == 0.0
     assert temporal_consistency_loss(s[:, :1], all_valid[:, :1]).item() == 0.0  # P = 1: no term (the authors' P > 1)
-    # two samples, 2 and 1 consecutive terms: pairs = (2 + 4 + 8) / (3 x 2); per_sample = mean(6/4, 8/2)
+    # two samples with 2 and 1 consecutive terms: (2 + 4 + 8) / (3 terms x d=2)
     s2 = torch.cat([s, torch.tensor([[[[0.0, 0]], [[2, 2]], [[0, 0]]]])])
     valid2 = torch.tensor([[True, True, True], [True, True, False]])
     assert temporal_consistency_loss(s2, valid2).item() == pytest.approx(14 / 6)
-    assert temporal_consistency_loss(s2, valid2, "per_sample").item() == pytest.approx((6 / 4 + 8 / 2) / 2)
 
 
 def test_static_consistency_loss_by_hand():
@@ -93,7 +89,6 @@ def test_static_consistency_loss_by_hand():
     s_rev = torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]]]])
     valid = torch.tensor([[True, False]])
     assert static_consistency_loss(s, s_rev, valid).item() == pytest.approx(5 / 2)
-    assert static_consistency_loss(s, s_rev, valid, "per_sample").item() == pytest.approx(5 / 2)
 
 
 def test_static_consistency_stops_the_gradient_at_the_reversed_feature():
@@ -101,15 +96,12 @@ def test_static_consistency_stops_the_gradient_at_the_reversed_feature():
     s = torch.tensor([[[[1.0, 2.0]], [[9.0, 9.0]]]], requires_grad=True)
     s_rev = torch.tensor([[[[0.5, 3.0]], [[0.0, 0.0]]]], requires_grad=True)
     valid = torch.tensor([[True, False]])
-    loss = static_consistency_loss(s, s_rev, valid)  # paper: mse(S, S~.detach())
+    loss = static_consistency_loss(s, s_rev, valid)  # the authors' mse(S, S~.detach())
     assert loss.item() == pytest.approx((0.25 + 1.0) / 2)
     loss.backward()
     assert s.grad[0, 0, 0].tolist() == pytest.approx([2 * 0.5 / 2, 2 * -1.0 / 2])  # dL/dS = 2 (S - S~) / N
     assert s.grad[0, 1].abs().sum() == 0  # padded pair
     assert s_rev.grad is None  # S~ receives no gradient from the static term
-    s.grad = None
-    static_consistency_loss(s, s_rev, valid, stop_gradient=False).backward()  # extended: both ways
-    assert s_rev.grad[0, 0, 0].tolist() == pytest.approx([-0.5, 1.0])
 
 
 def test_balanced_class_weights_by_hand():
@@ -126,7 +118,7 @@ STATS = {
 
 
 def test_paper_class_weights_are_the_authors():
-    prog = ClassWeights("disease_progression", STATS)  # variant paper
+    prog = ClassWeights("disease_progression", STATS)
     assert prog.progression[3].tolist() == pytest.approx([90 / 90, 90 / 30, 90 / 150])  # n / (3 n_c), study level
     assert prog.region[3].tolist() == pytest.approx([1.0, 3.0, 0.6])  # PAE: the same study-level counts
     for task in ("mortality", "length_of_stay"):
@@ -139,17 +131,6 @@ def test_paper_class_weights_are_the_authors():
     assert {"progression", "region", "mortality_pos_weight"} <= set(dict(mort.named_buffers()))
     with pytest.raises(DataError, match="disease_progression.task"):
         ClassWeights("mortality", {"mortality_los": STATS["mortality_los"]})
-
-
-def test_extended_class_weights():
-    prog = ClassWeights("disease_progression", STATS, "extended")
-    assert prog.progression[3].tolist() == pytest.approx([1.0, 3.0, 0.6])
-    assert prog.region[0].tolist() == pytest.approx([1.0, 1.0, 1.0])  # region-level counts
-    mort = ClassWeights("mortality", STATS, "extended")
-    assert mort.mortality_pos_weight.item() == pytest.approx(80 / 20)  # n_neg / n_pos
-    assert mort.region[0].tolist() == pytest.approx([60 / 30, 60 / 60, 60 / 90])
-    with pytest.raises(DataError, match="mortality_los.region"):
-        ClassWeights("mortality", {"mortality_los": {"mortality": [1, 1]}}, "extended")
 
 
 def test_mortality_bce_with_the_authors_pos_weight_by_hand():
@@ -246,21 +227,6 @@ def test_attention_with_bias_matches_hand_formula():
     expected_w = torch.softmax(scores, dim=-1)
     assert torch.allclose(weights[0], expected_w, atol=1e-6)
     assert torch.allclose(out[0], expected_w @ kv[0], atol=1e-6)
-
-
-def test_interval_without_ehr_gives_the_no_ehr_token():
-    torch.manual_seed(0)
-    enc = LocalIntervalEncoder(8, 2, 0.0).eval()
-    steps = torch.randn(1, 4, 8)
-    hours = torch.tensor([[0.0, 1, 2, 3]])
-    mask = torch.tensor([[True, True, True, True]])
-    out = enc(steps, hours, mask, torch.tensor([[0.5, 10.0]]), torch.tensor([[2.5, 20.0]]))
-    assert torch.isfinite(out).all()
-    assert torch.equal(out[0, 1], enc.no_ehr_token.detach())
-    assert not torch.equal(out[0, 0], enc.no_ehr_token.detach())
-    # a sample whose EHR is all padding: every interval falls back, still finite
-    out = enc(steps, hours, torch.zeros_like(mask), torch.tensor([[0.5, 1.0]]), torch.tensor([[2.5, 3.0]]))
-    assert torch.equal(out[0], enc.no_ehr_token.detach().expand(2, -1))
 
 
 def test_index_positional_encoding_by_hand():

@@ -1,17 +1,15 @@
 """DiPro: region encoder -> STD (+ PAE) -> MMF -> task head, with the paper's losses.
 
-``model.variant``: ``paper`` follows the authors' code point by point (github.com/Chenliu-svg/DiPro
-models/Component.py, models/model.py, models/Base_Predictor.py); ``extended`` is this project's
-earlier reading with its additions (:mod:`dipro.model.mmf_extended`).  docs/FIDELITY.md lists
-every item and where the two differ from the authors.
+It computes what the authors' code computes, point by point (github.com/Chenliu-svg/DiPro
+models/Component.py, models/model.py, models/Base_Predictor.py), except that padding never
+reaches an output or a loss; docs/FIDELITY.md lists every item.
 
 ``out = model(batch)`` takes a batch as docs/ARCHITECTURE.md §3 defines it and returns
 
 * ``logits``: progression [B,7,3] | mortality [B] | LOS [B,4]
-* ``region_attention`` [B,R] (sums to 1 per sample): ``paper``, the final fusion layer's
-  attention of the task tokens on the region tokens, normalised over the regions;
-  ``extended``, the task tokens' region-pooling attention; either summed over the CXR
-  pairs and averaged over heads and task tokens
+* ``region_attention`` [B,R] (sums to 1 per sample): the final fusion layer's attention of
+  the task tokens on the region tokens, averaged over heads and task tokens, summed over the
+  CXR pairs and normalised over the regions
 * ``S``, ``D`` [B,P,R,d] (STD), ``S_rev``, ``D_rev``, ``region_logits``,
   ``region_logits_rev`` [B,P,R,7,3] (PAE, when enabled),
   ``pair_valid`` [B,P] and ``pair_index`` [B,P] (which of the batch's pairs, i.e. which
@@ -34,7 +32,6 @@ from data_sharding.errors import DataError
 from dipro.model import losses as L
 from dipro.model.heads import TASK_OUTPUTS, TaskHeads
 from dipro.model.mmf import MultiscaleMultimodalFusion
-from dipro.model.mmf_extended import ExtendedFusion
 from dipro.model.pae import RegionProgressionHead, pae_progression_loss, static_consistency_loss
 from dipro.model.region_encoder import RegionEncoder
 from dipro.model.std import SpatiotemporalDisentanglement, orthogonality_loss, pair_validity, temporal_consistency_loss
@@ -72,28 +69,21 @@ class DiPro(nn.Module):
         self.cfg, self.task = model_cfg, task
         self.loss_cfg = loss_cfg or LossConfig()
         d = model_cfg.d_model
-        self.paper = model_cfg.variant == "paper"
         self.region_encoder = RegionEncoder(
             model_cfg.backbone,
             d,
-            NUM_REGIONS,
             model_cfg.dropout,
             weights_path=model_cfg.backbone_weights,
             channels_last=model_cfg.channels_last,
             load_pretrained=load_pretrained,
-            variant=model_cfg.variant,
             input_scaling=model_cfg.input_scaling,
         )
-        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout, norm="batch" if self.paper else "layer",
-                                                 pair_reversal=model_cfg.pair_reversal)
+        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout, pair_reversal=model_cfg.pair_reversal)
         self.region_head = RegionProgressionHead(d) if model_cfg.use_pae else None
         num_tokens = TASK_OUTPUTS[task][0]
-        fusion = MultiscaleMultimodalFusion if self.paper else ExtendedFusion
-        self.mmf = fusion(model_cfg, num_tokens)
+        self.mmf = MultiscaleMultimodalFusion(model_cfg, num_tokens)
         self.heads = TaskHeads(task, d, model_cfg.dropout)
-        self.class_weights = L.ClassWeights(task, label_stats, model_cfg.variant)
-        # paper: means over all valid terms of the batch, stop-gradient at S~; extended: per sample, both ways
-        self._reduction = "pairs" if self.paper else "per_sample"
+        self.class_weights = L.ClassWeights(task, label_stats)
 
     # ------------------------------------------------------------------ inputs
     def _check_batch(self, batch: Mapping[str, Any]) -> None:
@@ -197,8 +187,8 @@ class DiPro(nn.Module):
         terms["task_ce"] = self._task_loss(batch, logits)
         valid = out["pair_valid"]
         if self.cfg.use_std_losses:
-            terms["orth"] = orthogonality_loss(out["S"], out["D"], valid, self._reduction)
-            terms["temp"] = temporal_consistency_loss(out["S"], valid, self._reduction)
+            terms["orth"] = orthogonality_loss(out["S"], out["D"], valid)
+            terms["temp"] = temporal_consistency_loss(out["S"], valid)
         if self.region_head is not None:
             labels = batch["region_labels"].long()
             _check_labels(labels, 0, NOT_MENTIONED, "region_labels", batch)
@@ -207,8 +197,7 @@ class DiPro(nn.Module):
             terms["pae_ce"] = pae_progression_loss(
                 out["region_logits"], out["region_logits_rev"], labels, valid, self.class_weights.region
             )
-            terms["static"] = static_consistency_loss(out["S"], out["S_rev"], valid, self._reduction,
-                                                      stop_gradient=self.paper)
+            terms["static"] = static_consistency_loss(out["S"], out["S_rev"], valid)
         terms["total"] = L.total_loss(terms, self.loss_cfg)
         return terms["total"], terms
 

@@ -1,11 +1,12 @@
-"""Building blocks shared by STD, PAE and MMF: masked multi-head attention and time embeddings.
+"""Building blocks of MMF: masked multi-head attention, positional encoding, transformer layers.
 
-The attention here is written out (rather than ``nn.MultiheadAttention``) because the
+:class:`MultiHeadAttention` is written out (rather than ``nn.MultiheadAttention``) because the
 paper's local interval encoding needs a per-query additive mask with ``-inf`` entries
-(MMF, AttnMask_ij) and the region-attention figure needs the attention weights; both
-are plain tensors here.  A query row whose keys are all masked gets all-zero weights
-(and so a zero attention output) instead of the NaN a plain softmax would produce; the
-caller decides what such a row means (see :mod:`dipro.model.mmf`).
+(MMF, AttnMask_ij) and an interval may hold no EHR step at all: a query row whose keys are
+all masked gets all-zero weights (and so a zero attention output) instead of the NaN a plain
+softmax would produce (the authors' code); the caller decides what such a row means (see
+:mod:`dipro.model.mmf`).  :class:`EncoderLayerWithWeights` is torch's post-norm encoder layer
+returning its attention weights, which the region-attention figure reads.
 """
 from __future__ import annotations
 
@@ -77,55 +78,10 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out), weights.mean(dim=1)
 
 
-class CrossAttentionBlock(nn.Module):
-    """``LayerNorm(q + CrossAttn(q, kv))`` (the post-norm residual form used by every
-    fusion step of the paper: D_fuse, H_global and the final static fusion)."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.drop = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key_value: torch.Tensor,
-        key_valid: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, weights = self.attn(query, key_value, key_valid, bias)
-        return self.norm(query + self.drop(out)), weights
-
-
-def sinusoidal_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Continuous sinusoidal features of a scalar time (hours): [...] -> [..., dim] (float32)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float().unsqueeze(-1) * freqs
-    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    if dim % 2:
-        feats = F.pad(feats, (0, 1))
-    return feats
-
-
-class TimeEmbedding(nn.Module):
-    """Hour stamp -> d_model: sinusoidal features of the continuous time, then a linear map."""
-
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, hours: torch.Tensor) -> torch.Tensor:
-        feats = sinusoidal_features(hours, self.d_model)
-        return self.proj(feats.to(self.proj.weight.dtype))
-
-
 def make_transformer_encoder(d_model: int, num_heads: int, num_layers: int, dropout: float,
-                             activation: str = "gelu") -> nn.TransformerEncoder:
-    """Post-norm transformer encoder (batch first, 4x feed-forward; GELU, or ReLU = torch's default
-    that the authors' layers use)."""
+                             activation: str = "relu") -> nn.TransformerEncoder:
+    """Post-norm transformer encoder (batch first, 4x feed-forward, ReLU: torch's defaults, which the
+    authors' layers use)."""
     layer = nn.TransformerEncoderLayer(
         d_model=d_model,
         nhead=num_heads,

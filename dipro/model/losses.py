@@ -8,10 +8,10 @@ and kept as buffers of :class:`ClassWeights`, so a state dict alone rebuilds the
   training counts as 1.  (The authors' n also counts label 3 when their label map gives it one:
   a factor common to a disease's three weights, which a weighted-mean CE cancels.)
 * PAE (``region``): the same weights computed from the study-level progression labels of the
-  disease_progression training split, for every task (``paper``: the authors' setup), or from the
-  task's own region-level labels (``extended``).
-* mortality: BCE positive-class weight n_positive / n (``paper``: the authors' value, which
-  down-weights deaths) or n_negative / n_positive (``extended``: balances them).
+  disease_progression training split, for every task (the authors' setup; not from the
+  region-level labels).
+* mortality: BCE positive-class weight n_positive / n (the authors' value, which down-weights
+  deaths rather than balancing them).
 * length of stay: plain 4-class cross-entropy (the authors' setting).
 
 github.com/Chenliu-svg/DiPro models/Base_Predictor.py: setup.
@@ -61,24 +61,18 @@ def _get(stats: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 class ClassWeights(nn.Module):
     """Buffers: ``progression`` [7,3], ``region`` [7,3] (PAE), ``mortality_pos_weight`` [1].
 
-    ``variant`` (``paper`` | ``extended``) picks the sources described in the module docstring.
-    With ``label_stats=None`` the weights are uniform placeholders (used when the model
+    Sources as described in the module docstring.  With ``label_stats=None`` the weights are uniform placeholders (used when the model
     is rebuilt only to load a state dict, which carries the real values).
     """
 
-    def __init__(self, task: str, label_stats: Mapping[str, Any] | None, variant: str = "paper") -> None:
+    def __init__(self, task: str, label_stats: Mapping[str, Any] | None) -> None:
         super().__init__()
-        if variant not in ("paper", "extended"):
-            raise ValueError(f"unknown variant {variant!r}")
         ones = torch.ones(NUM_DISEASES, NUM_PROGRESSION_CLASSES)
         progression, region, pos_weight = ones.clone(), ones.clone(), torch.ones(1)
         if label_stats is not None:
             key = _STATS_KEY[task]
-            if variant == "paper":
-                where = ("disease_progression", "task")
-                region = balanced_class_weights(_get(label_stats, where), ".".join(where))
-            else:
-                region = balanced_class_weights(_get(label_stats, (key, "region")), f"{key}.region")
+            where = ("disease_progression", "task")
+            region = balanced_class_weights(_get(label_stats, where), ".".join(where))
             if task == "disease_progression":
                 progression = balanced_class_weights(_get(label_stats, (key, "task")), f"{key}.task")
             elif task == "mortality":
@@ -86,10 +80,7 @@ class ClassWeights(nn.Module):
                 if not (isinstance(counts, (list, tuple)) and len(counts) == 2):
                     raise DataError(f"label_stats {key}.mortality: expected [n_negative, n_positive], got {counts!r}")
                 neg, pos = float(counts[0]), float(counts[1])
-                if variant == "paper":
-                    pos_weight = torch.tensor([max(pos, 1.0) / max(neg + pos, 1.0)])  # n_pos / n
-                else:
-                    pos_weight = torch.tensor([max(neg, 1.0) / max(pos, 1.0)])
+                pos_weight = torch.tensor([max(pos, 1.0) / max(neg + pos, 1.0)])  # n_pos / n
         self.register_buffer("progression", progression)
         self.register_buffer("region", region)
         self.register_buffer("mortality_pos_weight", pos_weight)

@@ -1,4 +1,4 @@
-"""Multiscale Multimodal Fusion (MMF) as the authors built it (``model.variant=paper``).
+"""Multiscale Multimodal Fusion (MMF) as the authors built it.
 
 github.com/Chenliu-svg/DiPro models/Component.py: EHRTransformer_cls, EHRIntervalEncoder,
 RegionAwareAttention, EHRCrossAttention, MultisacleMultimodalFusion; models/model.py: DiPro.forward.

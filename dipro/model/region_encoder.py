@@ -15,17 +15,13 @@ Input scaling (``model.input_scaling``): ``unit`` = pixel / 255 (the authors' ``
 with no mean/std, github.com/Chenliu-svg/DiPro dataset_module/dipro_dataset.py) or
 ``imagenet`` = standardised with the ImageNet statistics averaged over RGB.
 
-Variants (github.com/Chenliu-svg/DiPro models/Component.py: LongitudinalCXRModel):
-
-* ``paper``: adapter Linear(feat, d)-BatchNorm1d-ReLU-Dropout; every crop of a real CXR goes
-  through the backbone, a missing region being an all-black crop as in the authors' loader.
-  Padded CXRs are not encoded: their features are zeros that no real output ever reads (every
-  pair they belong to is masked downstream), which is why the authors' learnable pixel
-  padding has no counterpart here (docs/FIDELITY.md).
-* ``extended``: adapter Linear-LayerNorm-GELU-Dropout; only real region crops go through the
-  backbone; missing regions and padded CXRs get a learnable per-region padding embedding.
-
-Either way padding changes neither the features of real crops nor BatchNorm statistics.
+As the authors (github.com/Chenliu-svg/DiPro models/Component.py: LongitudinalCXRModel): the
+adapter is Linear(feat, d)-BatchNorm1d-ReLU-Dropout, and every crop of a real CXR goes through
+the backbone, a missing region being an all-black crop as in the authors' loader.  Padded CXRs
+are not encoded: their features are zeros that no real output ever reads (every pair they
+belong to is masked downstream), which is why the authors' learnable pixel padding has no
+counterpart here (docs/FIDELITY.md); so padding changes neither the features of real crops
+nor BatchNorm statistics.
 """
 from __future__ import annotations
 
@@ -164,31 +160,27 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 
 class RegionEncoder(nn.Module):
-    """uint8 crops [B,T,R,C,C] -> region features F [B,T,R,d_model].
+    """uint8 crops [B,T,R,C,C] -> region features F [B,T,R,d_model] (zeros for padded CXRs).
 
     ``forward(crops, region_mask, cxr_mask, augment)``: ``region_mask`` [B,T,R] (True = the
-    region was cropped), ``cxr_mask`` [B,T] (True = real CXR).  ``variant`` and
-    ``input_scaling`` as in :class:`dipro.config.ModelConfig`.
+    region was cropped), ``cxr_mask`` [B,T] (True = real CXR).  ``input_scaling`` as in
+    :class:`dipro.config.ModelConfig`.
     """
 
     def __init__(
         self,
         backbone: str,
         d_model: int,
-        num_regions: int,
         dropout: float,
         weights_path: str | None = None,
         channels_last: bool = False,
         load_pretrained: bool = True,
-        variant: str = "paper",
         input_scaling: str = "unit",
     ) -> None:
         super().__init__()
-        if variant not in ("paper", "extended"):
-            raise ValueError(f"unknown variant {variant!r}")
         if input_scaling not in ("unit", "imagenet"):
             raise ValueError(f"unknown input scaling {input_scaling!r}")
-        self.variant, self.input_scaling = variant, input_scaling
+        self.input_scaling = input_scaling
         self.backbone, feat_dim = build_backbone(backbone)
         path = resolve_backbone_weights(backbone, weights_path) if load_pretrained else None
         if path is not None:
@@ -198,14 +190,8 @@ class RegionEncoder(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        if variant == "paper":
-            # github.com/Chenliu-svg/DiPro models/Component.py: LongitudinalCXRModel.feature_adapter
-            self.proj = nn.Sequential(nn.Linear(feat_dim, d_model), nn.BatchNorm1d(d_model), nn.ReLU(), nn.Dropout(dropout))
-            self.pad_embedding = None
-        else:
-            self.proj = nn.Sequential(nn.Linear(feat_dim, d_model), nn.LayerNorm(d_model), nn.GELU(), nn.Dropout(dropout))
-            # Learnable padding for missing regions / padded CXRs (one vector per region).
-            self.pad_embedding = nn.Parameter(torch.randn(num_regions, d_model) * 0.02)
+        # github.com/Chenliu-svg/DiPro models/Component.py: LongitudinalCXRModel.feature_adapter
+        self.proj = nn.Sequential(nn.Linear(feat_dim, d_model), nn.BatchNorm1d(d_model), nn.ReLU(), nn.Dropout(dropout))
 
     def normalise(self, crops: torch.Tensor, augment: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """uint8 [N,C,C] -> float [N,1,C,C], scaled to [0,1], augmented when ``augment`` gives the
@@ -223,28 +209,12 @@ class RegionEncoder(nn.Module):
 
     def forward(self, crops: torch.Tensor, region_mask: torch.Tensor, cxr_mask: torch.Tensor,
                 augment: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """``augment``: per-crop transform parameters shaped [B,T,R] / [B,T,R,2] (training only)."""
+        """Every crop of a real CXR through backbone and adapter (a missing region is a black crop,
+        kept black after augmentation); zeros for padded CXRs.  ``augment``: per-crop transform
+        parameters shaped [B,T,R] / [B,T,R,2] (training only)."""
         b, t, r = region_mask.shape
         real_cxr = cxr_mask.bool()[:, :, None].expand(b, t, r)
         present = region_mask.bool() & real_cxr
-        if self.variant == "paper":
-            return self._forward_paper(crops, present, real_cxr, augment)
-        pad = self.pad_embedding.expand(b, t, r, -1)
-        if not bool(present.any()):
-            return pad.clone()
-        params = None if augment is None else tuple(p[present] for p in augment)
-        feats = self.proj(self.backbone(self.normalise(crops[present], params)))  # real crops only: [N,d]
-        pad = pad.to(feats.dtype)
-        out = pad.clone()
-        out[present] = feats
-        # torch.where keeps pad_embedding in the graph even when no region is missing
-        # (DDP without find_unused_parameters needs every parameter used every step).
-        return torch.where(present.unsqueeze(-1), out, pad)
-
-    def _forward_paper(self, crops: torch.Tensor, present: torch.Tensor, real_cxr: torch.Tensor,
-                       augment: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        """Every crop of a real CXR through backbone and adapter (a missing region is a black crop,
-        kept black after augmentation); zeros for padded CXRs."""
         params = None if augment is None else tuple(p[real_cxr] for p in augment)
         x = self.normalise(crops[real_cxr], params)  # [N,1,C,C]
         if params is not None:  # the jitter would lift a missing region's black crop: keep it black

@@ -8,16 +8,14 @@ For every adjacent CXR pair i and region r (paper, STD):
 
 As the authors compute it (github.com/Chenliu-svg/DiPro models/Component.py:
 OrderAwareProjection, STD_Constraint): f_s and f_d are Linear(2d, 4d)-GELU-Linear(4d, d)-
-BatchNorm1d(d)-Dropout (the ``extended`` variant: LayerNorm in place of BatchNorm), each
-applied to the forward and to the reversed pairs; L_orth is the mean of cos^2 over the
+BatchNorm1d(d)-Dropout, each applied to the forward and to the reversed pairs; L_orth is the mean of cos^2 over the
 (pair, region) terms; L_temp = mse(S_{1..P-1}, S_{2..P}), the mean over terms and feature
 dimensions (N = terms x d), and only with P > 1.
 
 A pair is valid only when both of its CXRs are real (``cxr_mask``).  The authors
 average over padded pairs too; here padding never counts: only valid pairs go through
 the BatchNorm projections (so padding changes no statistic), and the losses are means
-over valid terms -- over all of the batch's valid terms (``paper``), or per sample then
-over the samples that have one (``extended``).  Without padding both equal the authors'.
+over the batch's valid terms.  Without padding both are the authors'.
 """
 from __future__ import annotations
 
@@ -27,17 +25,15 @@ from torch import nn
 
 
 class PairProjection(nn.Module):
-    """f_s or f_d: [N, 2d] -> [N, d] (Linear-GELU-Linear-Norm-Dropout; Norm = BatchNorm1d or LayerNorm)."""
+    """f_s or f_d: [N, 2d] -> [N, d] (Linear-GELU-Linear-BatchNorm1d-Dropout)."""
 
-    def __init__(self, d_model: int, dropout: float, norm: str = "batch") -> None:
+    def __init__(self, d_model: int, dropout: float) -> None:
         super().__init__()
-        if norm not in ("batch", "layer"):
-            raise ValueError(f"unknown norm {norm!r}")
         self.net = nn.Sequential(
             nn.Linear(2 * d_model, 4 * d_model),
             nn.GELU(),
             nn.Linear(4 * d_model, d_model),
-            nn.BatchNorm1d(d_model) if norm == "batch" else nn.LayerNorm(d_model),
+            nn.BatchNorm1d(d_model),
             nn.Dropout(dropout),
         )
 
@@ -68,24 +64,21 @@ def pair_validity(cxr_mask: torch.Tensor) -> torch.Tensor:
 class SpatiotemporalDisentanglement(nn.Module):
     """Holds f_s and f_d; ``forward(F, valid, reverse)`` -> (S, D) [B,P,R,d] for the forward or reversed pairs.
 
-    With BatchNorm (``norm="batch"``) only the valid pairs ([B,P] bool) are projected (zeros elsewhere),
-    so the batch statistics are those of real pairs; with LayerNorm every pair is projected.
+    Only the valid pairs ([B,P] bool) are projected (zeros elsewhere), so the BatchNorm
+    statistics are those of real pairs.
     """
 
-    def __init__(self, d_model: int, dropout: float, norm: str = "batch", pair_reversal: str = "swap") -> None:
+    def __init__(self, d_model: int, dropout: float, pair_reversal: str = "swap") -> None:
         super().__init__()
         if pair_reversal not in ("swap", "interleave"):
             raise ValueError(f"unknown pair reversal {pair_reversal!r}")
         self.interleave = pair_reversal == "interleave"
-        self.batch_norm = norm == "batch"
-        self.f_s = PairProjection(d_model, dropout, norm)
-        self.f_d = PairProjection(d_model, dropout, norm)
+        self.f_s = PairProjection(d_model, dropout)
+        self.f_d = PairProjection(d_model, dropout)
 
-    def forward(self, features: torch.Tensor, valid: torch.Tensor | None = None,
+    def forward(self, features: torch.Tensor, valid: torch.Tensor,
                 reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = adjacent_pairs(features, reverse=reverse, interleave=self.interleave)  # [B,P,R,2d]
-        if not self.batch_norm or valid is None:
-            return self.f_s(pairs), self.f_d(pairs)
         b, p, r, _ = pairs.shape
         flat = pairs[valid].reshape(-1, pairs.shape[-1])  # [N*R, 2d], real pairs only
         outs = []
@@ -97,22 +90,6 @@ class SpatiotemporalDisentanglement(nn.Module):
         return outs[0], outs[1]
 
 
-def per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sample's masked entries, then over samples with >= 1 entry.
-
-    ``values`` and ``mask`` share shape [B, ...].  With no entry at all the result is
-    ``0 * values.sum()`` (zero, but still connected to the graph).
-    """
-    mask = mask.to(values.dtype)
-    dims = tuple(range(1, values.ndim))
-    totals = (values * mask).sum(dim=dims)
-    counts = mask.sum(dim=dims)
-    has = counts > 0
-    if not bool(has.any()):
-        return values.sum() * 0.0
-    return (totals[has] / counts[has]).mean()
-
-
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over all masked entries of the batch (``0 * values.sum()`` when there is none)."""
     mask = mask.to(values.dtype)
@@ -122,25 +99,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / count
 
 
-def reduce_terms(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``pairs``: :func:`masked_mean` over the batch; ``per_sample``: :func:`per_sample_mean`."""
-    if reduction == "pairs":
-        return masked_mean(values, mask)
-    if reduction == "per_sample":
-        return per_sample_mean(values, mask)
-    raise ValueError(f"unknown reduction {reduction!r}")
-
-
-def orthogonality_loss(static: torch.Tensor, dynamic: torch.Tensor, valid_pairs: torch.Tensor,
-                       reduction: str = "pairs") -> torch.Tensor:
+def orthogonality_loss(static: torch.Tensor, dynamic: torch.Tensor, valid_pairs: torch.Tensor) -> torch.Tensor:
     """L_orth = mean over valid (i, r) of cos(S^r_i, D^r_i)^2 (github.com/Chenliu-svg/DiPro
     models/Component.py: STD_Constraint.orthogonal_projection_loss)."""
     cos = F.cosine_similarity(static.float(), dynamic.float(), dim=-1, eps=1e-8)  # [B,P,R]
     mask = valid_pairs.unsqueeze(-1).expand_as(cos)
-    return reduce_terms(cos.pow(2), mask, reduction)
+    return masked_mean(cos.pow(2), mask)
 
 
-def temporal_consistency_loss(static: torch.Tensor, valid_pairs: torch.Tensor, reduction: str = "pairs") -> torch.Tensor:
+def temporal_consistency_loss(static: torch.Tensor, valid_pairs: torch.Tensor) -> torch.Tensor:
     """L_temp = 1/N sum_{i,r} ||S^r_i - S^r_{i+1}||^2 over consecutive valid pairs (N = terms x d): the authors'
     ``mse_loss(S[:, :-1], S[:, 1:])``, zero with fewer than two pairs (STD_Constraint.longitudinal_consistency_loss)."""
     if static.shape[1] < 2:
@@ -148,4 +115,4 @@ def temporal_consistency_loss(static: torch.Tensor, valid_pairs: torch.Tensor, r
     diff = (static[:, 1:].float() - static[:, :-1].float()).pow(2)  # [B,P-1,R,d]
     both = valid_pairs[:, 1:] & valid_pairs[:, :-1]
     mask = both[:, :, None, None].expand_as(diff)
-    return reduce_terms(diff, mask, reduction)
+    return masked_mean(diff, mask)
