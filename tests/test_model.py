@@ -437,6 +437,9 @@ def _train_and_score(task: str, shuffle: bool) -> float:
                 train[key] = train[key][perm]
     test, y_test = _planted_batch(task, 64, seed=12)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # decayed to 0 as training runs do (optim.min_lr): BatchNorm's running statistics, which evaluation
+    # uses, then settle on the final weights instead of lagging weights that still move fast
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
     model.train()
     for step in range(40):
         idx = torch.arange(step * 16, step * 16 + 16) % len(y)
@@ -445,12 +448,20 @@ def _train_and_score(task: str, shuffle: bool) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     with torch.no_grad():
         probs = model.predict_proba(model(test))
     if task == "mortality":
-        return compute_metrics(task, y_test, probs)["auroc"]
+        # minus the Brier score: AUROC cannot tell the control from a learner here, because any output
+        # that follows the planted brightness ranks deaths perfectly or exactly backwards, whatever
+        # labels it was fitted to; only a model that learned the labels predicts calibrated risks
+        return -float(((probs - y_test.float()) ** 2).mean())
     return compute_metrics(task, y_test.view(-1, 1).expand(-1, 7), probs)["auroc"]
+
+
+# (the score the true-label model must reach, its margin over the shuffled-label control)
+PLANTED = {"mortality": (-0.15, 0.15), "disease_progression": (0.9, 0.2)}
 
 
 @pytest.mark.slow
@@ -458,8 +469,9 @@ def _train_and_score(task: str, shuffle: bool) -> float:
 def test_learns_a_planted_signal_and_not_shuffled_labels(task):
     real = _train_and_score(task, shuffle=False)
     control = _train_and_score(task, shuffle=True)
-    assert real > 0.9, real
-    assert real - control > 0.2, (real, control)
+    least, margin = PLANTED[task]
+    assert real > least, real
+    assert real - control > margin, (real, control)
 
 
 def test_config_dataclass_has_the_ablation_keys():
