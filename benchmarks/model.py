@@ -1,6 +1,6 @@
 """DiPro forward+backward throughput and peak memory, demo vs paper configuration.
 
-For each configuration (``demo``: tiny CNN, 32-px crops, d_model 32, 1 layer;
+For each configuration (``demo``: tiny CNN, 32-px crops, d_model 32, 2 layers;
 ``paper``: ResNet-50, 224-px crops, d_model 256, 4 layers — the mortality settings)
 and batch size (1, 4, 8) it times forward + ``compute_loss`` + backward on an in-memory
 mortality batch with ``--cxrs`` CXRs per sample (10 region crops each) and 49 EHR
@@ -45,7 +45,7 @@ from dipro.model import DiPro  # noqa: E402
 from dipro.model.synthetic import random_batch, uniform_label_stats  # noqa: E402
 
 CONFIGS = {
-    "demo": dict(backbone="tiny", crop_size=32, d_model=32, num_layers=1, num_heads=4, group_k=4),
+    "demo": dict(backbone="tiny", crop_size=32, d_model=32, num_layers=2, num_heads=4, group_k=4),
     "paper": dict(backbone="resnet50", crop_size=224, d_model=256, num_layers=4, num_heads=8, group_k=8),
 }
 # (warm-up steps, timed steps) per configuration on CPU / GPU

@@ -10,7 +10,9 @@ Every command that trains or evaluates resolves one :class:`Config`:
 * Override values are parsed as YAML scalars (``1e-5``, ``true``, ``[1,2]``, ``null``).
 * The resolved config round-trips through :func:`to_dict` / :func:`from_dict` and is
   saved with every run (``config.yaml``).
-Defaults are the paper's full configuration; ``configs/demo.yaml`` shrinks it for CPU.
+Defaults are the paper's full configuration (except ``model.backbone_weights``, None by default so
+that a bare config never reaches for the network; the task configs set ``imagenet``);
+``configs/demo.yaml`` shrinks it for CPU.
 """
 from __future__ import annotations
 
@@ -64,21 +66,36 @@ class DataConfig:
         _check(2 <= self.max_cxrs <= 14, "data.max_cxrs must be in [2, 14]")
 
 
+INPUT_SCALINGS = ("unit", "imagenet")
+PAIR_REVERSALS = ("swap", "interleave")
+BACKBONE_WEIGHTS_IMAGENET = "imagenet"
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
     """Region encoder: resnet50 (paper) | resnet34 | resnet18 | tiny (a 4-layer CNN for tests)."""
     backbone_weights: str | None = None
-    """Local file with ImageNet or CXR-pretrained backbone weights; none = random init (logged)."""
+    """imagenet: torchvision's ImageNet weights of the backbone (IMAGENET1K_V1, read from the torch hub
+    cache $TORCH_HOME/hub/checkpoints, downloaded there once when missing) | a local state-dict file |
+    none = random init (logged)."""
+    input_scaling: str = "unit"
+    """Crop intensities fed to the backbone: unit = pixel / 255 in [0, 1] (the authors' ToTensor, no mean/std) |
+    imagenet = standardised with the ImageNet mean/std averaged over RGB."""
     crop_size: int = 224
     """Side of the square region crops fed to the backbone."""
     d_model: int = 256
     num_layers: int = 2
-    """Transformer layers of the EHR encoder / fusion blocks."""
-    num_heads: int = 4
+    """The authors' ``num_transformer_layers``: local fusion has num_layers // 2 region-aware attention
+    layers; the EHR encoder and the final fusion have one layer each, as the authors built them."""
+    num_heads: int = 8
+    """Attention heads everywhere (the authors' modules fix 8)."""
     dropout: float = 0.1
     group_k: int = 8
     """K of the group embedding of static features with demographics."""
+    pair_reversal: str = "swap"
+    """PAE's reversed pair: swap = [F_{t+1} || F_t] (the paper's equation) | interleave = the authors'
+    code, which stacks the two halves feature by feature (F_{t+1,1}, F_{t,1}, F_{t+1,2}, ...)."""
     channels_last: bool = False
     # --- ablation switches (the paper's ablations) ---
     use_ehr: bool = True
@@ -95,10 +112,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.backbone in ("resnet50", "resnet34", "resnet18", "tiny"),
                f"model.backbone must be resnet50|resnet34|resnet18|tiny, got {self.backbone!r}")
+        _check(not (self.backbone == "tiny" and self.backbone_weights == BACKBONE_WEIGHTS_IMAGENET),
+               "model.backbone_weights=imagenet needs a ResNet backbone (there are no ImageNet weights for tiny)")
+        _check(self.input_scaling in INPUT_SCALINGS,
+               f"model.input_scaling must be unit|imagenet, got {self.input_scaling!r}")
+        _check(self.pair_reversal in PAIR_REVERSALS,
+               f"model.pair_reversal must be swap|interleave, got {self.pair_reversal!r}")
         _check(self.d_model % self.num_heads == 0, "model.d_model must be divisible by model.num_heads")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(self.crop_size >= 16, "model.crop_size must be >= 16")
         _check(self.group_k >= 1, "model.group_k must be >= 1")
+        _check(self.num_layers >= 1, "model.num_layers must be >= 1")
+        _check(not (self.use_ehr and self.local_fusion and self.num_layers < 2),
+               "model.num_layers must be >= 2: local fusion has num_layers // 2 region-aware attention layers "
+               "(or set model.local_fusion=false)")
 
 
 @dataclass
@@ -120,21 +147,43 @@ class LossConfig:
             _check(getattr(self, f.name) >= 0, f"loss.{f.name} must be >= 0")
 
 
+SCHEDULE_INTERVALS = ("epoch", "step")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 5e-6
+    """AdamW with cosine decay, as the authors trained (github.com/Chenliu-svg/DiPro main.py,
+    models/Base_Predictor.py: configure_optimizers)."""
+    base_lr: float = 5e-6
+    """Base learning rate (the authors' ``model.base_learning_rate``)."""
+    scale_lr: bool = True
+    """lr = base_lr x optim.grad_accum x trainer.num_workers x data.batch_size (the authors' ``--scale_lr``,
+    on by default), so the rate follows the effective batch; false = lr = base_lr."""
     weight_decay: float = 0.01
+    decay_all_params: bool = True
+    """Weight decay on every parameter (the authors' AdamW over ``model.parameters()``); false = not on
+    biases, norm scales and other rank-1 parameters."""
     min_lr: float = 1e-7
     """Cosine decay floor."""
+    schedule_interval: str = "epoch"
+    """epoch: the cosine steps once per epoch over trainer.max_epochs (the authors' CosineAnnealingLR,
+    T_max = max_epochs) | step: once per optimizer step over the whole run."""
     warmup_steps: int = 0
+    """Linear warm-up (optimizer steps; schedule_interval=step only)."""
     grad_accum: int = 4
-    grad_clip: float = 1.0
-    """Max global gradient norm (0 disables)."""
+    grad_clip: float = 0.0
+    """Max global gradient norm (0 disables; the authors set none)."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr must be > 0")
+        _check(self.base_lr > 0, "optim.base_lr must be > 0")
+        _check(self.min_lr >= 0, "optim.min_lr must be >= 0")
         _check(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
         _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
+        _check(self.schedule_interval in SCHEDULE_INTERVALS,
+               f"optim.schedule_interval must be epoch|step, got {self.schedule_interval!r}")
+        _check(not (self.warmup_steps > 0 and self.schedule_interval == "epoch"),
+               "optim.warmup_steps needs optim.schedule_interval=step")
 
 
 @dataclass
@@ -274,6 +323,23 @@ class Config:
         """Samples per optimizer step; with an elastic worker count, at the largest group."""
         return self.data.batch_size * self.trainer.max_workers * self.optim.grad_accum
 
+    @property
+    def effective_lr(self) -> float:
+        """The optimizer's peak learning rate: base_lr x effective batch with ``optim.scale_lr``
+        (github.com/Chenliu-svg/DiPro main.py: accumulate_grad_batches x ngpu x batch size x base_lr)."""
+        if self.optim.scale_lr:
+            return self.optim.base_lr * self.effective_batch_size
+        return self.optim.base_lr
+
+    def describe_lr(self) -> str:
+        """One line saying how the learning rate was obtained (printed at the start of a run)."""
+        if not self.optim.scale_lr:
+            return f"learning rate {self.effective_lr:.3g} = optim.base_lr (optim.scale_lr=false)"
+        return (f"learning rate {self.effective_lr:.3g} = accumulation {self.optim.grad_accum} x workers "
+                f"{self.trainer.max_workers} x micro batch {self.data.batch_size} x base_lr {self.optim.base_lr:.3g}"
+                + (" (elastic: at the largest group; the rate is not rescaled when the group shrinks)"
+                   if self.trainer.elastic else ""))
+
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
@@ -327,6 +393,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that were renamed or removed: using one is an error that says what to write instead.
+RENAMED_KEYS = {
+    "optim.lr": "renamed to optim.base_lr: the learning rate is base_lr x optim.grad_accum x trainer.num_workers x "
+                "data.batch_size while optim.scale_lr=true (the default, as the authors scaled it); "
+                "set optim.scale_lr=false to use optim.base_lr as the rate itself",
+    "model.variant": "removed: the model is the authors' computation (docs/FIDELITY.md); the 'extended' variant "
+                     "did not beat it side by side (README, benchmarks/variants.py) and was dropped",
+}
+
+
 def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
     """Build a (nested) config dataclass from a plain dict; unknown keys are an error."""
     if not isinstance(data, dict):
@@ -334,6 +410,9 @@ def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any
     hints = _field_types(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if prefix + key in RENAMED_KEYS:
+            raise ConfigError(f"config key {prefix + key!r} was {RENAMED_KEYS[prefix + key]}")
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r} (allowed under {prefix.rstrip('.') or 'the root'}: "

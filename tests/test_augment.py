@@ -8,7 +8,6 @@ import torch
 from data_sharding.constants import NUM_REGIONS
 from dipro.data.augment import AUGMENT_KEYS, AugmentConfig, apply_augmentation, draw_augmentation
 from data_sharding.errors import DataError
-from dipro.model.region_encoder import GRAY_MEAN, GRAY_STD
 from dipro.model.synthetic import random_batch
 from test_model import make_model
 
@@ -75,6 +74,7 @@ def _identical_cxrs_batch() -> dict:
 
 
 def test_training_applies_one_transform_per_region_in_every_cxr():
+    # every crop of a real CXR is encoded, scaled to [0, 1]; a missing region as a black crop
     model = make_model("mortality").train()
     seen = _capture_backbone_inputs(model)
     batch = _identical_cxrs_batch()
@@ -82,17 +82,17 @@ def test_training_applies_one_transform_per_region_in_every_cxr():
     model({k: v for k, v in batch.items() if k not in AUGMENT_KEYS})
     augmented, plain = seen
     present = batch["region_mask"]
-    assert augmented.shape[0] == int(present.sum())  # the missing region is not encoded at all
-    full = torch.zeros(2, 3, NUM_REGIONS, *augmented.shape[1:])
-    full[present] = augmented
+    assert augmented.shape[0] == 2 * 3 * NUM_REGIONS
+    full = augmented.view(2, 3, NUM_REGIONS, *augmented.shape[1:])
     assert torch.equal(full[:, 0], full[:, 1]) and torch.equal(full[:, 1], full[:, 2])  # no spurious "change"
     assert not torch.allclose(augmented, plain)
-    # each crop got exactly its (sample, region)'s transform
+    assert full[1, :, 4].abs().sum() == 0  # the missing region stays black under augmentation
+    # each present crop got exactly its (sample, region)'s transform
+    sel = present.flatten()
     b_idx, _, r_idx = present.nonzero(as_tuple=True)
-    raw = plain[:, 0] * GRAY_STD + GRAY_MEAN
     params = [batch[k][b_idx, r_idx] for k in AUGMENT_KEYS]
-    expected = (apply_augmentation(raw, *params) - GRAY_MEAN) / GRAY_STD
-    assert torch.allclose(augmented[:, 0], expected, atol=1e-5)
+    expected = apply_augmentation(plain[sel][:, 0], *params)
+    assert torch.allclose(augmented[sel][:, 0], expected, atol=1e-5)
 
 
 def test_evaluation_ignores_augmentation_parameters():

@@ -13,6 +13,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_are_the_paper_configuration():
     cfg = Config()
+    assert cfg.model.input_scaling == "unit" and cfg.model.num_heads == 8
+    assert cfg.optim.scale_lr and cfg.optim.schedule_interval == "epoch" and cfg.optim.grad_clip == 0.0
     assert cfg.model.backbone == "resnet50"
     assert cfg.model.crop_size == 224
     assert cfg.optim.grad_accum == 4
@@ -22,12 +24,12 @@ def test_defaults_are_the_paper_configuration():
 
 def test_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("task: length_of_stay\noptim:\n  lr: 8.0e-6\ntrainer:\n  num_workers: 2\n")
-    cfg = load_config(f, ["trainer.num_workers=3", "model.use_ehr=false", "optim.lr=1e-3", "trainer.run_name=null"])
+    f.write_text("task: length_of_stay\noptim:\n  base_lr: 8.0e-6\ntrainer:\n  num_workers: 2\n")
+    cfg = load_config(f, ["trainer.num_workers=3", "model.use_ehr=false", "optim.base_lr=1e-3", "trainer.run_name=null"])
     assert cfg.task == "length_of_stay"
     assert cfg.trainer.num_workers == 3
     assert cfg.model.use_ehr is False
-    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.optim.base_lr == pytest.approx(1e-3)
     assert cfg.trainer.run_name is None
     assert cfg.monitor == "accuracy"
     assert cfg.effective_batch_size == cfg.data.batch_size * 3 * cfg.optim.grad_accum
@@ -35,9 +37,9 @@ def test_yaml_and_overrides(tmp_path):
 
 def test_base_inheritance(tmp_path):
     (tmp_path / "base.yaml").write_text("task: mortality\nmodel:\n  d_model: 64\n  num_heads: 4\n")
-    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  num_layers: 1\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  num_layers: 3\n")
     cfg = load_config(tmp_path / "child.yaml")
-    assert (cfg.task, cfg.model.d_model, cfg.model.num_layers) == ("mortality", 64, 1)
+    assert (cfg.task, cfg.model.d_model, cfg.model.num_layers) == ("mortality", 64, 3)
 
 
 @pytest.mark.parametrize(
@@ -51,11 +53,24 @@ def test_base_inheritance(tmp_path):
         ("trainer.num_workers=two", "trainer.num_workers"),
         ("task=segmentation", "task"),
         ("model.use_ehr=maybe", "model.use_ehr"),
+        ("model.variant=extended", "model.variant' was removed"),
+        ("model.input_scaling=zscore", "model.input_scaling"),
+        ("model.pair_reversal=flip", "model.pair_reversal"),
+        ("optim.schedule_interval=batch", "optim.schedule_interval"),
+        ("model.num_layers=1", "model.num_layers"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_the_old_lr_key_in_yaml_names_its_replacement(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("optim:\n  lr: 1.0e-5\n")
+    with pytest.raises(ConfigError, match=r"'optim\.lr' was renamed to optim\.base_lr.*scale_lr") as err:
+        load_config(f)
+    assert "\n" not in str(err.value)
 
 
 def test_unknown_key_in_yaml_is_named(tmp_path):

@@ -33,7 +33,7 @@ def test_config_fingerprint_ignores_paths_and_run_names_only():
     base = load_config(demo.DEMO_CONFIG)
     same = load_config(demo.DEMO_CONFIG, ["data.shards=/elsewhere", "trainer.storage_path=/x",
                                           "trainer.run_name=r1", "tracking.uri=sqlite:///y.db"])
-    other = load_config(demo.DEMO_CONFIG, ["optim.lr=0.5"])
+    other = load_config(demo.DEMO_CONFIG, ["optim.base_lr=0.5"])
     assert demo.config_fingerprint(base) == demo.config_fingerprint(same)
     assert demo.config_fingerprint(base) != demo.config_fingerprint(other)
 

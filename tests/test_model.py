@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dipro.config import Config, LossConfig, ModelConfig, load_config
-from data_sharding.errors import DataError
+from data_sharding.errors import ConfigError, DataError
 from dipro.model import DiPro, build_model
 from dipro.model.region_encoder import RegionEncoder, build_backbone
 from dipro.model.synthetic import concat_batches, random_batch, uniform_label_stats
@@ -121,7 +121,7 @@ def test_swapping_the_pair_swaps_static_and_dynamic_roles_exactly():
 @pytest.mark.parametrize("task", TASKS)
 def test_gradients_reach_every_trainable_parameter(task):
     model = make_model(task).train()
-    # sample 1 has no EHR (no-EHR token), missing regions use the padding embedding
+    # sample 1 has no EHR, some regions are missing (black crops)
     batch = random_batch(task, 2, [2, 2] if task == "disease_progression" else [3, 4], [30, 0], seed=2, missing_region_prob=0.3)
     if task == "disease_progression":
         batch["progression"] = torch.tensor([[0, 1, 2, 0, 1, 2, 0], [1, 2, 0, 1, 2, 0, 1]])  # every disease labelled
@@ -224,52 +224,185 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, caplog):
     rgb = torchvision.models.resnet18(weights=None).state_dict()  # 3-channel stem + fc, like ImageNet files
     path = tmp_path / "resnet18.pt"
     torch.save(rgb, path)
-    enc = RegionEncoder("resnet18", 16, 10, 0.0, weights_path=str(path))
+    enc = RegionEncoder("resnet18", 16, 0.0, weights_path=str(path))
     assert torch.allclose(enc.backbone.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
     assert torch.equal(enc.backbone.layer1[0].conv1.weight, rgb["layer1.0.conv1.weight"])
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in rgb.items()}}, wrapped)
-    RegionEncoder("resnet18", 16, 10, 0.0, weights_path=str(wrapped))
+    RegionEncoder("resnet18", 16, 0.0, weights_path=str(wrapped))
 
     with caplog.at_level(logging.WARNING, logger="dipro.model.region_encoder"):
-        RegionEncoder("tiny", 16, 10, 0.0)
+        RegionEncoder("tiny", 16, 0.0)
     assert "random initialisation" in caplog.text
 
 
 def test_bad_backbone_weight_files_name_the_file(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(DataError, match="nope.pt"):
-        RegionEncoder("tiny", 16, 10, 0.0, weights_path=str(missing))
+        RegionEncoder("tiny", 16, 0.0, weights_path=str(missing))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a state dict")
     with pytest.raises(DataError, match="garbage.pt"):
-        RegionEncoder("tiny", 16, 10, 0.0, weights_path=str(garbage))
+        RegionEncoder("tiny", 16, 0.0, weights_path=str(garbage))
     other = tmp_path / "resnet18_for_tiny.pt"
     torch.save(build_backbone("resnet18")[0].state_dict(), other)
     with pytest.raises(DataError, match="resnet18_for_tiny.pt.*missing keys"):
-        RegionEncoder("tiny", 16, 10, 0.0, weights_path=str(other))
+        RegionEncoder("tiny", 16, 0.0, weights_path=str(other))
 
 
 def test_channels_last_gives_the_same_features():
     torch.manual_seed(0)
-    a = RegionEncoder("tiny", 16, 10, 0.0).eval()
-    b = RegionEncoder("tiny", 16, 10, 0.0, channels_last=True).eval()
+    a = RegionEncoder("tiny", 16, 0.0).eval()
+    b = RegionEncoder("tiny", 16, 0.0, channels_last=True).eval()
     b.load_state_dict(a.state_dict())
     batch = random_batch("mortality", 2, 3, 1)
-    present = batch["region_mask"] & batch["cxr_mask"][:, :, None]
+    args = (batch["crops"], batch["region_mask"], batch["cxr_mask"])
     with torch.no_grad():
-        assert torch.allclose(a(batch["crops"], present), b(batch["crops"], present), atol=1e-5)
+        assert torch.allclose(a(*args), b(*args), atol=1e-5)
 
 
 def test_task_configs_build_models():
+    # the authors' effective rates: accumulation 4 x 1 GPU x batch x base_lr (main.py --scale_lr)
+    expected_lr = {"disease_progression": 4 * 8 * 5e-6, "mortality": 4 * 4 * 1e-5, "length_of_stay": 4 * 4 * 8e-6}
     for name in ("disease_progression", "mortality", "length_of_stay"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.task == name and cfg.model.backbone == "resnet50" and cfg.optim.grad_accum == 4
+        assert cfg.model.backbone_weights == "imagenet"
+        assert cfg.model.input_scaling == "unit" and cfg.optim.schedule_interval == "epoch"
+        assert cfg.effective_lr == pytest.approx(expected_lr[name])
     demo = load_config("configs/demo.yaml")
+    assert demo.model.backbone_weights is None  # never downloads
     model = build_model(demo, uniform_label_stats())
     batch = random_batch(demo.task, 2, [2, 4], [49, 49], crop_size=demo.model.crop_size)
     loss, _ = model.compute_loss(batch, model(batch))
     assert torch.isfinite(loss)
+
+
+def test_reversed_static_feature_gets_no_gradient_from_the_static_term():
+    model = make_model("mortality").train()
+    batch = random_batch("mortality", 2, [3, 4], [20, 30], seed=4)
+    out = model(batch)
+    _, terms = model.compute_loss(batch, out)
+    g_s, g_rev = torch.autograd.grad(terms["static"], [out["S"], out["S_rev"]], allow_unused=True)
+    assert g_s is not None and g_s.abs().sum() > 0
+    assert g_rev is None  # mse(S, S~.detach()): S~ is a target
+
+
+def test_missing_regions_are_encoded_as_black_crops_and_padded_cxrs_as_zeros():
+    torch.manual_seed(0)
+    enc = RegionEncoder("tiny", 16, 0.0).eval()
+    batch = random_batch("mortality", 2, [2, 3], 1, seed=1, missing_region_prob=0.4)
+    crops, regions, cxrs = batch["crops"], batch["region_mask"], batch["cxr_mask"]
+    assert (~regions[cxrs]).any()
+    with torch.no_grad():
+        feats = enc(crops, regions, cxrs)
+        black = enc.proj(enc.backbone(torch.zeros(1, 1, 32, 32)))[0]  # what a black crop becomes
+    missing = (~regions) & cxrs[:, :, None]
+    assert torch.allclose(feats[missing], black.expand(int(missing.sum()), -1), atol=1e-5)
+    assert feats[0, 2].abs().sum() == 0  # the padded third CXR of sample 0
+    # augmentation jitters real crops but keeps a missing region black
+    params = (torch.full((2, 3, 10), 1.1), torch.full((2, 3, 10), 9.0), torch.zeros(2, 3, 10, 2, dtype=torch.long))
+    with torch.no_grad():
+        jittered = enc(crops, regions, cxrs, params)
+    assert torch.allclose(jittered[missing], feats[missing], atol=1e-5)
+    assert not torch.allclose(jittered[regions & cxrs[:, :, None]], feats[regions & cxrs[:, :, None]], atol=1e-6)
+
+
+def test_padding_changes_nothing_in_training_mode_either():
+    # BatchNorm statistics (region adapter, f_s, f_d) come from real crops and pairs only
+    model = make_model("mortality", dropout=0.0).train()
+    plain = random_batch("mortality", 2, [3, 4], [20, 30], seed=3)
+    padded = random_batch("mortality", 2, [3, 4], [20, 30], seed=3, pad_cxrs_to=7, pad_ehr_to=60)
+    padded["crops"][:, 4:] = 200
+    padded["ehr_values"][:, 30:] = 50.0
+    with torch.no_grad():
+        a, b = model(plain), model(padded)
+        terms_a, terms_b = model.compute_loss(plain, a)[1], model.compute_loss(padded, b)[1]
+    outputs_close(a, b)
+    for key, value in terms_a.items():
+        assert value.item() == pytest.approx(terms_b[key].item(), rel=1e-4, abs=1e-6), key
+
+
+def test_region_attention_is_the_final_fusion_attention_on_region_tokens():
+    model = make_model("mortality").eval()
+    batch = random_batch("mortality", 2, [3, 2], [20, 10], seed=2)
+    seen = []
+    model.mmf.fusion.register_forward_hook(lambda mod, inp, out: seen.append(out[1]))
+    with torch.no_grad():
+        out = model(batch)
+    w = seen[0]  # [B, 1 + P*R + L, same]: task token first, then the P x R region tokens pair by pair
+    p = 2
+    for i, n_pairs in enumerate([2, 1]):
+        on_regions = w[i, 0, 1 : 1 + p * 10].reshape(p, 10)
+        assert on_regions[n_pairs:].abs().sum() == 0  # padded pair: masked
+        expected = on_regions.sum(0) / on_regions.sum()
+        assert torch.allclose(out["region_attention"][i], expected, atol=1e-6)
+
+
+def test_one_channel_stem_on_gray_equals_the_rgb_network_on_replicated_gray(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    rgb = torchvision.models.resnet18(weights=None).eval()
+    rgb.fc = torch.nn.Identity()
+    path = tmp_path / "resnet18.pt"
+    torch.save(rgb.state_dict(), path)
+    enc = RegionEncoder("resnet18", 16, 0.0, weights_path=str(path)).eval()  # input_scaling unit
+    crops = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    x = enc.normalise(crops)
+    assert torch.equal(x[:, 0], crops.float() / 255)  # the authors' ToTensor: [0, 1], no mean/std
+    with torch.no_grad():
+        ours = enc.backbone(x)
+        theirs = rgb(x.expand(-1, 3, -1, -1))  # Image.convert('RGB'): the gray image in every channel
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    imagenet = RegionEncoder("tiny", 16, 0.0, input_scaling="imagenet")
+    from dipro.model.region_encoder import GRAY_MEAN, GRAY_STD
+
+    assert torch.allclose(imagenet.normalise(crops)[:, 0], (crops.float() / 255 - GRAY_MEAN) / GRAY_STD)
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+    from dipro.model import region_encoder as re
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    url, path = re.imagenet_weights_file("resnet50")
+    assert url == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    # a locally generated resnet18 state dict placed where torchvision's weights API keeps IMAGENET1K_V1
+    _, cached = re.imagenet_weights_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, cached)
+    enc = RegionEncoder("resnet18", 16, 0.0, weights_path="imagenet")
+    assert torch.allclose(enc.backbone.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(enc.backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    # a checkpoint rebuild never touches the cache
+    cached.unlink()
+    RegionEncoder("resnet18", 16, 0.0, weights_path="imagenet", load_pretrained=False)
+
+
+def test_imagenet_weights_offline_is_one_line_saying_where_the_file_goes(tmp_path, monkeypatch):
+    import urllib.error
+
+    from data_sharding.errors import UserError
+    from dipro.model import region_encoder as re
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError) as err:
+        RegionEncoder("resnet50", 16, 0.0, weights_path="imagenet")
+    msg = str(err.value)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "\n" not in msg and "resnet50-0676ba61.pth" in msg and str(cache) in msg
+    assert "model.backbone_weights=/path/to/resnet50-0676ba61.pth" in msg and "Name or service not known" in msg
+    with pytest.raises(ConfigError, match="imagenet"):
+        ModelConfig(backbone="tiny", backbone_weights="imagenet")
 
 
 def _planted_batch(task: str, n: int, seed: int) -> tuple[dict, torch.Tensor]:
@@ -304,6 +437,9 @@ def _train_and_score(task: str, shuffle: bool) -> float:
                 train[key] = train[key][perm]
     test, y_test = _planted_batch(task, 64, seed=12)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # decayed to 0 as training runs do (optim.min_lr): BatchNorm's running statistics, which evaluation
+    # uses, then settle on the final weights instead of lagging weights that still move fast
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
     model.train()
     for step in range(40):
         idx = torch.arange(step * 16, step * 16 + 16) % len(y)
@@ -312,12 +448,20 @@ def _train_and_score(task: str, shuffle: bool) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     with torch.no_grad():
         probs = model.predict_proba(model(test))
     if task == "mortality":
-        return compute_metrics(task, y_test, probs)["auroc"]
+        # minus the Brier score: AUROC cannot tell the control from a learner here, because any output
+        # that follows the planted brightness ranks deaths perfectly or exactly backwards, whatever
+        # labels it was fitted to; only a model that learned the labels predicts calibrated risks
+        return -float(((probs - y_test.float()) ** 2).mean())
     return compute_metrics(task, y_test.view(-1, 1).expand(-1, 7), probs)["auroc"]
+
+
+# (the score the true-label model must reach, its margin over the shuffled-label control)
+PLANTED = {"mortality": (-0.15, 0.15), "disease_progression": (0.9, 0.2)}
 
 
 @pytest.mark.slow
@@ -325,8 +469,9 @@ def _train_and_score(task: str, shuffle: bool) -> float:
 def test_learns_a_planted_signal_and_not_shuffled_labels(task):
     real = _train_and_score(task, shuffle=False)
     control = _train_and_score(task, shuffle=True)
-    assert real > 0.9, real
-    assert real - control > 0.2, (real, control)
+    least, margin = PLANTED[task]
+    assert real > least, real
+    assert real - control > margin, (real, control)
 
 
 def test_config_dataclass_has_the_ablation_keys():

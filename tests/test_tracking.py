@@ -91,6 +91,9 @@ def test_tracker_logs_params_tags_metrics_artifacts_into_one_run(tmp_path, db):
     p, t = run.data.params, run.data.tags
     assert p["seed"] == "29" and p["workers"] == "2" and p["strategy"] == "ddp" and p["precision"] == "fp32"
     assert p["effective_batch"] == str(cfg.effective_batch_size)
+    # the optimizer's rate: base_lr x accumulation x 2 workers x micro batch (optim.scale_lr)
+    assert float(p["effective_lr"]) == pytest.approx(
+        cfg.optim.base_lr * cfg.optim.grad_accum * 2 * cfg.data.batch_size)
     assert p["model.backbone"] == "tiny" and p["trainer.num_workers"] == "2"  # the whole config, flattened
     from dipro.tracking.provenance import data_fingerprint
 

@@ -67,7 +67,7 @@ def test_ddp_two_workers_matches_one_worker(shards, tmp_path, ray_local):
     small learning rate (1e-5) keeps that difference below the tolerance,
     while a broken gradient average or a rank missing data would not.
     """
-    common = ("data.batch_size=1", "optim.lr=1e-5")
+    common = ("data.batch_size=1", "optim.base_lr=5e-6")  # x 2 micro batches per step = 1e-5 in both runs
     one = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=1", "optim.grad_accum=2", *common))
     two = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "optim.grad_accum=1", *common))
     assert one.global_step == two.global_step == 12 and one.epochs_completed == two.epochs_completed == 2

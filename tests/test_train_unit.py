@@ -14,7 +14,7 @@ import torch
 from dipro.config import load_config, replace
 from data_sharding.errors import ConfigError, UserError
 from dipro.train import checkpoint as ck
-from dipro.train.optim import CosineWithWarmup, build_optimizer, build_scheduler, cosine_lr
+from dipro.train.optim import CosineWithWarmup, build_optimizer, build_scheduler, cosine_lr, epoch_cosine_lr
 from dipro.train.precision import resolve_precision
 from dipro.train.strategies import deepspeed_config
 
@@ -45,7 +45,8 @@ def test_cosine_schedule_warmup_is_linear_then_decays():
 
 
 def test_scheduler_state_round_trip_continues_on_the_same_curve():
-    cfg = demo_cfg("optim.lr=0.01", "optim.min_lr=0.0001", "optim.warmup_steps=2")
+    cfg = demo_cfg("optim.base_lr=0.01", "optim.scale_lr=false", "optim.min_lr=0.0001", "optim.warmup_steps=2",
+                   "optim.schedule_interval=step")
     model = torch.nn.Linear(3, 2)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, total_steps=20)
@@ -64,6 +65,62 @@ def test_scheduler_state_round_trip_continues_on_the_same_curve():
     assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(10, base_lr=0.01, min_lr=1e-4, total_steps=20,
                                                                 warmup_steps=2))
     assert isinstance(CosineWithWarmup(1, 0, 10)(3), float)
+
+
+def test_scaled_lr_for_1_and_4_workers():
+    # the authors' main.py: lr = accumulate_grad_batches x ngpu x batch size x base_lr
+    one = demo_cfg("optim.base_lr=1e-5", "optim.grad_accum=4", "data.batch_size=4", "trainer.num_workers=1")
+    four = replace(one, ["trainer.num_workers=4"])
+    assert one.effective_lr == pytest.approx(4 * 1 * 4 * 1e-5)  # 1.6e-4, the paper's mortality rate
+    assert four.effective_lr == pytest.approx(4 * 4 * 4 * 1e-5)  # 6.4e-4: follows the effective batch
+    assert "4 x workers 4 x micro batch 4" in four.describe_lr()
+    fixed = replace(four, ["optim.scale_lr=false"])
+    assert fixed.effective_lr == pytest.approx(1e-5) and "scale_lr=false" in fixed.describe_lr()
+    model = torch.nn.Linear(3, 2)
+    assert build_optimizer(model, four).param_groups[0]["lr"] == pytest.approx(6.4e-4)
+
+
+def test_old_lr_key_says_to_use_base_lr():
+    with pytest.raises(ConfigError, match=r"'optim\.lr' was renamed to optim\.base_lr"):
+        demo_cfg("optim.lr=1e-3")
+
+
+def test_per_epoch_cosine_holds_the_rate_for_an_epoch():
+    # CosineAnnealingLR(T_max=4, eta_min=0) stepped per epoch, 3 optimizer steps per epoch:
+    # epoch e runs at 0.5 lr (1 + cos(pi e / 4))
+    kw = dict(base_lr=1.0, min_lr=0.0, steps_per_epoch=3, max_epochs=4)
+    expected = [1.0] * 3 + [0.5 * (1 + math.cos(math.pi / 4))] * 3 + [0.5] * 3 + [0.5 * (1 + math.cos(3 * math.pi / 4))] * 3
+    assert [epoch_cosine_lr(s, **kw) for s in range(12)] == pytest.approx(expected)
+    cfg = demo_cfg("optim.base_lr=0.25", "optim.min_lr=0", "trainer.max_epochs=4", "trainer.num_workers=1",
+                   "data.batch_size=4", "optim.grad_accum=1")  # effective lr 1.0
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=12)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expected)
+    # the same as torch's CosineAnnealingLR stepped at each epoch end
+    ref_opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=4, eta_min=0.0)
+    per_epoch = []
+    for _ in range(4):
+        per_epoch.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert seen[::3] == pytest.approx(per_epoch)
+    with pytest.raises(ConfigError, match="schedule_interval=step"):
+        demo_cfg("optim.warmup_steps=5")
+
+
+def test_weight_decay_on_every_parameter_or_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = build_optimizer(model, demo_cfg()).param_groups  # the authors': AdamW over all parameters
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.01 and len(groups[0]["params"]) == 4
+    groups = build_optimizer(model, demo_cfg("optim.decay_all_params=false")).param_groups
+    assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["weight_decay"] == 0.0
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -266,3 +323,25 @@ def test_command_module_imports_only_stdlib():
     names = {a.name.split(".")[0] for n in top for a in n.names} | {
         (n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
     assert names <= {"argparse", "__future__", "annotations", ""}, names
+
+
+def test_missing_imagenet_weights_stop_the_driver_before_ray_starts(tmp_path, monkeypatch):
+    import urllib.error
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import processed_fixture
+
+    from dipro.train import launcher
+
+    shards = processed_fixture.make_training_shards(tmp_path / "data")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(launcher, "init_ray", lambda cfg: pytest.fail("Ray was started"))
+    cfg = demo_cfg("task=length_of_stay", f"data.shards={shards}", f"trainer.storage_path={tmp_path / 'runs'}",
+                   "model.backbone=resnet18", "model.backbone_weights=imagenet")
+    with pytest.raises(UserError, match=r"resnet18-f37072fd\.pth.*model\.backbone_weights=/path/to/"):
+        launcher.launch(cfg)

@@ -1,10 +1,15 @@
 """DiPro: region encoder -> STD (+ PAE) -> MMF -> task head, with the paper's losses.
 
+It computes what the authors' code computes, point by point (github.com/Chenliu-svg/DiPro
+models/Component.py, models/model.py, models/Base_Predictor.py), except that padding never
+reaches an output or a loss; docs/FIDELITY.md lists every item.
+
 ``out = model(batch)`` takes a batch as docs/ARCHITECTURE.md §3 defines it and returns
 
 * ``logits``: progression [B,7,3] | mortality [B] | LOS [B,4]
-* ``region_attention`` [B,R]: the task tokens' region-pooling attention, summed over
-  the CXR pairs and averaged over heads and task tokens (sums to 1 per sample)
+* ``region_attention`` [B,R] (sums to 1 per sample): the final fusion layer's attention of
+  the task tokens on the region tokens, averaged over heads and task tokens, summed over the
+  CXR pairs and normalised over the regions
 * ``S``, ``D`` [B,P,R,d] (STD), ``S_rev``, ``D_rev``, ``region_logits``,
   ``region_logits_rev`` [B,P,R,7,3] (PAE, when enabled),
   ``pair_valid`` [B,P] and ``pair_index`` [B,P] (which of the batch's pairs, i.e. which
@@ -67,13 +72,13 @@ class DiPro(nn.Module):
         self.region_encoder = RegionEncoder(
             model_cfg.backbone,
             d,
-            NUM_REGIONS,
             model_cfg.dropout,
             weights_path=model_cfg.backbone_weights,
             channels_last=model_cfg.channels_last,
             load_pretrained=load_pretrained,
+            input_scaling=model_cfg.input_scaling,
         )
-        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout)
+        self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout, pair_reversal=model_cfg.pair_reversal)
         self.region_head = RegionProgressionHead(d) if model_cfg.use_pae else None
         num_tokens = TASK_OUTPUTS[task][0]
         self.mmf = MultiscaleMultimodalFusion(model_cfg, num_tokens)
@@ -142,12 +147,12 @@ class DiPro(nn.Module):
         self._check_batch(batch)
         crops, region_mask, cxr_mask, hours, pair_index = self._select_cxrs(batch)
         augment = self._augmentation(batch, crops.shape[1]) if self.training else None
-        features = self.region_encoder(crops, region_mask & cxr_mask[:, :, None], augment)  # F [B,T,R,d]
+        features = self.region_encoder(crops, region_mask, cxr_mask, augment)  # F [B,T,R,d]
         valid = pair_validity(cxr_mask)
-        static, dynamic = self.std(features)  # S, D (STD)
+        static, dynamic = self.std(features, valid)  # S, D (STD)
         out: dict[str, torch.Tensor] = {"S": static, "D": dynamic, "pair_valid": valid, "pair_index": pair_index}
         if self.region_head is not None:
-            static_rev, dynamic_rev = self.std(features, reverse=True)  # S~, D~ (PAE)
+            static_rev, dynamic_rev = self.std(features, valid, reverse=True)  # S~, D~ (PAE)
             out.update(
                 S_rev=static_rev,
                 D_rev=dynamic_rev,

@@ -1,11 +1,12 @@
-"""Building blocks shared by STD, PAE and MMF: masked multi-head attention and time embeddings.
+"""Building blocks of MMF: masked multi-head attention, positional encoding, transformer layers.
 
-The attention here is written out (rather than ``nn.MultiheadAttention``) because the
+:class:`MultiHeadAttention` is written out (rather than ``nn.MultiheadAttention``) because the
 paper's local interval encoding needs a per-query additive mask with ``-inf`` entries
-(MMF, AttnMask_ij) and the region-attention figure needs the attention weights; both
-are plain tensors here.  A query row whose keys are all masked gets all-zero weights
-(and so a zero attention output) instead of the NaN a plain softmax would produce; the
-caller decides what such a row means (see :mod:`dipro.model.mmf`).
+(MMF, AttnMask_ij) and an interval may hold no EHR step at all: a query row whose keys are
+all masked gets all-zero weights (and so a zero attention output) instead of the NaN a plain
+softmax would produce (the authors' code); the caller decides what such a row means (see
+:mod:`dipro.model.mmf`).  :class:`EncoderLayerWithWeights` is torch's post-norm encoder layer
+returning its attention weights, which the region-attention figure reads.
 """
 from __future__ import annotations
 
@@ -77,59 +78,54 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out), weights.mean(dim=1)
 
 
-class CrossAttentionBlock(nn.Module):
-    """``LayerNorm(q + CrossAttn(q, kv))`` (the post-norm residual form used by every
-    fusion step of the paper: D_fuse, H_global and the final static fusion)."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.drop = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key_value: torch.Tensor,
-        key_valid: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, weights = self.attn(query, key_value, key_valid, bias)
-        return self.norm(query + self.drop(out)), weights
-
-
-def sinusoidal_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Continuous sinusoidal features of a scalar time (hours): [...] -> [..., dim] (float32)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float().unsqueeze(-1) * freqs
-    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    if dim % 2:
-        feats = F.pad(feats, (0, 1))
-    return feats
-
-
-class TimeEmbedding(nn.Module):
-    """Hour stamp -> d_model: sinusoidal features of the continuous time, then a linear map."""
-
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, hours: torch.Tensor) -> torch.Tensor:
-        feats = sinusoidal_features(hours, self.d_model)
-        return self.proj(feats.to(self.proj.weight.dtype))
-
-
-def make_transformer_encoder(d_model: int, num_heads: int, num_layers: int, dropout: float) -> nn.TransformerEncoder:
-    """Post-norm transformer encoder (batch first, GELU, 4x feed-forward)."""
+def make_transformer_encoder(d_model: int, num_heads: int, num_layers: int, dropout: float,
+                             activation: str = "relu") -> nn.TransformerEncoder:
+    """Post-norm transformer encoder (batch first, 4x feed-forward, ReLU: torch's defaults, which the
+    authors' layers use)."""
     layer = nn.TransformerEncoderLayer(
         d_model=d_model,
         nhead=num_heads,
         dim_feedforward=4 * d_model,
         dropout=dropout,
-        activation="gelu",
+        activation=activation,
         batch_first=True,
     )
     return nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+
+
+def index_positional_encoding(length: int, d_model: int, device: torch.device | None = None) -> torch.Tensor:
+    """The sinusoidal encoding of positions 0..length-1 (Vaswani et al. 2017) as the authors lay it out
+    (github.com/Chenliu-svg/DiPro models/Component.py: PositionalEncoding): [length, d_model] with
+    PE[pos, 2i] = sin(pos w_i), PE[pos, 2i+1] = cos(pos w_i), w_i = 10000^(-2i/d_model)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    w = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model, device=device)
+    pe[:, 0::2] = torch.sin(pos * w)
+    pe[:, 1::2] = torch.cos(pos * w)[:, : d_model // 2]
+    return pe
+
+
+class EncoderLayerWithWeights(nn.Module):
+    """``nn.TransformerEncoderLayer`` (post-norm, ReLU, 4x feed-forward, batch first) written out so
+    that it also returns its self-attention weights, averaged over heads:
+    ``x = LN1(x + Drop(SA(x)))``, ``x = LN2(x + Drop(W2 Drop(ReLU(W1 x))))``.
+    ``forward(x [B,N,d], padding_mask [B,N] bool, True = ignore) -> (x, weights [B,N,N])``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, 4 * d_model)
+        self.linear2 = nn.Linear(4 * d_model, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, weights = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=True,
+                                       average_attn_weights=True)
+        x = self.norm1(x + self.dropout1(attn))
+        x = self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        return x, weights

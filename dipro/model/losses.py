@@ -3,11 +3,18 @@
 Class weights are computed once from ``label_stats.json`` (docs/ARCHITECTURE.md §1)
 and kept as buffers of :class:`ClassWeights`, so a state dict alone rebuilds them:
 
-* progression (task and region level): per disease, w_c = n / (3 n_c) over the three
-  classes 0..2 (n = n_0 + n_1 + n_2; label 3 "not mentioned" is never counted) —
-  the authors' "balanced" weights; a class never seen in training counts as 1.
-* mortality: BCE positive-class weight n_negative / n_positive.
+* progression: per disease, w_c = n / (3 n_c) over the three classes 0..2 (n = n_0 + n_1 + n_2;
+  label 3 "not mentioned" is never counted) -- the authors' weights; a class never seen in
+  training counts as 1.  (The authors' n also counts label 3 when their label map gives it one:
+  a factor common to a disease's three weights, which a weighted-mean CE cancels.)
+* PAE (``region``): the same weights computed from the study-level progression labels of the
+  disease_progression training split, for every task (the authors' setup; not from the
+  region-level labels).
+* mortality: BCE positive-class weight n_positive / n (the authors' value, which down-weights
+  deaths rather than balancing them).
 * length of stay: plain 4-class cross-entropy (the authors' setting).
+
+github.com/Chenliu-svg/DiPro models/Base_Predictor.py: setup.
 
 Total (paper): L = lambda_ce L_task + lambda_orth L_orth + lambda_temp L_temp
                 + lambda_static ||S - S_rev||^2 + lambda_dynamic L_PAE-CE
@@ -52,9 +59,9 @@ def _get(stats: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 class ClassWeights(nn.Module):
-    """Buffers: ``progression`` [7,3], ``region`` [7,3], ``mortality_pos_weight`` [1].
+    """Buffers: ``progression`` [7,3], ``region`` [7,3] (PAE), ``mortality_pos_weight`` [1].
 
-    With ``label_stats=None`` the weights are uniform placeholders (used when the model
+    Sources as described in the module docstring.  With ``label_stats=None`` the weights are uniform placeholders (used when the model
     is rebuilt only to load a state dict, which carries the real values).
     """
 
@@ -64,7 +71,8 @@ class ClassWeights(nn.Module):
         progression, region, pos_weight = ones.clone(), ones.clone(), torch.ones(1)
         if label_stats is not None:
             key = _STATS_KEY[task]
-            region = balanced_class_weights(_get(label_stats, (key, "region")), f"{key}.region")
+            where = ("disease_progression", "task")
+            region = balanced_class_weights(_get(label_stats, where), ".".join(where))
             if task == "disease_progression":
                 progression = balanced_class_weights(_get(label_stats, (key, "task")), f"{key}.task")
             elif task == "mortality":
@@ -72,7 +80,7 @@ class ClassWeights(nn.Module):
                 if not (isinstance(counts, (list, tuple)) and len(counts) == 2):
                     raise DataError(f"label_stats {key}.mortality: expected [n_negative, n_positive], got {counts!r}")
                 neg, pos = float(counts[0]), float(counts[1])
-                pos_weight = torch.tensor([max(neg, 1.0) / max(pos, 1.0)])
+                pos_weight = torch.tensor([max(pos, 1.0) / max(neg + pos, 1.0)])  # n_pos / n
         self.register_buffer("progression", progression)
         self.register_buffer("region", region)
         self.register_buffer("mortality_pos_weight", pos_weight)

@@ -1,59 +1,53 @@
-"""Multiscale Multimodal Fusion (MMF): EHR encoders, local and global CXR-EHR fusion, final fusion.
+"""Multiscale Multimodal Fusion (MMF) as the authors built it.
 
-Paper, MMF:
-* Global EHR encoding: a transformer with a class token over the hourly steps; each
-  step's input is [values || observation masks] projected to d plus an embedding of
-  its hour stamp; padded steps are never attended.  Output E^global (CLS + steps).
-* Local EHR encoding, one query per CXR interval [t_i, t_{i+1}] (an embedding of its
-  two end times) attending over the EHR steps:
-      E^local_i = softmax(Q K^T / sqrt(d) + AttnMask) V,
-      AttnMask_ij = -|t_j - (t_i + t_{i+1})/2| if t_j in [t_i, t_{i+1}], else -inf.
-  An interval with no EHR step inside (or a sample with no EHR at all) has an all -inf
-  row; its attention weights are defined as 0 and its E^local_i is a learnable
-  "no EHR" token, so the output is always finite.
-* Local CXR-EHR fusion per interval:  D^fuse_i = LayerNorm(CrossAttn(D_i, [E^local_i || D_i]))
-  (post-norm residual form; queries are the R dynamic region features of the pair).
-* Global hierarchical fusion:  H^global = LayerNorm(CrossAttn(E^global, D^global)),
-  D^global = all D^fuse tokens of the valid pairs.
-* Final fusion: task tokens, CXR tokens (D^fuse + region + interval-time embeddings)
-  and H^global go through a transformer layer; the task tokens then pool the CXR
-  tokens (region pooling attention -> the per-region attention of the paper's figure),
-  and finally attend over the static features fused with demographics by the group
-  embedding GE(X) = softmax(X W) G (K groups):  out = LayerNorm(q + CrossAttn(q, GE([S || demo]))).
+github.com/Chenliu-svg/DiPro models/Component.py: EHRTransformer_cls, EHRIntervalEncoder,
+RegionAwareAttention, EHRCrossAttention, MultisacleMultimodalFusion; models/model.py: DiPro.forward.
 
-Ablations (:class:`dipro.config.ModelConfig`): ``use_ehr=False`` drops every EHR part
-(local fusion then attends over D only; no global fusion); ``local_fusion=False`` uses
-D as D^fuse; ``global_fusion=False`` feeds E^global to the final fusion unchanged.
-Modules that an ablation leaves unused are not built (DDP needs every parameter used).
+* Global EHR encoding: the 38 hourly values -> Linear-LayerNorm-Dropout, plus the sinusoidal
+  encoding of the step index (then dropout); a CLS token prepended; one post-norm transformer
+  layer (ReLU, 4d feed-forward) with the step padding mask.  E^global = its step outputs
+  (the CLS output is not used).
+* Local EHR encoding per CXR interval p = [s_p, e_p]: every EHR step l gives a query from
+  its time relative to the interval, (t_l - s_p, e_p - t_l, sigmoid((t_l - s_p)(e_p - t_l)))
+  through Linear(3, d/2)-GELU-Linear(d/2, d); the L queries attend over E^global with
+      AttnMask_j = -|t_j - (s_p + e_p)/2| if t_j in [s_p, e_p], else -inf,
+  giving L tokens E^local_p.
+* Local CXR-EHR fusion (num_layers // 2 region-aware attention layers): the R dynamic region
+  features D_p give queries, keys and values through Linear(d, 3d), the interval's EHR tokens
+  keys and values through Linear(d, 2d); multi-head attention over [regions ; EHR tokens];
+  D_p <- LayerNorm(D_p + attention).
+* Global hierarchical fusion: the EHR steps attend over all P x R fused region tokens:
+  H = LayerNorm(E^global + CrossAttn(E^global, D^fuse)).
+* Final fusion: [task tokens ; P x R region tokens ; H] through one post-norm transformer
+  layer; the task tokens then attend over the group embedding GE([S ; demographics])
+  (GE(X) = softmax(X W) G, K groups): out = LayerNorm(q + CrossAttn(q, GE([S ; demo]))).
+  The authors run the last attention for every fused token and keep the task tokens;
+  attention and LayerNorm act per query, so computing it for the task tokens alone is the same.
+
+Where this differs from the authors' code (docs/FIDELITY.md): padding is masked everywhere --
+padded EHR steps (in the interval attention, the region-aware attention and the final
+fusion), padded pairs' region tokens (in the global fusion, the final fusion and the static
+tokens of the group embedding) -- so a sample's output never depends on what it is padded
+with; and an interval with no EHR step inside (an all -inf AttnMask row, NaN in the authors'
+code) gives EHR tokens that the region-aware attention ignores.
+
+``region_attention`` [B,R]: the final fusion layer's attention of the task tokens on the
+region tokens (averaged over heads and task tokens, summed over the pairs), normalised over
+the regions: the share of the task tokens' attention on the CXRs that falls on each region.
+
+Ablations (:class:`dipro.config.ModelConfig`): ``use_ehr=False`` drops every EHR part (the
+region-aware attention then attends over the regions only); ``local_fusion=False`` uses D
+as D^fuse; ``global_fusion=False`` feeds E^global to the final fusion unchanged.  Modules
+that an ablation leaves unused are not built (DDP needs every parameter used).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_EHR_VARIABLES, NUM_REGIONS
+from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_EHR_VARIABLES
 from dipro.config import ModelConfig
-from dipro.model.layers import CrossAttentionBlock, MultiHeadAttention, TimeEmbedding, make_transformer_encoder
-
-
-class GlobalEHREncoder(nn.Module):
-    """EHR [B,L,38] values + [B,L,38] observation masks + hours [B,L] -> E^global [B,1+L,d] (CLS first)."""
-
-    def __init__(self, d_model: int, num_heads: int, num_layers: int, dropout: float) -> None:
-        super().__init__()
-        self.input_proj = nn.Sequential(nn.Linear(2 * NUM_EHR_VARIABLES, d_model), nn.LayerNorm(d_model), nn.Dropout(dropout))
-        self.hour_embedding = TimeEmbedding(d_model)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
-        self.encoder = make_transformer_encoder(d_model, num_heads, num_layers, dropout)
-
-    def forward(
-        self, values: torch.Tensor, obs_mask: torch.Tensor, hours: torch.Tensor, step_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = values.shape[0]
-        x = self.input_proj(torch.cat([values, obs_mask.to(values.dtype)], dim=-1)) + self.hour_embedding(hours)
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=step_mask.device), step_mask], dim=1)
-        return self.encoder(x, src_key_padding_mask=~valid), valid
+from dipro.model.layers import EncoderLayerWithWeights, MultiHeadAttention, index_positional_encoding, make_transformer_encoder
 
 
 def interval_attention_bias(
@@ -65,43 +59,6 @@ def interval_attention_bias(
     inside = (t >= s) & (t <= e) & ehr_mask[:, None, :]
     bias = -(t - (s + e) / 2).abs()
     return torch.where(inside, bias, torch.full_like(bias, float("-inf")))
-
-
-class LocalIntervalEncoder(nn.Module):
-    """Interval time embeddings (queries) attend over E^global steps with AttnMask -> E^local [B,P,d]."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.start_embedding = TimeEmbedding(d_model)
-        self.end_embedding = TimeEmbedding(d_model)
-        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.no_ehr_token = nn.Parameter(torch.randn(d_model) * 0.02)
-
-    def forward(
-        self, ehr_steps: torch.Tensor, ehr_hours: torch.Tensor, ehr_mask: torch.Tensor, start: torch.Tensor, end: torch.Tensor
-    ) -> torch.Tensor:
-        query = self.start_embedding(start) + self.end_embedding(end)  # [B,P,d]
-        bias = interval_attention_bias(ehr_hours, ehr_mask, start, end)
-        out, _ = self.attn(query, ehr_steps, key_valid=ehr_mask, bias=bias)
-        has_ehr = torch.isfinite(bias).any(dim=-1, keepdim=True)  # [B,P,1]
-        return torch.where(has_ehr, out, self.no_ehr_token.to(out.dtype))
-
-
-class LocalFusion(nn.Module):
-    """D^fuse_i = LayerNorm(D_i + CrossAttn(D_i, [E^local_i || D_i])), stacked ``num_layers`` times."""
-
-    def __init__(self, d_model: int, num_heads: int, num_layers: int, dropout: float) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(CrossAttentionBlock(d_model, num_heads, dropout) for _ in range(num_layers))
-
-    def forward(self, dynamic: torch.Tensor, ehr_local: torch.Tensor | None) -> torch.Tensor:
-        b, p, r, d = dynamic.shape
-        x = dynamic.reshape(b * p, r, d)
-        e = ehr_local.reshape(b * p, 1, d) if ehr_local is not None else None
-        for layer in self.layers:
-            kv = torch.cat([e.to(x.dtype), x], dim=1) if e is not None else x
-            x, _ = layer(x, kv)
-        return x.reshape(b, p, r, d)
 
 
 class GroupEmbedding(nn.Module):
@@ -119,6 +76,91 @@ class GroupEmbedding(nn.Module):
         return alpha @ self.G.to(alpha.dtype)
 
 
+class GlobalEHREncoder(nn.Module):
+    """EHR values [B,L,38] + step mask [B,L] -> E^global [B,L,d] (EHRTransformer_cls)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.input_proj = nn.Sequential(nn.Linear(NUM_EHR_VARIABLES, d_model), nn.LayerNorm(d_model), nn.Dropout(dropout))
+        self.position_dropout = nn.Dropout(dropout)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d_model))
+        self.encoder = make_transformer_encoder(d_model, num_heads, 1, dropout, activation="relu")
+
+    def forward(self, values: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        b, length, _ = values.shape
+        x = self.input_proj(values)
+        x = self.position_dropout(x + index_positional_encoding(length, x.shape[-1], x.device).to(x.dtype))
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=step_mask.device), step_mask.bool()], dim=1)
+        return self.encoder(x, src_key_padding_mask=~valid)[:, 1:]
+
+
+class IntervalEHREncoder(nn.Module):
+    """E^global [B,L,d] + hours -> E^local [B,P,L,d] and its validity [B,P,L] (EHRIntervalEncoder).
+
+    A token is valid when its step is real and its interval holds at least one real step
+    (otherwise its attention row is empty: zero weights here, NaN in the authors' code).
+    """
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.time_encoder = nn.Sequential(nn.Linear(3, d_model // 2), nn.GELU(), nn.Linear(d_model // 2, d_model))
+        self.attn = MultiHeadAttention(d_model, num_heads, dropout=0.0)
+
+    def forward(self, ehr_steps: torch.Tensor, ehr_hours: torch.Tensor, ehr_mask: torch.Tensor,
+                start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, length, d = ehr_steps.shape
+        p = start.shape[1]
+        t = ehr_hours.float()[:, None, :]  # [B,1,L]
+        s, e = start.float()[:, :, None], end.float()[:, :, None]  # [B,P,1]
+        since, until = (t - s).expand(b, p, length), (e - t).expand(b, p, length)
+        time_features = torch.stack([since, until, torch.sigmoid(since * until)], dim=-1)  # [B,P,L,3]
+        query = self.time_encoder(time_features.to(self.time_encoder[0].weight.dtype)).reshape(b * p, length, d)
+        keys = ehr_steps.unsqueeze(1).expand(b, p, length, d).reshape(b * p, length, d)
+        bias = interval_attention_bias(ehr_hours, ehr_mask.bool(), start, end)  # [B,P,L]
+        out, _ = self.attn(query, keys.to(query.dtype), bias=bias.reshape(b * p, 1, length).expand(b * p, length, length))
+        has_ehr = torch.isfinite(bias).any(dim=-1)  # [B,P]
+        valid = has_ehr[:, :, None] & ehr_mask.bool()[:, None, :]
+        return out.reshape(b, p, length, d), valid
+
+
+class RegionAwareAttention(nn.Module):
+    """D_p [N,R,d] (+ the interval's EHR tokens [N,L,d] and their validity) -> LayerNorm(D_p + Attn)."""
+
+    def __init__(self, d_model: int, num_heads: int, use_ehr: bool = True) -> None:
+        super().__init__()
+        self.region_proj = nn.Linear(d_model, 3 * d_model)
+        self.ehr_proj = nn.Linear(d_model, 2 * d_model) if use_ehr else None
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, regions: torch.Tensor, ehr: torch.Tensor | None = None,
+                ehr_valid: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.region_proj(regions).chunk(3, dim=-1)
+        ignore = None
+        if self.ehr_proj is not None and ehr is not None:
+            ek, ev = self.ehr_proj(ehr.to(regions.dtype)).chunk(2, dim=-1)
+            k, v = torch.cat([k, ek.to(k.dtype)], dim=1), torch.cat([v, ev.to(v.dtype)], dim=1)
+            ignore = torch.cat([torch.zeros(regions.shape[:2], dtype=torch.bool, device=regions.device), ~ehr_valid], dim=1)
+        out, _ = self.attn(q, k, v, key_padding_mask=ignore, need_weights=False)
+        return self.norm(out.to(regions.dtype) + regions)
+
+
+class ResidualCrossAttention(nn.Module):
+    """``LayerNorm(q + MultiheadAttention(q, kv, kv))`` with a key padding mask (EHRCrossAttention, and the
+    demographic/static attention of models/model.py: DiPro.forward); no dropout, as the authors'."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        kv = key_value.to(query.dtype)
+        out, _ = self.attn(query, kv, kv, key_padding_mask=~key_valid, need_weights=False)
+        return self.norm(query + out.to(query.dtype))
+
+
 class MultiscaleMultimodalFusion(nn.Module):
     """S, D [B,P,R,d] + EHR + demographics -> task token features [B,n_tokens,d] and region attention [B,R]."""
 
@@ -126,22 +168,21 @@ class MultiscaleMultimodalFusion(nn.Module):
         super().__init__()
         d, h, drop = cfg.d_model, cfg.num_heads, cfg.dropout
         self.use_ehr, self.local_fusion, self.global_fusion = cfg.use_ehr, cfg.local_fusion, cfg.global_fusion
+        self.task_tokens = nn.Parameter(torch.randn(num_task_tokens, d))
         if cfg.use_ehr:
-            self.ehr_encoder = GlobalEHREncoder(d, h, cfg.num_layers, drop)
+            self.ehr_encoder = GlobalEHREncoder(d, h, drop)
             if cfg.local_fusion:
-                self.interval_encoder = LocalIntervalEncoder(d, h, drop)
+                self.interval_encoder = IntervalEHREncoder(d, h)
             if cfg.global_fusion:
-                self.global_fusion_block = CrossAttentionBlock(d, h, drop)
+                self.ehr_cross_attention = ResidualCrossAttention(d, h)
         if cfg.local_fusion:
-            self.local_fusion_block = LocalFusion(d, h, max(1, cfg.num_layers // 2), drop)
-        self.region_embedding = nn.Parameter(torch.randn(NUM_REGIONS, d) * 0.02)
-        self.interval_time = TimeEmbedding(d)
-        self.task_tokens = nn.Parameter(torch.randn(num_task_tokens, d) * 0.02)
-        self.fusion = make_transformer_encoder(d, h, 1, drop)
-        self.region_pool = CrossAttentionBlock(d, h, drop)
+            # num_layers // 2 (ModelConfig requires num_layers >= 2 with EHR; CXR only keeps one layer)
+            self.region_layers = nn.ModuleList(RegionAwareAttention(d, h, cfg.use_ehr)
+                                               for _ in range(max(1, cfg.num_layers // 2)))
+        self.fusion = EncoderLayerWithWeights(d, h, drop)
         self.demographic_encoder = nn.Sequential(nn.Linear(NUM_DEMOGRAPHICS, d), nn.ReLU(), nn.Dropout(drop))
         self.group_embedding = GroupEmbedding(d, cfg.group_k)
-        self.static_fusion = CrossAttentionBlock(d, h, drop)
+        self.static_attention = ResidualCrossAttention(d, h)
 
     def forward(
         self,
@@ -153,35 +194,42 @@ class MultiscaleMultimodalFusion(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, p, r, d = dynamic.shape
         start, end = cxr_hours[:, :-1], cxr_hours[:, 1:]
-        ehr_tokens = ehr_valid = ehr_local = None
+        region_valid = valid_pairs.repeat_interleave(r, dim=1)  # [B,P*R], pair-major like the reshapes
+        ehr_steps = ehr_mask = None
         if self.use_ehr:
-            ehr_tokens, ehr_valid = self.ehr_encoder(
-                batch["ehr_values"], batch["ehr_obs_mask"], batch["ehr_hours"], batch["ehr_mask"]
-            )
-            if self.local_fusion:
-                ehr_local = self.interval_encoder(ehr_tokens[:, 1:], batch["ehr_hours"], batch["ehr_mask"], start, end)
-        fused = self.local_fusion_block(dynamic, ehr_local) if self.local_fusion else dynamic
+            ehr_mask = batch["ehr_mask"].bool()
+            ehr_steps = self.ehr_encoder(batch["ehr_values"], ehr_mask)
+        regions = dynamic
+        if self.local_fusion:
+            x = dynamic.reshape(b * p, r, d)
+            ehr_local = ehr_local_valid = None
+            if self.use_ehr:
+                ehr_local, ehr_local_valid = self.interval_encoder(ehr_steps, batch["ehr_hours"], ehr_mask, start, end)
+                length = ehr_local.shape[2]
+                ehr_local, ehr_local_valid = ehr_local.reshape(b * p, length, d), ehr_local_valid.reshape(b * p, length)
+            for layer in self.region_layers:
+                x = layer(x, ehr_local, ehr_local_valid)
+            regions = x.reshape(b, p, r, d)
+        region_tokens = regions.reshape(b, p * r, d)
 
-        cxr_tokens = fused + self.region_embedding.to(fused.dtype) + self.interval_time((start + end) / 2).unsqueeze(2)
-        cxr_tokens = cxr_tokens.reshape(b, p * r, d)
-        cxr_valid = valid_pairs.repeat_interleave(r, dim=1)  # [B,P*R], pair-major like the reshape
-        if self.use_ehr and self.global_fusion:
-            ehr_tokens, _ = self.global_fusion_block(ehr_tokens, cxr_tokens, key_valid=cxr_valid)
-
-        task = self.task_tokens.unsqueeze(0).expand(b, -1, -1).to(cxr_tokens.dtype)
-        parts, valid = [task, cxr_tokens], [torch.ones(task.shape[:2], dtype=torch.bool, device=task.device), cxr_valid]
-        if ehr_tokens is not None:
-            parts.append(ehr_tokens.to(cxr_tokens.dtype))
-            valid.append(ehr_valid)
-        tokens = self.fusion(torch.cat(parts, dim=1), src_key_padding_mask=~torch.cat(valid, dim=1))
+        task = self.task_tokens.unsqueeze(0).expand(b, -1, -1).to(region_tokens.dtype)
         n_task = task.shape[1]
-        task, cxr_tokens = tokens[:, :n_task], tokens[:, n_task : n_task + p * r]
+        parts = [task, region_tokens]
+        valid = [torch.ones(b, n_task, dtype=torch.bool, device=task.device), region_valid]
+        if self.use_ehr:
+            ehr_tokens = ehr_steps
+            if self.global_fusion:
+                ehr_tokens = self.ehr_cross_attention(ehr_steps.to(region_tokens.dtype), region_tokens, region_valid)
+            parts.append(ehr_tokens.to(region_tokens.dtype))
+            valid.append(ehr_mask)
+        tokens, weights = self.fusion(torch.cat(parts, dim=1), padding_mask=~torch.cat(valid, dim=1))
+        task = tokens[:, :n_task]
 
-        task, pool_weights = self.region_pool(task, cxr_tokens, key_valid=cxr_valid)  # [B,n_task,P*R]
-        region_attention = pool_weights.mean(dim=1).reshape(b, p, r).sum(dim=1)  # [B,R], sums to 1
+        on_regions = weights[:, :n_task, n_task : n_task + p * r].float().mean(dim=1).reshape(b, p, r).sum(dim=1)
+        region_attention = on_regions / on_regions.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
         demo = self.demographic_encoder(batch["demographics"]).unsqueeze(1)
         static_tokens = self.group_embedding(torch.cat([static.reshape(b, p * r, d), demo.to(static.dtype)], dim=1))
-        static_valid = torch.cat([cxr_valid, torch.ones(b, 1, dtype=torch.bool, device=cxr_valid.device)], dim=1)
-        task, _ = self.static_fusion(task, static_tokens, key_valid=static_valid)
+        static_valid = torch.cat([region_valid, torch.ones(b, 1, dtype=torch.bool, device=region_valid.device)], dim=1)
+        task = self.static_attention(task, static_tokens, static_valid)
         return task, region_attention

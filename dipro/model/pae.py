@@ -7,10 +7,16 @@ The reversed pair goes through the same f_s / f_d (paper, PAE):
             + lambda_static sum_r ||S^r_i - S~^r_i||^2
 "-y" is the reversed label: worsened <-> improved, no change and not mentioned kept
 (:func:`data_sharding.constants.reverse_progression_label`).  The CE is class-weighted
-per disease (region-level training counts) and ignores label 3; it is the mean over
-the labelled (pair, region) entries of the original and reversed directions together,
-summed over the diseases.  The static-consistency term is a per-sample mean over valid
-(i, r) of ||S - S~||^2 / d (see :mod:`dipro.model.std` for the normalisation).
+per disease and ignores label 3; it is the mean over the labelled (pair, region) entries
+of the original and reversed directions together, summed over the diseases.  The class
+weights are those of the study-level progression labels, for every task, as the authors set
+them up (github.com/Chenliu-svg/DiPro models/Base_Predictor.py: setup;
+:class:`dipro.model.losses.ClassWeights`).
+
+The static-consistency term is the mean over valid (i, r) and feature dimensions of
+(S - S~)^2, with the gradient stopped at S~ as the authors compute it
+(``mse_loss(static, static_rev.detach())``, models/Component.py: LongitudinalCXRModel.forward):
+S~ is a target, only S is pulled towards it.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from torch import nn
 
 from data_sharding.constants import NOT_MENTIONED, NUM_DISEASES, NUM_PROGRESSION_CLASSES, reverse_progression_label
 from dipro.model.losses import masked_class_weighted_ce
-from dipro.model.std import per_sample_mean
+from dipro.model.std import masked_mean
 
 # Lookup table label -> reversed label over {0, 1, 2, 3}.
 REVERSED_LABEL = torch.tensor([reverse_progression_label(lbl) for lbl in range(NOT_MENTIONED + 1)], dtype=torch.long)
@@ -45,10 +51,11 @@ class RegionProgressionHead(nn.Module):
 
 
 def static_consistency_loss(static: torch.Tensor, static_rev: torch.Tensor, valid_pairs: torch.Tensor) -> torch.Tensor:
-    """||S - S~||^2 averaged over valid (pair, region) terms and feature dims, per sample then over samples."""
-    diff = (static.float() - static_rev.float()).pow(2)  # [B,P,R,d]
+    """(S - S~.detach())^2 averaged over the batch's valid (pair, region) terms and feature dims:
+    the authors' ``mse_loss(static, static_rev.detach())`` without the padded pairs."""
+    diff = (static.float() - static_rev.detach().float()).pow(2)  # [B,P,R,d]
     mask = valid_pairs[:, :, None, None].expand_as(diff)
-    return per_sample_mean(diff, mask)
+    return masked_mean(diff, mask)
 
 
 def pae_progression_loss(

@@ -1,26 +1,40 @@
-"""Region encoder: F^r_t = proj(backbone(crop^r_t)), one feature per region crop per CXR.
+"""Region encoder: F^r_t = adapter(backbone(crop^r_t)), one feature per region crop per CXR.
 
 A torchvision ResNet (ResNet-50 in the paper; 34/18 for smaller runs) or a 4-layer
-CNN ("tiny", for tests and CPU demos) with a 1-channel input.  Pretrained weights come
-only from a local file (``model.backbone_weights``): a plain state dict (or one under
-``"state_dict"``/``"model"``) of the torchvision architecture; a 3-channel ``conv1`` is
-summed over RGB, which makes a grayscale image x equivalent to the RGB image (x, x, x).
-Without a file the backbone starts random and a WARNING says so.
+CNN ("tiny", for tests and CPU demos) with a 1-channel input.  Pretrained weights
+(``model.backbone_weights``): ``imagenet`` = torchvision's IMAGENET1K_V1 file of the
+backbone, read from the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file>``) and
+downloaded there once when missing, as torchvision does; or a local file: a plain state
+dict (or one under ``"state_dict"``/``"model"``) of the torchvision architecture.  A
+3-channel ``conv1`` is summed over RGB, which makes a grayscale image x through the
+1-channel stem exactly the RGB image (x, x, x) through the original stem -- what the
+authors feed (``Image.convert('RGB')``).  Without weights the backbone starts random
+and a WARNING says so.
 
-Only real crops go through the backbone; missing regions and padded CXRs get a
-learnable per-region padding embedding instead (never zeros that look like tissue),
-so padding changes neither the features of real crops nor BatchNorm statistics.
+Input scaling (``model.input_scaling``): ``unit`` = pixel / 255 (the authors' ``ToTensor``
+with no mean/std, github.com/Chenliu-svg/DiPro dataset_module/dipro_dataset.py) or
+``imagenet`` = standardised with the ImageNet statistics averaged over RGB.
+
+As the authors (github.com/Chenliu-svg/DiPro models/Component.py: LongitudinalCXRModel): the
+adapter is Linear(feat, d)-BatchNorm1d-ReLU-Dropout, and every crop of a real CXR goes through
+the backbone, a missing region being an all-black crop as in the authors' loader.  Padded CXRs
+are not encoded: their features are zeros that no real output ever reads (every pair they
+belong to is masked downstream), which is why the authors' learnable pixel padding has no
+counterpart here (docs/FIDELITY.md); so padding changes neither the features of real crops
+nor BatchNorm statistics.
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from dipro.data.augment import apply_augmentation
-from data_sharding.errors import DataError
+from data_sharding.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +43,9 @@ GRAY_MEAN = (0.485 + 0.456 + 0.406) / 3
 GRAY_STD = (0.229 + 0.224 + 0.225) / 3
 
 _FEATURE_DIMS = {"resnet50": 2048, "resnet34": 512, "resnet18": 512, "tiny": 64}
+# torchvision weight enums for ``model.backbone_weights=imagenet`` (IMAGENET1K_V1: what resnet50(pretrained=True) loads).
+_IMAGENET_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet34": "ResNet34_Weights", "resnet18": "ResNet18_Weights"}
+IMAGENET = "imagenet"
 
 
 class TinyCNN(nn.Module):
@@ -59,6 +76,45 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
     net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     net.fc = nn.Identity()
     return net, _FEATURE_DIMS[name]
+
+
+def imagenet_weights_file(backbone: str) -> tuple[str, Path]:
+    """(url, cache path) of torchvision's IMAGENET1K_V1 weights of ``backbone``: the file torchvision's
+    weights API reads from (and downloads into) ``<torch.hub.get_dir()>/checkpoints``."""
+    if backbone not in _IMAGENET_WEIGHTS:
+        raise ConfigError(f"model.backbone_weights=imagenet: there are no ImageNet weights for backbone {backbone!r}")
+    import torchvision
+
+    url = getattr(torchvision.models, _IMAGENET_WEIGHTS[backbone]).IMAGENET1K_V1.url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def resolve_backbone_weights(backbone: str, spec: str | None) -> Path | None:
+    """The local file ``model.backbone_weights`` stands for (None = random init).
+
+    ``imagenet``: the torch hub cache file, downloaded once (checked against the hash in its
+    name, as torchvision does) when it is missing; without network a :class:`UserError`
+    says where to put the file.  Anything else is a local path (checked when loaded).
+    """
+    if not spec:
+        return None
+    if spec != IMAGENET:
+        return Path(spec)
+    url, path = imagenet_weights_file(backbone)
+    if path.is_file():
+        return path
+    log.warning("downloading the ImageNet weights of %s from %s to %s", backbone, url, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
+    except Exception as exc:  # noqa: BLE001 - no network, proxy, disk: all say the same thing to the user
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(
+            f"model.backbone_weights=imagenet: {path} is missing and downloading {url} failed ({reason}); "
+            f"copy {path.name} into {path.parent} (the torch hub cache, $TORCH_HOME/hub/checkpoints) "
+            f"or set model.backbone_weights=/path/to/{path.name}") from None
+    return path
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
@@ -104,55 +160,67 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 
 class RegionEncoder(nn.Module):
-    """uint8 crops [B,T,R,C,C] + region mask [B,T,R] -> region features F [B,T,R,d_model]."""
+    """uint8 crops [B,T,R,C,C] -> region features F [B,T,R,d_model] (zeros for padded CXRs).
+
+    ``forward(crops, region_mask, cxr_mask, augment)``: ``region_mask`` [B,T,R] (True = the
+    region was cropped), ``cxr_mask`` [B,T] (True = real CXR).  ``input_scaling`` as in
+    :class:`dipro.config.ModelConfig`.
+    """
 
     def __init__(
         self,
         backbone: str,
         d_model: int,
-        num_regions: int,
         dropout: float,
         weights_path: str | None = None,
         channels_last: bool = False,
         load_pretrained: bool = True,
+        input_scaling: str = "unit",
     ) -> None:
         super().__init__()
+        if input_scaling not in ("unit", "imagenet"):
+            raise ValueError(f"unknown input scaling {input_scaling!r}")
+        self.input_scaling = input_scaling
         self.backbone, feat_dim = build_backbone(backbone)
-        if weights_path and load_pretrained:
-            load_backbone_weights(self.backbone, weights_path)
+        path = resolve_backbone_weights(backbone, weights_path) if load_pretrained else None
+        if path is not None:
+            load_backbone_weights(self.backbone, path)
         elif load_pretrained:
             log.warning("model.backbone_weights is not set: the %s backbone starts from random initialisation", backbone)
         self.channels_last = channels_last
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.proj = nn.Sequential(nn.Linear(feat_dim, d_model), nn.LayerNorm(d_model), nn.GELU(), nn.Dropout(dropout))
-        # Learnable padding for missing regions / padded CXRs (one vector per region).
-        self.pad_embedding = nn.Parameter(torch.randn(num_regions, d_model) * 0.02)
+        # github.com/Chenliu-svg/DiPro models/Component.py: LongitudinalCXRModel.feature_adapter
+        self.proj = nn.Sequential(nn.Linear(feat_dim, d_model), nn.BatchNorm1d(d_model), nn.ReLU(), nn.Dropout(dropout))
 
     def normalise(self, crops: torch.Tensor, augment: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """uint8 [N,C,C] -> float [N,1,C,C], scaled to [0,1], augmented when ``augment`` gives the
         per-crop (contrast [N], brightness [N], shift [N,2]) of :mod:`dipro.data.augment`, and
-        standardised with the gray ImageNet stats."""
+        standardised with the gray ImageNet stats when ``input_scaling`` is ``imagenet``."""
         x = crops.float().div_(255.0)
         if augment is not None:
             x = apply_augmentation(x, *augment)
-        x = (x.unsqueeze(1) - GRAY_MEAN) / GRAY_STD
+        x = x.unsqueeze(1)
+        if self.input_scaling == "imagenet":
+            x = (x - GRAY_MEAN) / GRAY_STD
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def forward(self, crops: torch.Tensor, present: torch.Tensor,
+    def forward(self, crops: torch.Tensor, region_mask: torch.Tensor, cxr_mask: torch.Tensor,
                 augment: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """``augment``: per-crop transform parameters shaped [B,T,R] / [B,T,R,2] (training only)."""
-        b, t, r = present.shape
-        pad = self.pad_embedding.expand(b, t, r, -1)
-        if not bool(present.any()):
-            return pad.clone()
-        params = None if augment is None else tuple(p[present] for p in augment)
-        feats = self.proj(self.backbone(self.normalise(crops[present], params)))  # real crops only: [N,d]
-        pad = pad.to(feats.dtype)
-        out = pad.clone()
-        out[present] = feats
-        # torch.where keeps pad_embedding in the graph even when no region is missing
-        # (DDP without find_unused_parameters needs every parameter used every step).
-        return torch.where(present.unsqueeze(-1), out, pad)
+        """Every crop of a real CXR through backbone and adapter (a missing region is a black crop,
+        kept black after augmentation); zeros for padded CXRs.  ``augment``: per-crop transform
+        parameters shaped [B,T,R] / [B,T,R,2] (training only)."""
+        b, t, r = region_mask.shape
+        real_cxr = cxr_mask.bool()[:, :, None].expand(b, t, r)
+        present = region_mask.bool() & real_cxr
+        params = None if augment is None else tuple(p[real_cxr] for p in augment)
+        x = self.normalise(crops[real_cxr], params)  # [N,1,C,C]
+        if params is not None:  # the jitter would lift a missing region's black crop: keep it black
+            black = 0.0 if self.input_scaling == "unit" else -GRAY_MEAN / GRAY_STD  # a normalised black pixel
+            x = torch.where(present[real_cxr].view(-1, 1, 1, 1), x, torch.full_like(x, black))
+        feats = self.proj(self.backbone(x))  # [N,d]
+        out = feats.new_zeros(*real_cxr.shape, feats.shape[-1])
+        out[real_cxr] = feats
+        return out

@@ -40,6 +40,7 @@ def run_params(cfg: Any) -> dict[str, str]:
         "workers": str(cfg.trainer.num_workers),
         "precision": str(cfg.trainer.precision),
         "effective_batch": str(cfg.effective_batch_size),
+        "effective_lr": repr(float(cfg.effective_lr)),
         "monitor": f"val/{cfg.monitor}",
     })
     return params

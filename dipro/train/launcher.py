@@ -126,6 +126,10 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
 
     precision = validate_config(cfg)
     micro = check_data(cfg)
+    if cfg.model.backbone_weights == "imagenet":  # fetched (or a one-line error) before any worker starts
+        from dipro.model.region_encoder import resolve_backbone_weights
+
+        resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights)
     storage = Path(os.path.abspath(os.path.expanduser(cfg.trainer.storage_path)))
     resume_from: Path | None = None
     if resume:
@@ -153,6 +157,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
          f"= {cfg.effective_batch_size}" + (f" at {cfg.trainer.max_workers} workers (elastic: it shrinks with the group)"
                                              if cfg.trainer.elastic else "")
          + f"; {micro // accum} optimizer steps/epoch, up to {cfg.trainer.max_epochs} epochs")
+    _say(cfg.describe_lr() + f", cosine to {cfg.optim.min_lr:g} per {cfg.optim.schedule_interval}")
     if resume_from is not None:
         _say(f"resuming {resume} from {resume_from}")
 
