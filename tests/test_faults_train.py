@@ -82,9 +82,9 @@ def test_preflight_label_stats_and_ehr_features(shards, tmp_path):
     with pytest.raises(DataError, match=r"label_stats\.json not found"):
         check_shards(cfg_for(bad, tmp_path))
     stats = json.loads((shards / "label_stats.json").read_text())
-    del stats["mortality_los"]
+    del stats["disease_progression"]  # the PAE class weights of every task come from these counts
     (bad / "label_stats.json").write_text(json.dumps(stats))
-    with pytest.raises(DataError, match=r"label_stats\.json: .*missing key 'mortality_los\.region'"):
+    with pytest.raises(DataError, match=r"label_stats\.json: .*missing key 'disease_progression\.task'"):
         check_shards(cfg_for(bad, tmp_path))
     (bad / "label_stats.json").write_text((shards / "label_stats.json").read_text())
     ehr = json.loads((bad / "ehr_stats.json").read_text())
