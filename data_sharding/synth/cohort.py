@@ -429,10 +429,3 @@ def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
     gold = [s.index for s in subjects if "gold" in s.roles]
     return Cohort(seed, image_size, subjects, admissions, stays, films, gold)
 
-
-def los_bin_of(days: float) -> int:
-    """LOS bin of ``days`` (edges [2, 3, 4, 6, 11), right-open); -1 outside."""
-    for b in range(NUM_LOS_BINS):
-        if LOS_BIN_EDGES[b] <= days < LOS_BIN_EDGES[b + 1]:
-            return b
-    return -1
