@@ -4,9 +4,9 @@
 section 1 (task tables, ``cxr.parquet``, demographics, the ``ehr/`` parts);
 :class:`SampleBuilder` turns task rows into :class:`Sample` objects holding the
 members of section 2, and :func:`encode_sample` serialises them
-(:mod:`data_sharding.shard_format`: ``.npy`` with ``allow_pickle=False`` and UTF-8 JSON; no pickle).  EHR rows are read
-once per shard for the shard's stays (row-group filtered), never the whole
-table per sample.
+(:mod:`data_sharding.shard_format`: ``.npy`` with ``allow_pickle=False`` and
+UTF-8 JSON; no pickle).  EHR rows are read once per shard for the shard's
+stays (row-group filtered), never the whole table per sample.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARI
 from data_sharding.errors import DataError
 from data_sharding.shard_format import ARRAYS, LABEL_RANGES, MAX_REGION_LABEL, load_json, load_npy
 
+
 class CorruptSample(DataError):
     """A shard sample that cannot be used; carries the shard and key for the report."""
 
