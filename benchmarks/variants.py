@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_sharding import atomic  # noqa: E402  (after the path insert)
+
 TASKS = ("mortality", "length_of_stay", "disease_progression")
 DEFAULT_ARMS = {"authors": [], "interleave": ["model.pair_reversal=interleave"]}
 COLUMNS = {
@@ -140,9 +142,7 @@ def main() -> None:
             for arm, overrides in arms.items():
                 res = run_cell(task, arm, overrides, shards, args.work, seeds, args.epochs)
                 results.mkdir(parents=True, exist_ok=True)
-                tmp = results / f".{task}-{arm}.json.tmp"
-                tmp.write_text(json.dumps(res, indent=1))
-                tmp.replace(results / f"{task}-{arm}.json")
+                atomic.write_text(results / f"{task}-{arm}.json", json.dumps(res, indent=1))
                 print(f"{task} {arm}: {res['wall_s']:.0f} s", flush=True)
     if results.is_dir():
         print(table(results))

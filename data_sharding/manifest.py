@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime
 from pathlib import Path
@@ -163,8 +162,13 @@ def stage_manifest(shard_dir: str | Path, manifest: Manifest, unchanged: str = "
 
 def write_manifest(shard_dir: str | Path, manifest: Manifest) -> Path:
     """Write the manifest to a temp file, fsync, then atomically replace the old one."""
+    import pyarrow.parquet as pq
+
+    from data_sharding import atomic
+
     path = manifest_path(shard_dir)
-    os.replace(stage_manifest(shard_dir, manifest), path)
+    with atomic.open_atomic(path, "wb") as f:
+        pq.write_table(_manifest_table(manifest), f)
     return path
 
 

@@ -63,10 +63,6 @@ class RawRoots:
     imagenome: Path
 
     @property
-    def scene_graph_dir(self) -> Path:
-        return self.imagenome / "silver_dataset" / "scene_graph"
-
-    @property
     def gold_file(self) -> Path:
         return self.imagenome / "gold_dataset" / "gold_object_comparison_with_coordinates.txt"
 

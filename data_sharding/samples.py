@@ -3,19 +3,16 @@
 :class:`ProcessedView` reads the processed layout of docs/ARCHITECTURE.md
 section 1 (task tables, ``cxr.parquet``, demographics, the ``ehr/`` parts);
 :class:`SampleBuilder` turns task rows into :class:`Sample` objects holding the
-members of section 2, and :func:`encode_sample` serialises them (``.npy``
-with ``allow_pickle=False`` and UTF-8 JSON; no pickle).  EHR rows are read
-once per shard for the shard's stays (row-group filtered), never the whole
-table per sample.
+members of section 2, and :func:`encode_sample` serialises them
+(:mod:`data_sharding.shard_format`: ``.npy`` with ``allow_pickle=False`` and
+UTF-8 JSON; no pickle).  EHR rows are read once per shard for the shard's
+stays (row-group filtered), never the whole table per sample.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
-import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,6 @@ from data_sharding.constants import (
     EHR_MASK_COLUMNS,
     EHR_VALUE_COLUMNS,
     ICU_WINDOW_HOURS,
-    NUM_DEMOGRAPHICS,
     NUM_DISEASES,
     NUM_EHR_VARIABLES,
     NUM_REGIONS,
@@ -38,25 +34,19 @@ from data_sharding.constants import (
     TASK_TO_SHARD_DIR,
 )
 from data_sharding.errors import DataError
+from data_sharding.shard_format import (
+    ARRAYS,
+    LABEL_RANGES,
+    MAX_REGION_LABEL,
+    encode_members,
+    json_bytes,
+    npy_size,
+    sample_key,
+    tar_member_size,
+)
 
 TASK_DIRS = ("disease_progression", "mortality_los")
 """Shard series, one per task table (mortality and length of stay share one)."""
-
-MEMBERS = (
-    "crops.npy",
-    "region_present.npy",
-    "cxr_hours.npy",
-    "ehr_values.npy",
-    "ehr_masks.npy",
-    "ehr_hours.npy",
-    "demographics.npy",
-    "region_labels.npy",
-    "labels.json",
-    "meta.json",
-)
-"""Members of every sample, in the order they are written to the tar."""
-
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 _TASK_COLUMNS = {
     "disease_progression": ("subject_id", "stay_id", "split", "cxr1_dicom_id", "cxr2_dicom_id", "cxr1_hours",
@@ -78,40 +68,6 @@ def resolve_task_dirs(task: str) -> tuple[str, ...]:
     if task in TASK_TO_SHARD_DIR:
         return (TASK_TO_SHARD_DIR[task],)
     raise DataError(f"unknown task {task!r}: expected all, {', '.join(TASK_DIRS)} or {', '.join(TASK_TO_SHARD_DIR)}")
-
-
-def sample_key(stay_id: int, row: int) -> str:
-    """WebDataset key of a task row: ``s{stay_id}_{row}`` (no dots: the first dot ends a key)."""
-    return f"s{int(stay_id)}_{int(row)}"
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Canonical UTF-8 JSON (sorted keys, no spaces, NaN refused) -> deterministic bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_size(shape: tuple[int, ...], dtype: Any) -> int:
-    """Exact size of ``np.save`` output for an array of this shape and dtype."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
-    return len(buf.getvalue()) + math.prod(shape) * np.dtype(dtype).itemsize
-
-
-def tar_member_size(payload: int) -> int:
-    """Bytes a member takes in a ustar archive: header block + data padded to 512."""
-    return 512 + -(-payload // 512) * 512
-
-
-def tar_size(member_bytes: int) -> int:
-    """Archive size from the sum of member sizes: end-of-archive blocks, padded to 10240."""
-    return -(-(member_bytes + 1024) // 10240) * 10240
 
 
 # ----------------------------------------------------------------------------- processed inputs
@@ -329,18 +285,9 @@ def estimate_sample_bytes(task_dir: str, row: dict[str, Any], index: int, crop_s
     t = len(row_cxrs(task_dir, row)[0])
     lo, hi = ehr_window(task_dir, row)
     length = max(0, hi - max(lo, 0) + 1)
-    payloads = [
-        npy_size((t, NUM_REGIONS, crop_size, crop_size), np.uint8),
-        npy_size((t, NUM_REGIONS), np.uint8),
-        npy_size((t,), np.float32),
-        npy_size((length, NUM_EHR_VARIABLES), np.float32),
-        npy_size((length, NUM_EHR_VARIABLES), np.uint8),
-        npy_size((length,), np.float32),
-        npy_size((NUM_DEMOGRAPHICS,), np.float32),
-        npy_size((max(t - 1, 0), NUM_REGIONS, NUM_DISEASES), np.int8),
-        len(json_bytes(row_labels(task_dir, row))),
-        len(json_bytes(row_meta(task_dir, row, index))),
-    ]
+    payloads = [npy_size(tuple(max(d, 0) for d in spec.shape(t, length, crop_size)), spec.dtype)
+                for spec in ARRAYS.values()]
+    payloads += [len(json_bytes(row_labels(task_dir, row))), len(json_bytes(row_meta(task_dir, row, index)))]
     # npy headers may grow by one 64-byte step when L has more digits than the bound; allow for it.
     return sum(tar_member_size(p + 64) for p in payloads)
 
@@ -356,19 +303,9 @@ class Sample:
 
 
 def encode_sample(sample: Sample) -> list[tuple[str, bytes]]:
-    """Tar members ``(f"{key}.{member}", bytes)`` in :data:`MEMBERS` order."""
-    if not KEY_PATTERN.match(sample.key):
-        raise ValueError(f"sample key {sample.key!r} has characters outside [A-Za-z0-9_-]")
-    out = []
-    for member in MEMBERS:
-        if member == "labels.json":
-            payload = json_bytes(sample.labels)
-        elif member == "meta.json":
-            payload = json_bytes(sample.meta)
-        else:
-            payload = npy_bytes(sample.arrays[member])
-        out.append((f"{sample.key}.{member}", payload))
-    return out
+    """Tar members ``(f"{key}.{member}", bytes)`` in the format's member order
+    (:func:`data_sharding.shard_format.encode_members`)."""
+    return encode_members(sample.key, sample.arrays, sample.labels, sample.meta)
 
 
 @dataclass
@@ -421,11 +358,9 @@ class SampleBuilder:
             raise DataError(f"{where}: region_labels has shape {region_labels.shape}, "
                             f"expected {(t - 1, NUM_REGIONS, NUM_DISEASES)}")
         labels = row_labels(self.task_dir, row)
-        _check_range(where, "region_labels", region_labels, 0, 3)
-        for name, values, hi in (("progression", labels.get("progression"), 3),
-                                 ("mortality", labels.get("mortality"), 1), ("los_bin", labels.get("los_bin"), 3)):
-            if values is not None:
-                _check_range(where, name, np.asarray(values), 0, hi)
+        _check_range(where, "region_labels", region_labels, 0, MAX_REGION_LABEL)
+        for name, (lo, hi) in LABEL_RANGES[self.task_dir].items():
+            _check_range(where, name, np.asarray(labels[name]), lo, hi)
 
         if stay_id not in self.ehr:
             self.ehr.update(self.view.read_ehr([stay_id]))
@@ -444,8 +379,9 @@ class SampleBuilder:
             "ehr_masks.npy": masks,
             "ehr_hours.npy": hours,
             "demographics.npy": demographics,
-            "region_labels.npy": region_labels.astype(np.int8),
+            "region_labels.npy": region_labels,
         }
+        arrays = {m: np.asarray(a, dtype=ARRAYS[m].dtype) for m, a in arrays.items()}  # the format's dtypes
         return Sample(sample_key(stay_id, index), arrays, labels, row_meta(self.task_dir, row, index))
 
     def _crops(self, stay_id: int, dicom: str, where: str) -> tuple[np.ndarray, np.ndarray]:

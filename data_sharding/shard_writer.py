@@ -9,7 +9,8 @@
    EHR or images touches only the shards holding that stay's samples.
 2. :func:`build_shard` builds one planned shard in one process and writes it
    under a temp name: ustar members with fixed mtime/uid/gid/names, members in
-   a fixed order -> the same inputs give the same bytes whatever the worker count.
+   a fixed order (:mod:`data_sharding.shard_format`) -> the same inputs give the same
+   bytes whatever the worker count.
 3. :func:`commit_shards` first writes the new manifest and stats files under temp
    names, then renames the temp shards into place, then the manifest (the commit
    point), and removes shards no longer planned.  A write that fails (disk full, a
@@ -29,13 +30,13 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Iterable
 
 from data_sharding import atomic
 from data_sharding.constants import SPLITS
 from data_sharding.errors import DataError
+from data_sharding.shard_format import add_members
 from data_sharding.manifest import (
     Manifest,
     ShardRecord,
@@ -48,8 +49,6 @@ from data_sharding.manifest import (
 
 UNCHANGED = "the previous shards and manifest are unchanged"
 
-SHARD_MTIME = 0
-"""mtime stamped on every tar member (a wall-clock stamp would break byte identity)."""
 TMP_SUFFIX = ".tmp"
 STATS_FILES = ("label_stats.json", "ehr_stats.json")
 SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
@@ -79,7 +78,7 @@ def plan_shards(view, task_dirs: Iterable[str], settings: dict[str, ShardSetting
     plans: list[ShardPlan] = []
     for task in task_dirs:
         s = settings[task]
-        capacity = (s.max_shard_bytes // 10240) * 10240 - 1024  # see samples.tar_size
+        capacity = (s.max_shard_bytes // 10240) * 10240 - 1024  # see shard_format.tar_size
         rows = view.task_rows(task)
         by_split: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
@@ -122,17 +121,6 @@ class _HashingWriter:
         return self.size
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = SHARD_MTIME
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
 def tmp_path(final: Path) -> Path:
     return final.with_name(final.name + TMP_SUFFIX)
 
@@ -150,8 +138,7 @@ def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings,
         writer = _HashingWriter(f)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for index in plan.rows:
-                for name, payload in encode_sample(builder.build(index)):
-                    tar.addfile(_tar_info(name, len(payload)), BytesIO(payload))
+                add_members(tar, encode_sample(builder.build(index)))
     if writer.size > settings.max_shard_bytes:
         raise RuntimeError(f"{plan.path}: {writer.size} bytes exceed the planned bound {settings.max_shard_bytes}")
     fingerprint = shard_fingerprint(view, plan.task, plan.rows, settings, builder.image_digests.__getitem__,

@@ -3,15 +3,13 @@
 Per shard, one streaming pass: the bytes are hashed while tarfile parses
 them, so presence, size, sha256, truncation and member-level damage are found
 together.  Every sample must have exactly the members of
-:data:`data_sharding.samples.MEMBERS`, decode without pickle, and have the
-shapes, dtypes and label ranges of docs/ARCHITECTURE.md section 2.
+:data:`data_sharding.shard_format.MEMBERS`, decode without pickle, and have the
+shapes, dtypes and label ranges :mod:`data_sharding.shard_format` defines
+(docs/ARCHITECTURE.md section 2).
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +17,22 @@ from typing import Any
 
 import numpy as np
 
-from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
+from data_sharding.constants import NUM_DISEASES
 from data_sharding.manifest import MANIFEST_NAME, ShardRecord, ShardSettings, read_manifest
-from data_sharding.samples import KEY_PATTERN, MEMBERS, TASK_DIRS
+from data_sharding.samples import TASK_DIRS
+from data_sharding.shard_format import (
+    ARRAYS,
+    JSON_MEMBERS,
+    KEY_PATTERN,
+    LABEL_RANGES,
+    MAX_REGION_LABEL,
+    MEMBERS,
+    META_FIELDS,
+    NPY_MEMBERS,
+    load_json,
+    load_npy,
+    split_member_name,
+)
 from data_sharding.shard_writer import SHARD_NAME
 
 
@@ -56,10 +67,6 @@ class _HashingReader:
             pass
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def check_sample(key: str, members: dict[str, bytes], record: ShardRecord, crop_size: int) -> list[str]:
     """Problems with one decoded sample (empty list = fine)."""
     errors: list[str] = []
@@ -74,25 +81,15 @@ def check_sample(key: str, members: dict[str, bytes], record: ShardRecord, crop_
     if missing:
         return errors
     try:
-        arrays = {m: _load_npy(members[m]) for m in MEMBERS if m.endswith(".npy")}
-        labels = json.loads(members["labels.json"].decode("utf-8"))
-        meta = json.loads(members["meta.json"].decode("utf-8"))
+        arrays = {m: load_npy(members[m]) for m in NPY_MEMBERS}
+        labels, meta = (load_json(members[m]) for m in JSON_MEMBERS)
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
         return errors + [f"does not decode: {exc}"]
 
     crops = arrays["crops.npy"]
     t = crops.shape[0] if crops.ndim == 4 else -1
     length = arrays["ehr_values.npy"].shape[0] if arrays["ehr_values.npy"].ndim == 2 else -1
-    expected = {
-        "crops.npy": (np.uint8, (t, NUM_REGIONS, crop_size, crop_size)),
-        "region_present.npy": (np.uint8, (t, NUM_REGIONS)),
-        "cxr_hours.npy": (np.float32, (t,)),
-        "ehr_values.npy": (np.float32, (length, NUM_EHR_VARIABLES)),
-        "ehr_masks.npy": (np.uint8, (length, NUM_EHR_VARIABLES)),
-        "ehr_hours.npy": (np.float32, (length,)),
-        "demographics.npy": (np.float32, (NUM_DEMOGRAPHICS,)),
-        "region_labels.npy": (np.int8, (t - 1, NUM_REGIONS, NUM_DISEASES)),
-    }
+    expected = {m: (spec.dtype, spec.shape(t, length, crop_size)) for m, spec in ARRAYS.items()}
     for name, (dtype, shape) in expected.items():
         arr = arrays[name]
         if arr.dtype != dtype or arr.shape != shape or min(shape) < 0:
@@ -101,19 +98,17 @@ def check_sample(key: str, members: dict[str, bytes], record: ShardRecord, crop_
         return errors
     if t < 2 or (record.task == "disease_progression" and t != 2):
         errors.append(f"{t} CXRs, expected {'2' if record.task == 'disease_progression' else '>= 2'}")
-    present = arrays["region_present.npy"]
-    if not np.isin(present, (0, 1)).all():
-        errors.append("region_present.npy: values other than 0/1")
-    elif crops[present == 0].any():
-        errors.append("crops.npy: non-zero crop where region_present is 0")
-    if not np.isin(arrays["ehr_masks.npy"], (0, 1)).all():
-        errors.append("ehr_masks.npy: values other than 0/1")
-    for name in ("cxr_hours.npy", "ehr_values.npy", "ehr_hours.npy", "demographics.npy"):
+    for name in (m for m, spec in ARRAYS.items() if spec.binary):
+        if not np.isin(arrays[name], (0, 1)).all():
+            errors.append(f"{name}: values other than 0/1")
+        elif name == "region_present.npy" and crops[arrays[name] == 0].any():
+            errors.append("crops.npy: non-zero crop where region_present is 0")
+    for name in (m for m, spec in ARRAYS.items() if spec.finite):
         if not np.isfinite(arrays[name]).all():
             errors.append(f"{name}: non-finite values")
     rl = arrays["region_labels.npy"]
-    if rl.size and (rl.min() < 0 or rl.max() > 3):
-        errors.append("region_labels.npy: values outside 0..3")
+    if rl.size and (rl.min() < 0 or rl.max() > MAX_REGION_LABEL):
+        errors.append(f"region_labels.npy: values outside 0..{MAX_REGION_LABEL}")
     errors += _check_labels(record.task, labels)
     errors += _check_meta(key, record, meta, t)
     return errors
@@ -126,16 +121,17 @@ def _in_range(value: Any, lo: int, hi: int) -> bool:
 def _check_labels(task: str, labels: Any) -> list[str]:
     if not isinstance(labels, dict):
         return ["labels.json: not an object"]
+    ranges = LABEL_RANGES[task]
     if task == "disease_progression":
-        prog = labels.get("progression")
-        if not (isinstance(prog, list) and len(prog) == NUM_DISEASES and all(_in_range(v, 0, 3) for v in prog)):
-            return [f"labels.json: progression {prog!r}, expected {NUM_DISEASES} ints in 0..3"]
+        prog, (lo, hi) = labels.get("progression"), ranges["progression"]
+        if not (isinstance(prog, list) and len(prog) == NUM_DISEASES and all(_in_range(v, lo, hi) for v in prog)):
+            return [f"labels.json: progression {prog!r}, expected {NUM_DISEASES} ints in {lo}..{hi}"]
         return []
     errors = []
-    if not _in_range(labels.get("mortality"), 0, 1):
+    if not _in_range(labels.get("mortality"), *ranges["mortality"]):
         errors.append(f"labels.json: mortality {labels.get('mortality')!r}, expected 0 or 1")
-    if not _in_range(labels.get("los_bin"), 0, 3):
-        errors.append(f"labels.json: los_bin {labels.get('los_bin')!r}, expected 0..3")
+    if not _in_range(labels.get("los_bin"), *ranges["los_bin"]):
+        errors.append(f"labels.json: los_bin {labels.get('los_bin')!r}, expected {'..'.join(map(str, ranges['los_bin']))}")
     los = labels.get("los_days")
     if not (isinstance(los, (int, float)) and not isinstance(los, bool) and np.isfinite(los) and los >= 0):
         errors.append(f"labels.json: los_days {los!r}, expected a finite number >= 0")
@@ -146,7 +142,7 @@ def _check_meta(key: str, record: ShardRecord, meta: Any, t: int) -> list[str]:
     if not isinstance(meta, dict):
         return ["meta.json: not an object"]
     errors = []
-    for field_ in ("subject_id", "stay_id", "dicom_ids", "split", "task_dir", "row"):
+    for field_ in META_FIELDS:
         if field_ not in meta:
             errors.append(f"meta.json: no {field_!r}")
     if errors:
@@ -192,7 +188,7 @@ def verify_shard(root: str | Path, record: ShardRecord) -> tuple[list[Problem], 
                     if not info.isfile():
                         problems.append(Problem(record.path, "unreadable", f"non-file member {info.name!r}"))
                         continue
-                    key, _, member = os.path.basename(info.name).partition(".")
+                    key, member = split_member_name(info.name)
                     if key != current_key:
                         finish()
                         if key in keys:

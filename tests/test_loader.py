@@ -1,7 +1,7 @@
 """dipro.data.build_loader against tiny shards written directly in the contract format.
 
 The helper :func:`write_shards` writes ARCHITECTURE.md section 2 with
-``webdataset.TarWriter`` (uneven shard sizes, a varying number of CXRs, EHR
+:mod:`data_sharding.shard_format` (uneven shard sizes, a varying number of CXRs, EHR
 windows of length 0 and more, missing regions) and returns what it wrote, so
 every test can compare the loader's batches with the source values.
 """
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_sharding import shard_format
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
 from dipro.data import build_loader, eval_index_for_rank, move_to_device
 from dipro.data.augment import AUGMENT_KEYS, AugmentConfig
@@ -28,6 +29,7 @@ CROP = 8
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
+    """Plain ``np.save`` (keeps Fortran order): the decoder must read what any numpy writes."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -62,26 +64,13 @@ def make_sample(rng: np.random.Generator, task_dir: str, stay_id: int, row: int,
 
 
 def sample_members(s: dict) -> dict[str, bytes]:
-    out = {f"{name}.npy": _npy_bytes(s[name]) for name in (
-        "crops", "region_present", "cxr_hours", "ehr_values", "ehr_masks", "ehr_hours", "demographics", "region_labels")}
-    out["labels.json"] = json.dumps(s["labels"]).encode()
-    out["meta.json"] = json.dumps(s["meta"]).encode()
-    return out
-
-
-def write_tar(path: Path, members_by_key: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in members_by_key:
-            for name, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{name}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
+    """The sample's members as the shard writer encodes them (data_sharding.shard_format)."""
+    return shard_format.member_bytes({m: s[m[: -len(".npy")]] for m in shard_format.NPY_MEMBERS},
+                                     s["labels"], s["meta"])
 
 
 def write_shards(root: Path, sizes: dict[tuple[str, str], list[int]], seed: int = 0, crop_size: int = CROP) -> dict[str, dict]:
     """Write ``root/{task_dir}/{split}-NNNNNN.tar`` of the given sizes and the manifest; return key -> sample."""
-    import webdataset as wds
-
     rng = np.random.default_rng(seed)
     written: dict[str, dict] = {}
     rows = []
@@ -90,13 +79,14 @@ def write_shards(root: Path, sizes: dict[tuple[str, str], list[int]], seed: int 
         (root / task_dir).mkdir(parents=True, exist_ok=True)
         for i, n in enumerate(shard_sizes):
             rel = f"{task_dir}/{split}-{i:06d}.tar"
-            with wds.TarWriter(str(root / rel), mtime=0) as sink:
-                for row in range(n):
-                    stay += 1
-                    s = make_sample(rng, task_dir, stay, row, split)
-                    s["shard"] = rel
-                    written[s["key"]] = s
-                    sink.write({"__key__": s["key"], **sample_members(s)})
+            members = []
+            for row in range(n):
+                stay += 1
+                s = make_sample(rng, task_dir, stay, row, split)
+                s["shard"] = rel
+                written[s["key"]] = s
+                members.append((s["key"], sample_members(s)))
+            shard_format.write_tar(root / rel, members)
             data = (root / rel).read_bytes()
             rows.append({"task": task_dir, "split": split, "path": rel, "samples": n, "bytes": len(data),
                          "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": "f" * 16,
@@ -307,7 +297,7 @@ def _corrupt_copy(tmp_path: Path, break_key_of: str = "npy") -> tuple[Path, str]
             if not members or members[-1][0] != key:
                 members.append((key, {}))
             members[-1][1][name] = data
-    write_tar(tmp_path / "mortality_los/val-000001.tar", members)
+    shard_format.write_tar(tmp_path / "mortality_los/val-000001.tar", members)
     return tmp_path, bad
 
 

@@ -19,7 +19,9 @@ from data_sharding.constants import BOX_COLUMNS, DEMOGRAPHIC_COLUMNS, DISEASE_SL
 from data_sharding.crops import crop_regions, draft_reduction, parse_box
 from data_sharding.manifest import MANIFEST_COLUMNS, ShardSettings, read_manifest
 from data_sharding.regenerate import inspect_shard
-from data_sharding.samples import MEMBERS, open_processed
+from data_sharding import shard_format
+from data_sharding.samples import open_processed
+from data_sharding.shard_format import MEMBERS
 from data_sharding.shard_writer import plan_shards, write_shards
 from data_sharding.verify import verify_shards
 from dipro.commands import shards as shards_cmd
@@ -270,12 +272,7 @@ def test_verify_reports_bad_sample_contents(fx, tmp_path):
     key = next(iter(samples))
     samples[key]["labels.json"] = json.dumps({"mortality": 2, "los_days": 1.0, "los_bin": 0}).encode()
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, members in samples.items():
-            for name, data in members.items():
-                info = tarfile.TarInfo(f"{k}.{name}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    shard_format.write_tar(buf, samples.items())
     path.write_bytes(buf.getvalue())
     problems = verify_shards(out)
     assert any(p.kind == "sample" and p.sample == key and "mortality" in p.detail for p in problems)

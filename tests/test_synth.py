@@ -326,3 +326,38 @@ def test_cli_help_and_run(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--patients", "3", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dipro synth: error:") and "--overwrite" in err and "\n" not in err
+
+
+def _cohort_digest(cohort) -> str:
+    """sha256 over every drawn field of a cohort (ids, times, outcomes, latents, severities, film ids)."""
+    h = hashlib.sha256()
+    for s in cohort.subjects:
+        h.update(repr((s.subject_id, s.gender, s.anchor_age, s.anchor_year, s.race, s.height_cm, s.weight_kg,
+                       sorted(s.roles), s.dies, s.dod)).encode())
+    for a in cohort.admissions:
+        h.update(repr((a.hadm_id, a.admittime, a.dischtime, a.deathtime, a.edregtime, a.admission_type,
+                       a.discharge_location, a.stays)).encode())
+    for st in cohort.stays:
+        h.update(repr((st.stay_id, st.intime, st.outtime, st.first_careunit, st.last_careunit, st.drift, st.resp,
+                       st.ventilated, st.timeline)).encode())
+        h.update(np.ascontiguousarray(st.progression.severity).tobytes())
+    for f in cohort.films:
+        h.update(repr((f.dicom_id, f.study_id, f.view, f.time, f.millis, f.width, f.kind, f.stay_index,
+                       f.position)).encode())
+    return h.hexdigest()
+
+
+def test_build_cohort_draws_are_pinned():
+    """The generator's draw order is part of the contract (same seed, same cohort across versions):
+    a change to build_cohort's steps that reorders or adds draws changes this digest.  Update it only
+    for an intended change to the synthetic cohort."""
+    from data_sharding.synth.cohort import build_cohort
+
+    cohort = build_cohort(PATIENTS, SEED, SIZE)
+    # 12 subjects; one has two admissions and one an admission with two stays: 13 admissions, 14 stays
+    assert (len(cohort.subjects), len(cohort.admissions), len(cohort.stays)) == (12, 13, 14)
+    assert _cohort_digest(cohort) == PINNED_COHORT_DIGEST
+    assert _cohort_digest(build_cohort(PATIENTS, SEED + 1, SIZE)) != PINNED_COHORT_DIGEST
+
+
+PINNED_COHORT_DIGEST = "1a8f1df38f764c801f3eba18c0cc46df3d96b8e06f5e52370ddeabd99fef6167"

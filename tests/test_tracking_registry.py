@@ -1,15 +1,13 @@
 """Registry, promotion gate, pyfunc parity and `dipro predict` against a sqlite tracking backend.
 
-Shards are written here in the contract format (ARCHITECTURE.md section 2) from random
-numbers; checkpoints are tiny DiPro networks written with dipro.train.checkpoint.
+Shards are written here in the contract format (ARCHITECTURE.md section 2, data_sharding.shard_format)
+from random numbers; checkpoints are tiny DiPro networks written with dipro.train.checkpoint.
 """
 from __future__ import annotations
 
 import getpass
 import hashlib
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from data_sharding import shard_format
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
 from dipro import cli
 from dipro.config import load_config
@@ -24,12 +23,6 @@ from dipro.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 CROP = 32  # configs/demo.yaml
 SHARD_SIZES = (5, 4)
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _members(rng: np.random.Generator, stay: int, corrupt: bool = False) -> dict[str, bytes]:
@@ -45,12 +38,11 @@ def _members(rng: np.random.Generator, stay: int, corrupt: bool = False) -> dict
         "demographics": rng.standard_normal(NUM_DEMOGRAPHICS).astype(np.float32),
         "region_labels": rng.integers(0, 4, (t - 1, NUM_REGIONS, NUM_DISEASES)).astype(np.int8),
     }
-    out = {f"{k}.npy": _npy(v) for k, v in arrays.items()}
+    labels = {"mortality": int(rng.integers(0, 2)), "los_days": 3.5, "los_bin": 1}
+    meta = {"subject_id": 10_000 + stay, "stay_id": stay, "split": "test", "task_dir": "mortality_los", "row": stay}
+    out = shard_format.member_bytes({f"{k}.npy": v for k, v in arrays.items()}, labels, meta)
     if corrupt:
         out["crops.npy"] = b"not an npy file"
-    out["labels.json"] = json.dumps({"mortality": int(rng.integers(0, 2)), "los_days": 3.5, "los_bin": 1}).encode()
-    out["meta.json"] = json.dumps({"subject_id": 10_000 + stay, "stay_id": stay, "split": "test",
-                                   "task_dir": "mortality_los", "row": stay}).encode()
     return out
 
 
@@ -61,15 +53,13 @@ def write_shards(root: Path, seed: int = 0, corrupt_key: str | None = None) -> l
     rows, keys, stay = [], [], 0
     for i, n in enumerate(SHARD_SIZES):
         rel = f"mortality_los/test-{i:06d}.tar"
-        with tarfile.open(root / rel, "w") as tar:
-            for _ in range(n):
-                stay += 1
-                key = f"s{stay}_{stay}"
-                keys.append(key)
-                for name, data in _members(rng, stay, corrupt=key == corrupt_key).items():
-                    info = tarfile.TarInfo(f"{key}.{name}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
+        samples = []
+        for _ in range(n):
+            stay += 1
+            key = f"s{stay}_{stay}"
+            keys.append(key)
+            samples.append((key, _members(rng, stay, corrupt=key == corrupt_key)))
+        shard_format.write_tar(root / rel, samples)
         data = (root / rel).read_bytes()
         rows.append({"task": "mortality_los", "split": "test", "path": rel, "samples": n, "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": "f" * 16,

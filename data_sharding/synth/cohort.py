@@ -218,158 +218,222 @@ def _film_hours(rng: np.random.Generator, los_h: float, roles: set[str]) -> list
     return sorted(hours)
 
 
+@dataclass
+class _Draw:
+    """What the steps of :func:`build_cohort` share: the one generator and the records drawn so far.
+
+    Every step draws from ``rng`` in a fixed order (subjects, id pools, each subject's
+    hospital course, the films of each stay, outpatient studies, film ids), so the same
+    seed gives the same cohort, byte for byte once written.
+    """
+
+    rng: np.random.Generator
+    subjects: list[Subject] = field(default_factory=list)
+    admissions: list[Admission] = field(default_factory=list)
+    stays: list[Stay] = field(default_factory=list)
+    hadm_ids: list[int] = field(default_factory=list)
+    stay_ids: list[int] = field(default_factory=list)
+    bin_cycle: list[int] = field(default_factory=list)
+    """LOS bins in a cycle over a permutation, so every bin is populated."""
+    film_specs: list[dict] = field(default_factory=list)
+    """Films planned before their ids are drawn (subject_index, time, anchor, view, kind, stay, pos)."""
+
+    def add_film(self, spec: dict) -> int:
+        self.film_specs.append(spec)
+        return len(self.film_specs) - 1
+
+
 def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
     """Draw the whole cohort (no I/O)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    n = n_patients
+    draw = _Draw(np.random.default_rng(np.random.SeedSequence([seed, 0])))
+    _draw_subjects(draw, n_patients)
+    _draw_id_pools(draw)
+    for subj in draw.subjects:
+        _draw_hospital_course(draw, subj)
+    _plan_stay_films(draw)
+    _plan_outpatient_studies(draw)
+    films = _draw_films(draw, image_size)
+    gold = [s.index for s in draw.subjects if "gold" in s.roles]
+    return Cohort(seed, image_size, draw.subjects, draw.admissions, draw.stays, films, gold)
+
+
+# ----------------------------------------------------------------------------- subjects
+
+def _draw_subjects(draw: _Draw, n: int) -> None:
+    """Roles, who dies (MORTALITY_FRACTION), subject ids, then each subject's demographics."""
+    rng = draw.rng
     roles = _assign_roles(rng, n)
     dying = np.zeros(n, dtype=bool)
     dying[rng.permutation(n)[: max(1, round(MORTALITY_FRACTION * n))]] = True
-
     subject_ids = sorted(_unique_ids(rng, 10_000_000, 20_000_000, n))
-    subjects: list[Subject] = []
     for i in range(n):
-        child = "child" in roles[i]
-        gender = "M" if rng.random() < 0.55 else "F"
-        age = int(rng.integers(2, 18)) if child else int(np.clip(rng.normal(64, 15), 18, 91))
-        if child:
-            height = float(rng.uniform(95, 165))
-            weight = float(height * rng.uniform(0.2, 0.35))
-        elif gender == "M":
-            height, weight = float(rng.normal(176, 8)), float(rng.normal(86, 17))
-        else:
-            height, weight = float(rng.normal(163, 7)), float(rng.normal(72, 16))
-        subjects.append(
-            Subject(
-                index=i,
-                subject_id=subject_ids[i],
-                gender=gender,
-                anchor_age=age,
-                anchor_year=int(rng.integers(2110, 2190)),
-                anchor_year_group=str(rng.choice(ANCHOR_YEAR_GROUPS)),
-                race=str(rng.choice(RACES)),
-                language="ENGLISH" if rng.random() < 0.88 else "?",
-                marital_status=str(rng.choice(MARITAL)) if not child else "SINGLE",
-                insurance=str(rng.choice(("Medicare", "Medicaid", "Other"))),
-                height_cm=round(height, 1),
-                weight_kg=round(max(weight, 8.0), 1),
-                anatomy=Anatomy.sample(rng, child=child),
-                roles=frozenset(roles[i]),
-                dies=bool(dying[i]),
-            )
-        )
+        draw.subjects.append(_draw_subject(rng, i, subject_ids[i], roles[i], bool(dying[i])))
 
-    # --- admissions and stays ------------------------------------------------
-    n_adm = sum(2 if "two_admissions" in s.roles else 1 for s in subjects)
-    n_stay = n_adm + sum(1 for s in subjects if "two_stays_one_admission" in s.roles)
-    hadm_ids = _unique_ids(rng, 20_000_000, 30_000_000, n_adm)
-    stay_ids = _unique_ids(rng, 30_000_000, 40_000_000, n_stay)
-    # LOS bins cycle over a permutation so every bin is populated
-    bin_cycle = list(rng.permutation(NUM_LOS_BINS))
-    admissions: list[Admission] = []
-    stays: list[Stay] = []
 
-    def new_stay(subj: Subject, adm_index: int, intime: int, los_bin: int, dies: bool) -> Stay:
-        los = _los_days(rng, los_bin)
-        first = str(rng.choice(CAREUNITS))
-        last = first
-        if "careunit_change" in subj.roles:
-            last = str(rng.choice([c for c in CAREUNITS if c != first]))
-        if los_bin < 0:
-            resp = -1.5 + rng.normal(0.0, 0.5)
-        else:
-            resp = (min(los_bin, NUM_LOS_BINS) - 1.5) / 1.5 + rng.normal(0.0, 0.3)
-        if dies:
-            drift = rng.uniform(0.6, 1.4) if rng.random() < 1 - SUDDEN_DEATH_FRACTION else rng.uniform(0.0, 0.3)
-        else:
-            drift = abs(rng.normal(0.0, 0.2)) if rng.random() < 1 - SICK_SURVIVOR_FRACTION else rng.uniform(0.4, 1.0)
-        ventilated = bool(resp + rng.normal(0.0, 0.7) > 0.2 or (dies and rng.random() < 0.5))
-        st = Stay(
-            index=len(stays),
-            subject_index=subj.index,
-            admission_index=adm_index,
-            stay_id=stay_ids[len(stays)],
-            intime=intime,
-            outtime=intime + int(round(los * DAY)),
-            first_careunit=first,
-            last_careunit=last,
-            dies=dies,
-            drift=float(drift),
-            resp=float(resp),
-            ventilated=ventilated,
-        )
-        stays.append(st)
-        admissions[adm_index].stays.append(st.index)
-        return st
+def _draw_subject(rng: np.random.Generator, index: int, subject_id: int, roles: set[str], dies: bool) -> Subject:
+    child = "child" in roles
+    gender = "M" if rng.random() < 0.55 else "F"
+    age = int(rng.integers(2, 18)) if child else int(np.clip(rng.normal(64, 15), 18, 91))
+    if child:
+        height = float(rng.uniform(95, 165))
+        weight = float(height * rng.uniform(0.2, 0.35))
+    elif gender == "M":
+        height, weight = float(rng.normal(176, 8)), float(rng.normal(86, 17))
+    else:
+        height, weight = float(rng.normal(163, 7)), float(rng.normal(72, 16))
+    return Subject(
+        index=index,
+        subject_id=subject_id,
+        gender=gender,
+        anchor_age=age,
+        anchor_year=int(rng.integers(2110, 2190)),
+        anchor_year_group=str(rng.choice(ANCHOR_YEAR_GROUPS)),
+        race=str(rng.choice(RACES)),
+        language="ENGLISH" if rng.random() < 0.88 else "?",
+        marital_status=str(rng.choice(MARITAL)) if not child else "SINGLE",
+        insurance=str(rng.choice(("Medicare", "Medicaid", "Other"))),
+        height_cm=round(height, 1),
+        weight_kg=round(max(weight, 8.0), 1),
+        anatomy=Anatomy.sample(rng, child=child),
+        roles=frozenset(roles),
+        dies=dies,
+    )
 
-    def next_bin(subj: Subject) -> int:
-        if "short_stay" in subj.roles:
-            return -1
-        if "gap_96h" in subj.roles:
-            return NUM_LOS_BINS - 1
-        if rng.random() < LONG_STAY_FRACTION:
-            return NUM_LOS_BINS
-        b = bin_cycle.pop(0)
-        bin_cycle.append(b)
-        return int(b)
 
-    for subj in subjects:
-        start = int((subj.anchor_year - 1970) * 365.2425 * DAY + rng.uniform(0, 2.5) * 365 * DAY)
-        start -= start % 60
-        n_here = 2 if "two_admissions" in subj.roles else 1
-        for k in range(n_here):
-            last_adm = k == n_here - 1
-            dies = subj.dies and last_adm
-            admit = start
-            elective = rng.random() < 0.15
-            adm = Admission(
-                index=len(admissions),
-                subject_index=subj.index,
-                hadm_id=hadm_ids[len(admissions)],
-                admittime=admit,
-                dischtime=0,
-                deathtime=None,
-                edregtime=None if elective else admit - int(rng.uniform(1, 6) * HOUR),
-                edouttime=None if elective else admit + int(rng.uniform(0.2, 1.0) * HOUR),
-                admission_type="ELECTIVE" if elective else str(rng.choice(("EW EMER.", "URGENT", "DIRECT EMER.", "OBSERVATION ADMIT"))),
-                admission_location="PHYSICIAN REFERRAL" if elective else str(rng.choice(("EMERGENCY ROOM", "TRANSFER FROM HOSPITAL", "WALK-IN/SELF REFERRAL"))),
-                discharge_location="",
-                hospital_expire_flag=int(dies),
-            )
-            admissions.append(adm)
-            intime = admit + int(rng.uniform(2, 30) * HOUR)
-            st = new_stay(subj, adm.index, intime, next_bin(subj), dies)
-            if "two_stays_one_admission" in subj.roles:
-                intime2 = st.outtime + int(rng.uniform(10, 50) * HOUR)
-                st = new_stay(subj, adm.index, intime2, 1 + int(rng.integers(0, 2)), dies)
-            if dies:
-                in_icu = rng.random() < 0.7
-                death = st.outtime if in_icu else st.outtime + int(rng.uniform(6, 72) * HOUR)
-                adm.dischtime = death
-                adm.deathtime = death if rng.random() < 0.8 else None  # else only dod records it
-                adm.discharge_location = "DIED"
-                subj.dod = death
-            else:
-                adm.dischtime = st.outtime + int(rng.uniform(12, 150) * HOUR)
-                adm.discharge_location = str(rng.choice(("HOME", "HOME HEALTH CARE", "SKILLED NURSING FACILITY", "REHAB", "CHRONIC/LONG TERM ACUTE CARE")))
-            start = adm.dischtime + int(rng.uniform(30, 400) * DAY)
-        if not subj.dies and rng.random() < 0.1:  # died long after discharge: not in-hospital
-            subj.dod = admissions[-1].dischtime + int(rng.uniform(60, 900) * DAY)
+# ----------------------------------------------------------------------------- admissions and stays
 
-    # --- films -----------------------------------------------------------------
-    films: list[Film] = []
-    film_specs: list[dict] = []  # before ids are drawn
+def _draw_id_pools(draw: _Draw) -> None:
+    """hadm_id / stay_id pools sized by the roles, and the LOS-bin cycle."""
+    n_adm = sum(2 if "two_admissions" in s.roles else 1 for s in draw.subjects)
+    n_stay = n_adm + sum(1 for s in draw.subjects if "two_stays_one_admission" in s.roles)
+    draw.hadm_ids = _unique_ids(draw.rng, 20_000_000, 30_000_000, n_adm)
+    draw.stay_ids = _unique_ids(draw.rng, 30_000_000, 40_000_000, n_stay)
+    draw.bin_cycle = list(draw.rng.permutation(NUM_LOS_BINS))
 
-    def add(spec: dict) -> int:
-        film_specs.append(spec)
-        return len(film_specs) - 1
 
-    stays_per_subject = Counter(st.subject_index for st in stays)
+def _draw_hospital_course(draw: _Draw, subj: Subject) -> None:
+    """A subject's admissions (two for ``two_admissions``), their ICU stays and how each ends."""
+    rng = draw.rng
+    start = int((subj.anchor_year - 1970) * 365.2425 * DAY + rng.uniform(0, 2.5) * 365 * DAY)
+    start -= start % 60
+    n_here = 2 if "two_admissions" in subj.roles else 1
+    for k in range(n_here):
+        dies = subj.dies and k == n_here - 1  # only the last admission can end in death
+        adm = _new_admission(draw, subj, start, dies)
+        intime = adm.admittime + int(rng.uniform(2, 30) * HOUR)
+        st = _new_stay(draw, subj, adm.index, intime, _next_los_bin(draw, subj), dies)
+        if "two_stays_one_admission" in subj.roles:
+            intime2 = st.outtime + int(rng.uniform(10, 50) * HOUR)
+            st = _new_stay(draw, subj, adm.index, intime2, 1 + int(rng.integers(0, 2)), dies)
+        _discharge(rng, subj, adm, st, dies)
+        start = adm.dischtime + int(rng.uniform(30, 400) * DAY)
+    if not subj.dies and rng.random() < 0.1:  # died long after discharge: not in-hospital
+        subj.dod = draw.admissions[-1].dischtime + int(rng.uniform(60, 900) * DAY)
+
+
+def _new_admission(draw: _Draw, subj: Subject, admit: int, dies: bool) -> Admission:
+    """An admission at ``admit`` (ED times unless elective); discharge is set by :func:`_discharge`."""
+    rng = draw.rng
+    elective = rng.random() < 0.15
+    adm = Admission(
+        index=len(draw.admissions),
+        subject_index=subj.index,
+        hadm_id=draw.hadm_ids[len(draw.admissions)],
+        admittime=admit,
+        dischtime=0,
+        deathtime=None,
+        edregtime=None if elective else admit - int(rng.uniform(1, 6) * HOUR),
+        edouttime=None if elective else admit + int(rng.uniform(0.2, 1.0) * HOUR),
+        admission_type="ELECTIVE" if elective else str(rng.choice(("EW EMER.", "URGENT", "DIRECT EMER.", "OBSERVATION ADMIT"))),
+        admission_location="PHYSICIAN REFERRAL" if elective else str(rng.choice(("EMERGENCY ROOM", "TRANSFER FROM HOSPITAL", "WALK-IN/SELF REFERRAL"))),
+        discharge_location="",
+        hospital_expire_flag=int(dies),
+    )
+    draw.admissions.append(adm)
+    return adm
+
+
+def _next_los_bin(draw: _Draw, subj: Subject) -> int:
+    """-1 (< 2 days) for ``short_stay``, the last bin for ``gap_96h``, NUM_LOS_BINS (11+ days) at
+    LONG_STAY_FRACTION, else the next bin of the cycle."""
+    if "short_stay" in subj.roles:
+        return -1
+    if "gap_96h" in subj.roles:
+        return NUM_LOS_BINS - 1
+    if draw.rng.random() < LONG_STAY_FRACTION:
+        return NUM_LOS_BINS
+    b = draw.bin_cycle.pop(0)
+    draw.bin_cycle.append(b)
+    return int(b)
+
+
+def _new_stay(draw: _Draw, subj: Subject, adm_index: int, intime: int, los_bin: int, dies: bool) -> Stay:
+    """An ICU stay with its LOS, care units and the latents behind the EHR signals:
+    ``resp`` follows the LOS bin, ``drift`` the outcome (with sudden deaths and sick survivors)."""
+    rng = draw.rng
+    los = _los_days(rng, los_bin)
+    first = str(rng.choice(CAREUNITS))
+    last = first
+    if "careunit_change" in subj.roles:
+        last = str(rng.choice([c for c in CAREUNITS if c != first]))
+    if los_bin < 0:
+        resp = -1.5 + rng.normal(0.0, 0.5)
+    else:
+        resp = (min(los_bin, NUM_LOS_BINS) - 1.5) / 1.5 + rng.normal(0.0, 0.3)
+    if dies:
+        drift = rng.uniform(0.6, 1.4) if rng.random() < 1 - SUDDEN_DEATH_FRACTION else rng.uniform(0.0, 0.3)
+    else:
+        drift = abs(rng.normal(0.0, 0.2)) if rng.random() < 1 - SICK_SURVIVOR_FRACTION else rng.uniform(0.4, 1.0)
+    ventilated = bool(resp + rng.normal(0.0, 0.7) > 0.2 or (dies and rng.random() < 0.5))
+    st = Stay(
+        index=len(draw.stays),
+        subject_index=subj.index,
+        admission_index=adm_index,
+        stay_id=draw.stay_ids[len(draw.stays)],
+        intime=intime,
+        outtime=intime + int(round(los * DAY)),
+        first_careunit=first,
+        last_careunit=last,
+        dies=dies,
+        drift=float(drift),
+        resp=float(resp),
+        ventilated=ventilated,
+    )
+    draw.stays.append(st)
+    draw.admissions[adm_index].stays.append(st.index)
+    return st
+
+
+def _discharge(rng: np.random.Generator, subj: Subject, adm: Admission, last_stay: Stay, dies: bool) -> None:
+    """Discharge time and place; a death falls in the ICU (70 %) or hours after it, recorded as
+    deathtime (80 %) or only as the subject's dod."""
+    if dies:
+        in_icu = rng.random() < 0.7
+        death = last_stay.outtime if in_icu else last_stay.outtime + int(rng.uniform(6, 72) * HOUR)
+        adm.dischtime = death
+        adm.deathtime = death if rng.random() < 0.8 else None  # else only dod records it
+        adm.discharge_location = "DIED"
+        subj.dod = death
+    else:
+        adm.dischtime = last_stay.outtime + int(rng.uniform(12, 150) * HOUR)
+        adm.discharge_location = str(rng.choice(("HOME", "HOME HEALTH CARE", "SKILLED NURSING FACILITY", "REHAB", "CHRONIC/LONG TERM ACUTE CARE")))
+
+
+# ----------------------------------------------------------------------------- films
+
+def _plan_stay_films(draw: _Draw) -> None:
+    """Each stay's CXR times, its progression and image patterns, and its films: the kept AP of each
+    study (the stay's timeline), sometimes an earlier extra AP and a lateral.
+
+    Subjects with one stay sometimes (and at least once each) get a CXR before intime / after outtime.
+    """
+    rng = draw.rng
+    stays_per_subject = Counter(st.subject_index for st in draw.stays)
     single_stay = {i for i, k in stays_per_subject.items() if k == 1}
-    forced_pre = next((st.index for st in stays if st.subject_index in single_stay), None)
-    forced_post = next((st.index for st in reversed(stays) if st.subject_index in single_stay), None)
-    for st in stays:
-        subj = subjects[st.subject_index]
+    forced_pre = next((st.index for st in draw.stays if st.subject_index in single_stay), None)
+    forced_post = next((st.index for st in reversed(draw.stays) if st.subject_index in single_stay), None)
+    for st in draw.stays:
+        subj = draw.subjects[st.subject_index]
         los_h = (st.outtime - st.intime) / HOUR
         hours = _film_hours(rng, los_h, set(subj.roles))
         if st.subject_index in single_stay:
@@ -383,31 +447,42 @@ def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
             t = st.intime + int(round(h * HOUR))
             study = {"subject_index": subj.index, "time": t, "anchor": t}
             if rng.random() < 0.12 or (st.index == 0 and pos == 0):
-                add({**study, "view": "AP", "kind": "extra_ap", "time": t - int(rng.uniform(60, 240)), "stay": st.index, "pos": pos})
-            st.timeline.append(add({**study, "view": "AP", "kind": "kept", "stay": st.index, "pos": pos}))
+                draw.add_film({**study, "view": "AP", "kind": "extra_ap", "time": t - int(rng.uniform(60, 240)),
+                               "stay": st.index, "pos": pos})
+            st.timeline.append(draw.add_film({**study, "view": "AP", "kind": "kept", "stay": st.index, "pos": pos}))
             if rng.random() < 0.2:
-                add({**study, "view": "LATERAL", "kind": "lateral", "time": t + int(rng.uniform(30, 90)), "stay": None, "pos": None})
-    first_admit: dict[int, int] = {}
-    for a in admissions:
-        first_admit.setdefault(a.subject_index, a.admittime)
-    for subj in subjects:
-        if rng.random() < 0.15 or subj.index == 0:
-            first_adm = first_admit[subj.index]
-            t = first_adm - int(rng.uniform(30, 400) * DAY)
-            pa = {"subject_index": subj.index, "anchor": t, "stay": None, "pos": None}
-            add({**pa, "time": t, "view": "PA", "kind": "pa"})
-            add({**pa, "time": t + int(rng.uniform(20, 80)), "view": "LATERAL", "kind": "lateral"})
+                draw.add_film({**study, "view": "LATERAL", "kind": "lateral", "time": t + int(rng.uniform(30, 90)),
+                               "stay": None, "pos": None})
 
-    # films of one study share its anchor time (the kept AP's or the PA's)
+
+def _plan_outpatient_studies(draw: _Draw) -> None:
+    """Outpatient PA + LATERAL studies before a subject's first admission (15 %, and subject 0)."""
+    rng = draw.rng
+    first_admit: dict[int, int] = {}
+    for a in draw.admissions:
+        first_admit.setdefault(a.subject_index, a.admittime)
+    for subj in draw.subjects:
+        if rng.random() < 0.15 or subj.index == 0:
+            t = first_admit[subj.index] - int(rng.uniform(30, 400) * DAY)
+            pa = {"subject_index": subj.index, "anchor": t, "stay": None, "pos": None}
+            draw.add_film({**pa, "time": t, "view": "PA", "kind": "pa"})
+            draw.add_film({**pa, "time": t + int(rng.uniform(20, 80)), "view": "LATERAL", "kind": "lateral"})
+
+
+def _draw_films(draw: _Draw, image_size: int) -> list[Film]:
+    """Study ids (films of one study share its anchor time: the kept AP's or the PA's), dicom ids,
+    image widths and acquisition milliseconds for the planned films."""
+    rng = draw.rng
     study_keys: dict[tuple[int, int], int] = {}
     key_of: list[tuple[int, int]] = []
-    for spec in film_specs:
+    for spec in draw.film_specs:
         key = (spec["subject_index"], spec["anchor"])
         study_keys.setdefault(key, len(study_keys))
         key_of.append(key)
     study_ids = _unique_ids(rng, 50_000_000, 60_000_000, len(study_keys))
-    dicoms = _dicom_ids(rng, len(film_specs))
-    for i, spec in enumerate(film_specs):
+    dicoms = _dicom_ids(rng, len(draw.film_specs))
+    films: list[Film] = []
+    for i, spec in enumerate(draw.film_specs):
         width = int(round(image_size * rng.uniform(0.82, 0.92) / 2) * 2)
         films.append(
             Film(
@@ -425,14 +500,4 @@ def build_cohort(n_patients: int, seed: int, image_size: int) -> Cohort:
                 position=spec["pos"],
             )
         )
-
-    gold = [s.index for s in subjects if "gold" in s.roles]
-    return Cohort(seed, image_size, subjects, admissions, stays, films, gold)
-
-
-def los_bin_of(days: float) -> int:
-    """LOS bin of ``days`` (edges [2, 3, 4, 6, 11), right-open); -1 outside."""
-    for b in range(NUM_LOS_BINS):
-        if LOS_BIN_EDGES[b] <= days < LOS_BIN_EDGES[b + 1]:
-            return b
-    return -1
+    return films

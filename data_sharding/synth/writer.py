@@ -5,7 +5,8 @@
 * JPEG: Pillow, fixed quality, no optimisation passes that depend on anything but pixels.
 * JSON: fixed indentation, insertion-ordered keys, trailing newline.
 * :func:`atomic_directory`: everything is written under a sibling temp directory
-  that is renamed onto the target only when the whole generation succeeded.
+  that is renamed onto the target only when the whole generation succeeded
+  (:func:`data_sharding.atomic.atomic_dir`).
 """
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ import contextlib
 import gzip
 import io
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from data_sharding import atomic
 from data_sharding.errors import UserError
 
 JPEG_QUALITY = 92
@@ -78,27 +77,15 @@ def _is_nonempty_dir(p: Path) -> bool:
 def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp directory beside ``out``; on success it replaces ``out``.
 
-    An existing non-empty ``out`` is refused unless ``overwrite``; then the old
-    tree is moved aside, the new one renamed in, and the old one deleted.  On any
-    error the temp directory is removed and ``out`` is left untouched.
+    An existing non-empty ``out`` is refused unless ``overwrite``; the rest is
+    :func:`data_sharding.atomic.atomic_dir` (the old tree is moved aside, the new one
+    renamed in, the old one deleted; on any error the temp directory is removed and
+    ``out`` is left untouched).
     """
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if _is_nonempty_dir(out) and not overwrite:
         raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{tag}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)

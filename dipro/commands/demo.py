@@ -137,9 +137,9 @@ class State:
 
     def set(self, key: str, value) -> None:
         self.data[key] = value
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(self.path)
+        from data_sharding.atomic import write_text
+
+        write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
 
 
 @dataclass

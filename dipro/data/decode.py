@@ -1,5 +1,8 @@
 """Tar members of one shard sample -> validated numpy arrays (ARCHITECTURE.md section 2).
 
+The format (member names, dtypes, shapes, ranges, the .npy reader) is
+:mod:`data_sharding.shard_format`; this module applies it to the loader's samples.
+
 :func:`decode_sample` never trusts a shard: every member must be present,
 load without pickle, and have the contract's dtype, shape and value range.
 Anything else raises :class:`CorruptSample` naming the shard, the key and what
@@ -7,24 +10,13 @@ was expected; the pipeline catches it, skips the sample and counts it.
 """
 from __future__ import annotations
 
-import io
-import json
-import math
-import re
 from typing import Any
 
 import numpy as np
 
-from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_LOS_BINS, NUM_REGIONS
+from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
 from data_sharding.errors import DataError
-
-NPY_MEMBERS = (
-    "crops.npy", "region_present.npy", "cxr_hours.npy", "ehr_values.npy", "ehr_masks.npy",
-    "ehr_hours.npy", "demographics.npy", "region_labels.npy",
-)
-JSON_MEMBERS = ("labels.json", "meta.json")
-MEMBERS = NPY_MEMBERS + JSON_MEMBERS
-MAX_REGION_LABEL = 3  # worsened 0, improved 1, no change 2, not mentioned 3
+from data_sharding.shard_format import ARRAYS, LABEL_RANGES, MAX_REGION_LABEL, load_json, load_npy
 
 
 class CorruptSample(DataError):
@@ -35,42 +27,13 @@ class CorruptSample(DataError):
         self.shard, self.key, self.reason = shard, key, reason
 
 
-# The header numpy's format 1.0 writes for a C-ordered array of a plain dtype, e.g.
-# {'descr': '|u1', 'fortran_order': False, 'shape': (2, 10, 224, 224), }
-_NPY_MAGIC = b"\x93NUMPY\x01\x00"
-_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z][0-9]{1,2})', 'fortran_order': False, 'shape': \(((?:[0-9]+, ?)*[0-9]*)\), \} *\n")
-
-
-def _frombuffer_npy(data: bytes) -> np.ndarray | None:
-    """A zero-copy, read-only view of an .npy whose header has the shard writer's form, else None.
-
-    ``np.load`` copies the payload and parses the header with ``ast.literal_eval``;
-    together that was the largest per-sample cost of decoding.  Any other header
-    (other versions, Fortran order, structured dtypes) returns None and goes
-    through ``np.load``.  The payload length must match the header exactly.
-    """
-    if len(data) < 10 or data[:8] != _NPY_MAGIC:
-        return None
-    end = 10 + int.from_bytes(data[8:10], "little")
-    m = _NPY_HEADER.fullmatch(data, 10, end)
-    if m is None:
-        return None
-    dtype = np.dtype(m.group(1).decode("ascii"))
-    shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
-    expected = end + dtype.itemsize * math.prod(shape)
-    if len(data) != expected:
-        raise ValueError(f"payload of {len(data) - end} bytes, the header {shape} {dtype} needs {expected - end}")
-    return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape)
-
-
 def _npy(raw: dict[str, Any], name: str, dtype: np.dtype, ndim: int, shard: str, key: str) -> np.ndarray:
+    """Member ``name`` as an array of ``dtype`` with ``ndim`` dimensions, else :class:`CorruptSample`."""
     data = raw.get(name)
     if data is None:
         raise CorruptSample(shard, key, f"member {name} is missing")
     try:
-        arr = _frombuffer_npy(data)
-        if arr is None:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = load_npy(data)
     except Exception as exc:  # numpy raises ValueError/EOFError/UnpicklingError on damaged bytes
         raise CorruptSample(shard, key, f"member {name} is not a readable .npy ({type(exc).__name__}: {exc})") from None
     if arr.dtype != dtype:
@@ -80,12 +43,18 @@ def _npy(raw: dict[str, Any], name: str, dtype: np.dtype, ndim: int, shard: str,
     return arr
 
 
+def _spec_npy(raw: dict[str, Any], name: str, shard: str, key: str) -> np.ndarray:
+    """Member ``name`` with the dtype and number of dimensions :data:`ARRAYS` gives it."""
+    spec = ARRAYS[name]
+    return _npy(raw, name, spec.dtype, spec.ndim, shard, key)
+
+
 def _json(raw: dict[str, Any], name: str, shard: str, key: str) -> dict:
     data = raw.get(name)
     if data is None:
         raise CorruptSample(shard, key, f"member {name} is missing")
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = load_json(data)
     except Exception as exc:
         raise CorruptSample(shard, key, f"member {name} is not UTF-8 JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -115,32 +84,32 @@ def decode_sample(raw: dict[str, Any], task_dir: str, crop_size: int | None = No
     (see :mod:`dipro.data.collate`).
     """
     key, shard = raw.get("__key__", "?"), raw.get("__shard__", "?")
-    crops = _npy(raw, "crops.npy", np.uint8, 4, shard, key)
+    crops = _spec_npy(raw, "crops.npy", shard, key)
     t, r, c1, c2 = crops.shape
     _expect(t >= 2 and r == NUM_REGIONS and c1 == c2 and c1 > 0, shard, key,
             f"crops.npy has shape {crops.shape}, expected [T>=2, {NUM_REGIONS}, C, C]")
     if crop_size is not None:
         _expect(c1 == crop_size, shard, key, f"crops.npy has crop size {c1}, the manifest says {crop_size}")
-    present = _npy(raw, "region_present.npy", np.uint8, 2, shard, key)
+    present = _spec_npy(raw, "region_present.npy", shard, key)
     _expect(present.shape == (t, NUM_REGIONS) and present.max(initial=0) <= 1, shard, key,
             f"region_present.npy has shape {present.shape} (expected {(t, NUM_REGIONS)}) or values outside 0/1")
-    cxr_hours = _npy(raw, "cxr_hours.npy", np.float32, 1, shard, key)
+    cxr_hours = _spec_npy(raw, "cxr_hours.npy", shard, key)
     _expect(cxr_hours.shape == (t,) and bool(np.isfinite(cxr_hours).all()), shard, key,
             f"cxr_hours.npy has shape {cxr_hours.shape} (expected {(t,)}) or non-finite values")
-    values = _npy(raw, "ehr_values.npy", np.float32, 2, shard, key)
+    values = _spec_npy(raw, "ehr_values.npy", shard, key)
     n_steps = values.shape[0]
     _expect(values.shape[1] == NUM_EHR_VARIABLES and bool(np.isfinite(values).all()), shard, key,
             f"ehr_values.npy has shape {values.shape} (expected [L, {NUM_EHR_VARIABLES}]) or non-finite values")
-    masks = _npy(raw, "ehr_masks.npy", np.uint8, 2, shard, key)
+    masks = _spec_npy(raw, "ehr_masks.npy", shard, key)
     _expect(masks.shape == values.shape and masks.max(initial=0) <= 1, shard, key,
             f"ehr_masks.npy has shape {masks.shape} (expected {values.shape}) or values outside 0/1")
-    ehr_hours = _npy(raw, "ehr_hours.npy", np.float32, 1, shard, key)
+    ehr_hours = _spec_npy(raw, "ehr_hours.npy", shard, key)
     _expect(ehr_hours.shape == (n_steps,) and bool(np.isfinite(ehr_hours).all()), shard, key,
             f"ehr_hours.npy has shape {ehr_hours.shape} (expected {(n_steps,)}) or non-finite values")
-    demo = _npy(raw, "demographics.npy", np.float32, 1, shard, key)
+    demo = _spec_npy(raw, "demographics.npy", shard, key)
     _expect(demo.shape == (NUM_DEMOGRAPHICS,) and bool(np.isfinite(demo).all()), shard, key,
             f"demographics.npy has shape {demo.shape} (expected {(NUM_DEMOGRAPHICS,)}) or non-finite values")
-    region_labels = _npy(raw, "region_labels.npy", np.int8, 3, shard, key)
+    region_labels = _spec_npy(raw, "region_labels.npy", shard, key)
     _expect(region_labels.shape == (t - 1, NUM_REGIONS, NUM_DISEASES), shard, key,
             f"region_labels.npy has shape {region_labels.shape}, expected {(t - 1, NUM_REGIONS, NUM_DISEASES)}")
     _expect(region_labels.size == 0 or (region_labels.min() >= 0 and region_labels.max() <= MAX_REGION_LABEL),
@@ -161,8 +130,9 @@ def decode_sample(raw: dict[str, Any], task_dir: str, crop_size: int | None = No
                 shard, key, f"labels.json 'progression' = {prog!r}, expected {NUM_DISEASES} integers in [0, {MAX_REGION_LABEL}]")
         out["progression"] = np.asarray(prog, dtype=np.int64)
     else:
-        out["mortality"] = _int_label(labels, "mortality", 0, 1, shard, key)
-        out["los_bin"] = _int_label(labels, "los_bin", 0, NUM_LOS_BINS - 1, shard, key)
+        ranges = LABEL_RANGES["mortality_los"]
+        out["mortality"] = _int_label(labels, "mortality", *ranges["mortality"], shard, key)
+        out["los_bin"] = _int_label(labels, "los_bin", *ranges["los_bin"], shard, key)
         los_days = labels.get("los_days")
         _expect(isinstance(los_days, (int, float)) and not isinstance(los_days, bool) and np.isfinite(los_days)
                 and los_days >= 0, shard, key, f"labels.json 'los_days' = {los_days!r}, expected a number >= 0")

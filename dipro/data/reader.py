@@ -12,11 +12,11 @@ reading broke, so they are counted like any other corrupt sample.
 """
 from __future__ import annotations
 
-import os
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from data_sharding import shard_format
 from dipro.data.plan import Segment
 
 
@@ -35,7 +35,7 @@ class Skipped:
 
 def split_member_name(name: str) -> tuple[str, str]:
     """``"dir/s12_3.crops.npy"`` -> ``("s12_3", "crops.npy")`` (WebDataset: the first dot ends the key)."""
-    key, _, suffix = os.path.basename(name).partition(".")
+    key, suffix = shard_format.split_member_name(name)
     return key, suffix.lower()
 
 

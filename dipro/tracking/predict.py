@@ -15,7 +15,6 @@ to ``$RAY_ADDRESS`` or starts a local instance bound to 127.0.0.1.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,10 +165,9 @@ def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool 
     if not frames:
         raise UserError(f"no readable sample in the {split} shards under {shards} ({skipped} corrupt)")
     table = pd.concat(frames, ignore_index=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out_path)
+    from data_sharding.atomic import save_atomic
+
+    save_atomic(out_path, lambda tmp: table.to_parquet(tmp, index=False))
     if skipped:
         print(f"dipro predict: skipped {skipped} corrupt sample(s); first: " + "; ".join(notes[:3]), file=sys.stderr)
     return PredictReport(str(out_path), len(table), skipped, len(shard_set.shards), bool(use_ray), notes[:20])

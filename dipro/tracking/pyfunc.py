@@ -30,7 +30,6 @@ Output: one row per input row: ``sample_key`` and per-task probabilities
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,12 @@ from data_sharding.constants import (
     TASK_TO_SHARD_DIR,
 )
 from data_sharding.errors import DataError
+from data_sharding.shard_format import ARRAYS, INPUT_ARRAYS, json_bytes, load_npy, npy_bytes
 
 from mlflow.pyfunc import PythonModel
 
-ARRAY_COLUMNS = ("crops", "region_present", "cxr_hours", "ehr_values", "ehr_masks", "ehr_hours", "demographics")
+ARRAY_COLUMNS = INPUT_ARRAYS
+"""The request's array columns: the shard sample's arrays but the region labels (data_sharding.shard_format)."""
 ARTIFACT_KEYS = ("config", "label_stats", "weights")
 PROGRESSION_CLASS_SLUGS = ("worsened", "improved", "no_change")
 DEFAULT_BATCH_SIZE = 8
@@ -60,9 +61,7 @@ DEFAULT_BATCH_SIZE = 8
 # ----------------------------------------------------------------------------- encoding
 def encode_array(arr: np.ndarray) -> str:
     """Base64 of ``numpy.save(arr, allow_pickle=False)`` (the request's array encoding)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(npy_bytes(arr)).decode("ascii")
 
 
 def encode_sample(sample: dict[str, Any], sample_key: str | None = None) -> dict[str, str]:
@@ -107,23 +106,17 @@ def dataframe_to_samples(df: Any, task: str, crop_size: int | None = None) -> li
         for c in ARRAY_COLUMNS:
             raw[f"{c}.npy"] = _decode_bytes(rec[c], c, i)
         t = _leading_dim(raw["crops.npy"])
-        raw["region_labels.npy"] = _npy_bytes(np.full((max(t - 1, 0), NUM_REGIONS, NUM_DISEASES), NOT_MENTIONED,
-                                                      dtype=np.int8))
-        raw["labels.json"] = json.dumps(labels).encode()
-        raw["meta.json"] = json.dumps({"stay_id": -1, "subject_id": -1}).encode()
+        raw["region_labels.npy"] = npy_bytes(np.full((max(t - 1, 0), NUM_REGIONS, NUM_DISEASES), NOT_MENTIONED,
+                                                     dtype=ARRAYS["region_labels.npy"].dtype))
+        raw["labels.json"] = json_bytes(labels)
+        raw["meta.json"] = json_bytes({"stay_id": -1, "subject_id": -1})
         samples.append(decode_sample(raw, task_dir, crop_size))
     return samples
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _leading_dim(npy: bytes) -> int:
     try:
-        arr = np.load(io.BytesIO(npy), allow_pickle=False, mmap_mode=None)
+        arr = load_npy(npy)
     except Exception:
         return 0  # decode_sample reports the unreadable member with its name
     return int(arr.shape[0]) if arr.ndim else 0

@@ -108,16 +108,6 @@ class Tracker:
                  tracker.shown_uri)
         return tracker
 
-    @classmethod
-    def attach(cls, uri: str, run_id: str, **kwargs: Any) -> "Tracker":
-        """Log into an existing run (never creates one); the run must exist."""
-        from mlflow import MlflowClient
-
-        run = MlflowClient(tracking_uri=uri).get_run(run_id)
-        fp = run.data.tags.get("data.fingerprint")
-        return cls(uri, run_id, run.info.experiment_id,
-                   data_fingerprint=fp if fp and "unknown" not in fp else None, **kwargs)
-
     # Pickling carries only the identity of the run (and the credentials MLflow reads from the
     # environment, so a worker on another node can log too): a worker re-opens its own client.
     def __getstate__(self) -> dict[str, Any]:

@@ -221,13 +221,13 @@ def format_metrics(metrics: dict[str, float], title: str = "") -> str:
 
 def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str) -> tuple[Path, Path]:
     """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir``, written atomically."""
-    from dipro.train.checkpoint import atomic_write_text
+    from data_sharding.atomic import write_text
 
     out = Path(out_dir)
     payload = {"task": result.task, "split": result.split, "source": source, "num_samples": result.num_samples,
                "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                            for k, v in result.metrics.items()}}
     jpath, tpath = out / "metrics.json", out / "metrics.txt"
-    atomic_write_text(jpath, json.dumps(payload, indent=1))
-    atomic_write_text(tpath, format_metrics(result.metrics, f"{result.task} / {result.split} / {source}") + "\n")
+    write_text(jpath, json.dumps(payload, indent=1))
+    write_text(tpath, format_metrics(result.metrics, f"{result.task} / {result.split} / {source}") + "\n")
     return jpath, tpath

@@ -73,13 +73,13 @@ def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = N
         parent.log_text(table + "\n", "experiment_table.txt")
         parent.finish("FINISHED")
     if out_dir is not None:
-        from dipro.train.checkpoint import atomic_write_text
+        from data_sharding.atomic import write_text
 
         out = Path(out_dir)
-        atomic_write_text(out / "experiment.json", json.dumps(
+        write_text(out / "experiment.json", json.dumps(
             {"seeds": seeds, "runs": {str(s): {"run_name": r.run_name, "best_checkpoint": str(r.best_checkpoint),
                                                "test": m} for (s, r), m in zip(runs.items(), per_seed)},
              "summary": {k: {"mean": v[0], "std": v[1]} for k, v in summary.items()}}, indent=1, default=float))
-        atomic_write_text(out / "experiment.txt", table + "\n")
+        write_text(out / "experiment.txt", table + "\n")
     return ExperimentResult(runs=runs, summary=summary, table=table,
                             parent_run_id=parent.run_id if parent is not None else None)

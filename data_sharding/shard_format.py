@@ -1,0 +1,248 @@
+"""The shard sample format (docs/ARCHITECTURE.md section 2), defined once.
+
+A shard is a ustar archive of samples; each sample is the members of :data:`MEMBERS`
+stored consecutively as ``{key}.{member}`` (WebDataset: the first dot ends the key, so a
+key holds only ``[A-Za-z0-9_-]``).  Arrays are ``.npy`` (``numpy.save``,
+``allow_pickle=False``), ``labels.json`` / ``meta.json`` canonical UTF-8 JSON.  Nothing is
+pickled anywhere.
+
+This module owns what every party needs to agree on:
+
+* names and order: :data:`MEMBERS`, :data:`NPY_MEMBERS`, :data:`JSON_MEMBERS`, :func:`sample_key`,
+  :data:`KEY_PATTERN`, :func:`split_member_name`;
+* dtypes, shapes and value ranges: :data:`ARRAYS` (:class:`ArraySpec`), :data:`MAX_REGION_LABEL`,
+  :data:`LABEL_RANGES`;
+* encoding: :func:`npy_bytes`, :func:`json_bytes`, :func:`member_bytes`, :func:`encode_members`,
+  :func:`tar_info`, :func:`write_tar`, and the sizes the shard planner bounds (:func:`npy_size`,
+  :func:`tar_member_size`, :func:`tar_size`);
+* decoding: :func:`load_npy` (zero-copy for the writer's own headers), :func:`load_json`.
+
+Users: the writer (:mod:`data_sharding.samples`, :mod:`data_sharding.shard_writer`), the
+verifier (:mod:`data_sharding.verify`), the loader's decoder (``dipro.data.decode``), the
+served model's input (``dipro.tracking.pyfunc``) and the tests' hand-made shards.  numpy only.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+import numpy as np
+
+from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_LOS_BINS, NUM_REGIONS
+
+# ----------------------------------------------------------------------------- names
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+"""Characters a sample key may hold (a dot would end the key early)."""
+
+MAX_REGION_LABEL = 3
+"""Region / progression labels: worsened 0, improved 1, no change 2, not mentioned 3."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """dtype and shape of one ``.npy`` member.
+
+    ``dims`` holds ints (fixed sizes) and the symbols ``T`` (CXRs), ``T-1`` (consecutive
+    pairs), ``L`` (EHR hours, may be 0) and ``C`` (crop size).
+    """
+
+    dtype: np.dtype
+    dims: tuple[int | str, ...]
+    binary: bool = False
+    """Values are 0/1 only."""
+    finite: bool = False
+    """No NaN / inf."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.dims)
+
+    def shape(self, t: int, length: int, crop_size: int) -> tuple[int, ...]:
+        """The concrete shape for ``t`` CXRs, ``length`` EHR hours and ``crop_size`` px crops."""
+        sizes = {"T": t, "T-1": t - 1, "L": length, "C": crop_size}
+        return tuple(d if isinstance(d, int) else sizes[d] for d in self.dims)
+
+
+ARRAYS: dict[str, ArraySpec] = {
+    "crops.npy": ArraySpec(np.dtype(np.uint8), ("T", NUM_REGIONS, "C", "C")),
+    "region_present.npy": ArraySpec(np.dtype(np.uint8), ("T", NUM_REGIONS), binary=True),
+    "cxr_hours.npy": ArraySpec(np.dtype(np.float32), ("T",), finite=True),
+    "ehr_values.npy": ArraySpec(np.dtype(np.float32), ("L", NUM_EHR_VARIABLES), finite=True),
+    "ehr_masks.npy": ArraySpec(np.dtype(np.uint8), ("L", NUM_EHR_VARIABLES), binary=True),
+    "ehr_hours.npy": ArraySpec(np.dtype(np.float32), ("L",), finite=True),
+    "demographics.npy": ArraySpec(np.dtype(np.float32), (NUM_DEMOGRAPHICS,), finite=True),
+    "region_labels.npy": ArraySpec(np.dtype(np.int8), ("T-1", NUM_REGIONS, NUM_DISEASES)),
+}
+"""The ``.npy`` members, in the order they are written."""
+
+NPY_MEMBERS: tuple[str, ...] = tuple(ARRAYS)
+JSON_MEMBERS: tuple[str, ...] = ("labels.json", "meta.json")
+MEMBERS: tuple[str, ...] = NPY_MEMBERS + JSON_MEMBERS
+"""Members of every sample, in the order they are written to the tar."""
+
+INPUT_ARRAYS: tuple[str, ...] = tuple(m[: -len(".npy")] for m in NPY_MEMBERS if m != "region_labels.npy")
+"""The model's inputs (every array but the region labels), by name without ``.npy``."""
+
+LABEL_RANGES: dict[str, dict[str, tuple[int, int]]] = {
+    "disease_progression": {"progression": (0, MAX_REGION_LABEL)},
+    "mortality_los": {"mortality": (0, 1), "los_bin": (0, NUM_LOS_BINS - 1)},
+}
+"""``labels.json`` integer labels per shard series: name -> inclusive range.  Progression is a
+list of :data:`NUM_DISEASES` such ints; mortality_los also has ``los_days`` (a number >= 0)."""
+
+META_FIELDS = ("subject_id", "stay_id", "dicom_ids", "split", "task_dir", "row")
+"""Fields of ``meta.json`` (``label_source`` is added for progression rows that have one)."""
+
+
+def sample_key(stay_id: int, row: int) -> str:
+    """WebDataset key of a task row: ``s{stay_id}_{row}`` (no dots: the first dot ends a key)."""
+    return f"s{int(stay_id)}_{int(row)}"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/s12_3.crops.npy"`` -> ``("s12_3", "crops.npy")`` (the first dot of the file name ends the key)."""
+    key, _, member = os.path.basename(name).partition(".")
+    return key, member
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical UTF-8 JSON (sorted keys, no spaces, NaN refused) -> deterministic bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``numpy.save`` of a C-contiguous copy, without pickle."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_size(shape: tuple[int, ...], dtype: Any) -> int:
+    """Exact size of ``np.save`` output for an array of this shape and dtype."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    return len(buf.getvalue()) + math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def tar_member_size(payload: int) -> int:
+    """Bytes a member takes in a ustar archive: header block + data padded to 512."""
+    return 512 + -(-payload // 512) * 512
+
+
+def tar_size(member_bytes: int) -> int:
+    """Archive size from the sum of member sizes: end-of-archive blocks, padded to 10240."""
+    return -(-(member_bytes + 1024) // 10240) * 10240
+
+
+def member_bytes(arrays: dict[str, np.ndarray], labels: Any, meta: Any) -> dict[str, bytes]:
+    """One sample's members ``{member: bytes}`` in :data:`MEMBERS` order.
+
+    ``arrays`` maps each ``.npy`` member name to its array, written as given (the builder
+    makes them with the dtypes of :data:`ARRAYS`; the verifier and decoder check them).
+    """
+    out = {m: npy_bytes(arrays[m]) for m in NPY_MEMBERS}
+    out["labels.json"] = json_bytes(labels)
+    out["meta.json"] = json_bytes(meta)
+    return out
+
+
+def tar_members(key: str, members: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """``{member: bytes}`` -> tar entries ``(f"{key}.{member}", bytes)``, in the dict's order."""
+    return [(f"{key}.{m}", data) for m, data in members.items()]
+
+
+def encode_members(key: str, arrays: dict[str, np.ndarray], labels: Any, meta: Any) -> list[tuple[str, bytes]]:
+    """Tar entries ``(f"{key}.{member}", bytes)`` of one sample in :data:`MEMBERS` order; the key is checked."""
+    if not KEY_PATTERN.match(key):
+        raise ValueError(f"sample key {key!r} has characters outside [A-Za-z0-9_-]")
+    return tar_members(key, member_bytes(arrays, labels, meta))
+
+
+SHARD_MTIME = 0
+"""mtime stamped on every tar member (a wall-clock stamp would break byte identity)."""
+
+
+def tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """A member header with fixed mtime, mode, owner: the same members give the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = SHARD_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def add_members(tar: tarfile.TarFile, members: Iterable[tuple[str, bytes]]) -> None:
+    """Append ``(name, bytes)`` members to an open archive."""
+    for name, payload in members:
+        tar.addfile(tar_info(name, len(payload)), io.BytesIO(payload))
+
+
+def write_tar(target: str | os.PathLike | IO[bytes], samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
+    """A ustar archive of ``(key, {member: bytes})`` samples at a path or into a binary file object."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(Path(target), "wb") as f:
+            write_tar(f, samples)
+        return
+    with tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            add_members(tar, tar_members(key, members))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+# The header numpy's format 1.0 writes for a C-ordered array of a plain dtype, e.g.
+# {'descr': '|u1', 'fortran_order': False, 'shape': (2, 10, 224, 224), }
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z][0-9]{1,2})', 'fortran_order': False, 'shape': \(((?:[0-9]+, ?)*[0-9]*)\), \} *\n")
+
+
+def _frombuffer_npy(data: bytes) -> np.ndarray | None:
+    """A zero-copy, read-only view of an .npy whose header has the shard writer's form, else None.
+
+    ``np.load`` copies the payload and parses the header with ``ast.literal_eval``;
+    together that was the largest per-sample cost of decoding.  Any other header
+    (other versions, Fortran order, structured dtypes) returns None and goes
+    through ``np.load``.  The payload length must match the header exactly.
+    """
+    if len(data) < 10 or data[:8] != _NPY_MAGIC:
+        return None
+    end = 10 + int.from_bytes(data[8:10], "little")
+    m = _NPY_HEADER.fullmatch(data, 10, end)
+    if m is None:
+        return None
+    dtype = np.dtype(m.group(1).decode("ascii"))
+    shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
+    expected = end + dtype.itemsize * math.prod(shape)
+    if len(data) != expected:
+        raise ValueError(f"payload of {len(data) - end} bytes, the header {shape} {dtype} needs {expected - end}")
+    return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An ``.npy`` member's array, never unpickling (read-only view for the writer's headers).
+
+    Raises ValueError / EOFError / OSError (numpy's) on damaged bytes.
+    """
+    arr = _frombuffer_npy(data)
+    if arr is None:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    return arr
+
+
+def load_json(data: bytes) -> Any:
+    """A ``.json`` member's value (UTF-8); raises ValueError / UnicodeDecodeError on damage."""
+    return json.loads(data.decode("utf-8"))
