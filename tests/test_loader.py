@@ -188,10 +188,18 @@ def test_round_trip_values_padding_and_masks(shards, task, split, task_dir):
 def test_ehr_free_sample_gets_one_all_false_step(tmp_path):
     written = write_shards(tmp_path, {("mortality_los", "test"): [6]}, seed=3)
     empty = [k for k, s in written.items() if s["ehr_values"].shape[0] == 0]
-    assert empty, "fixture should hold a sample without EHR"
+    assert empty and len(empty) < len(written), "fixture should hold samples with and without EHR"
+    checked = []
     for batch in build_loader(tmp_path, "mortality", "test", batch_size=1, num_workers=0):
-        if batch["sample_key"][0] in empty:
+        key = batch["sample_key"][0]
+        n = written[key]["ehr_values"].shape[0]
+        if key in empty:
             assert batch["ehr_mask"].shape == (1, 1) and not batch["ehr_mask"].any()
+            assert not batch["ehr_values"].any() and not batch["ehr_obs_mask"].any()
+            checked.append(key)
+        else:
+            assert batch["ehr_mask"].shape == (1, n) and batch["ehr_mask"].all()
+    assert sorted(checked) == sorted(empty)  # every EHR-free sample was read and checked
 
 
 def test_last_cxr_only_and_max_cxrs(shards):

@@ -229,7 +229,9 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, caplog):
     assert torch.equal(enc.backbone.layer1[0].conv1.weight, rgb["layer1.0.conv1.weight"])
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in rgb.items()}}, wrapped)
-    RegionEncoder("resnet18", 16, 0.0, weights_path=str(wrapped))
+    unwrapped = RegionEncoder("resnet18", 16, 0.0, weights_path=str(wrapped))  # "state_dict" and "module." peeled
+    assert torch.allclose(unwrapped.backbone.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(unwrapped.backbone.layer4[1].conv2.weight, rgb["layer4.1.conv2.weight"])
 
     with caplog.at_level(logging.WARNING, logger="dipro.model.region_encoder"):
         RegionEncoder("tiny", 16, 0.0)
