@@ -23,8 +23,8 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test; that is a failure of the suite here.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not cluster" tests
-	$(BIN)/python -m pytest -m cluster tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no cluster tests collected"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest --durations=15 -m "not cluster" tests
+	$(BIN)/python -m pytest --durations=15 -m cluster tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no cluster tests collected"; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not cluster" tests

@@ -135,7 +135,7 @@ def _stop_tree(proc: subprocess.Popen | None, grace_s: float) -> None:
 class RayHead:
     """One local Ray head node; use :meth:`start` / :meth:`stop` (or as a context manager)."""
 
-    def __init__(self, num_cpus: int = 4) -> None:
+    def __init__(self, num_cpus: int = 2) -> None:
         self.num_cpus = num_cpus
         self.gcs_port = free_port()
         self.dashboard_port = free_port()

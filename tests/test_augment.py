@@ -9,7 +9,7 @@ from data_sharding.constants import NUM_REGIONS
 from dipro.data.augment import AUGMENT_KEYS, AugmentConfig, apply_augmentation, draw_augmentation
 from data_sharding.errors import DataError
 from dipro.model.synthetic import random_batch
-from test_model import make_model
+from helpers import make_model
 
 
 def _ramp(n: int = 3, c: int = 16) -> torch.Tensor:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import repo_env
 
 from dipro import cli
 
@@ -35,8 +36,9 @@ def test_help(command, capsys):
 def test_user_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dipro", "train", "--config", str(tmp_path / "missing.yaml")],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=repo_env(), timeout=300,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the CLI's contract for a user error
     assert "Traceback" not in proc.stderr
-    assert "missing.yaml" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.yaml" in lines[0], proc.stderr

@@ -47,7 +47,9 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def head():
-    h = RayHead(num_cpus=4)
+    # What the jobs need, one job at a time: two 1-CPU training workers (then one 1-CPU evaluation task),
+    # or 1-CPU shard tasks; the job drivers take none. The CI machine has 2 cores.
+    h = RayHead(num_cpus=2)
     h.start()
     try:
         yield h

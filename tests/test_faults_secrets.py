@@ -205,7 +205,7 @@ def test_training_with_credentials_in_the_uri_leaks_them_nowhere(tmp_path):
     from mlflow import MlflowClient
 
     import processed_fixture
-    from test_tracking_server import Server
+    from mlflow_server import Server
 
     shards = processed_fixture.make_training_shards(tmp_path / "data")
     server = Server(tmp_path)

@@ -1,4 +1,4 @@
-"""dipro.metrics against scikit-learn computed directly, including undefined (missing-class) cases."""
+"""dipro.metrics against values worked out by hand on tiny cases, including undefined (missing-class) cases."""
 from __future__ import annotations
 
 import math
@@ -6,109 +6,94 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    auc,
-    average_precision_score,
-    cohen_kappa_score,
-    f1_score,
-    precision_recall_curve,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
 
 from data_sharding.constants import DISEASE_SLUGS
 from dipro.metrics import PROGRESSION_METRICS, aggregate_seeds, compute_metrics, format_table
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+def _confident(pred: list[int], n_classes: int, hi: float = 0.8) -> np.ndarray:
+    """Probabilities with ``hi`` on the predicted class and the rest shared evenly (ties are intended)."""
+    p = np.full((len(pred), n_classes), (1 - hi) / (n_classes - 1))
+    p[np.arange(len(pred)), pred] = hi
+    return p
 
 
-def _sklearn_disease(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    pred = p.argmax(1)
-    pr = []
-    for c in range(3):
-        precision, recall, _ = precision_recall_curve(y == c, p[:, c])
-        pr.append(auc(recall, precision))
-    return {
-        "precision_macro": precision_score(y, pred, average="macro", zero_division=0),
-        "recall_macro": recall_score(y, pred, average="macro", zero_division=0),
-        "f1_macro": f1_score(y, pred, average="macro", zero_division=0),
-        "auprc_macro": float(np.mean(pr)),
-        "auroc": roc_auc_score(y, p, multi_class="ovr"),
-    }
+# Six evaluated samples, two per progression class, and a seventh labelled 3 (not mentioned) that
+# every disease must leave out.
+Y3 = [0, 0, 1, 1, 2, 2]
+# Predictions [0, 1, 1, 1, 2, 0] give, worked out by hand (class c: tp / fp / fn):
+#   class 0: 1/1/1 -> P 1/2, R 1/2, F1 1/2;  class 1: 2/1/0 -> P 2/3, R 1, F1 4/5;  class 2: 1/0/1 -> P 1, R 1/2, F1 2/3.
+#   One-vs-rest AUROC with scores 0.8 (predicted) / 0.1 (otherwise), a tie counting 1/2:
+#   class 0: (3.5 + 1.5)/8, class 1: (3.5 + 3.5)/8, class 2: (4 + 2)/8  -> macro 3/4.
+#   AUPRC = trapezoid area under the precision-recall points (R, P) from R = 0 (P = 1) to R = 1 (P = 1/3):
+#   class 0: (0,1) (1/2,1/2) (1,1/3) -> 3/8 + 5/24 = 7/12;  class 1: (0,1) (1,2/3) -> 5/6;
+#   class 2: (0,1) (1/2,1) (1,1/3) -> 1/2 + 1/3 = 5/6  -> macro (7/12 + 5/6 + 5/6)/3 = 3/4.
+CONFUSED = {"precision_macro": (1 / 2 + 2 / 3 + 1) / 3, "recall_macro": (1 / 2 + 1 + 1 / 2) / 3,
+            "f1_macro": (1 / 2 + 4 / 5 + 2 / 3) / 3, "auprc_macro": 3 / 4, "auroc": 3 / 4}
+PERFECT = dict.fromkeys(PROGRESSION_METRICS, 1.0)
 
 
-def _progression_data(seed: int = 0, n: int = 120):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, size=(n, 7))
-    logits = rng.normal(size=(n, 7, 3))
-    logits[np.arange(n)[:, None], np.arange(7)[None], np.minimum(y, 2)] += 1.0  # some signal
-    return y, _softmax(logits)
+def _progression_case():
+    """Diseases 0 and 3 predicted perfectly, 1 as in CONFUSED, 2 never "improved" (1), 4-6 never labelled."""
+    y = np.full((7, 7), 3)
+    p = np.empty((7, 7, 3))
+    p[:, :] = _confident([2, 2, 2, 2, 2, 2, 2], 3)[:, None]  # the not-mentioned row is confidently class 2
+    for k in (0, 3):
+        y[:6, k], p[:6, k] = Y3, _confident(Y3, 3)
+    y[:6, 1], p[:6, 1] = Y3, _confident([0, 1, 1, 1, 2, 0], 3)
+    y[:6, 2], p[:6, 2] = [0, 0, 2, 2, 2, 0], _confident(Y3, 3)
+    return y, p
 
 
-def test_progression_matches_sklearn_per_disease_and_mean():
-    y, p = _progression_data()
+def test_progression_per_disease_and_mean_against_hand_computed_values():
+    y, p = _progression_case()
     m = compute_metrics("disease_progression", y, p)
-    per = []
-    for k, slug in enumerate(DISEASE_SLUGS):
-        keep = y[:, k] != 3
-        ref = _sklearn_disease(y[keep, k], p[keep, k])
-        per.append(ref)
+    for k, expected in ((0, PERFECT), (1, CONFUSED), (3, PERFECT)):
         for name in PROGRESSION_METRICS:
-            assert m[f"{slug}/{name}"] == pytest.approx(ref[name], abs=1e-12), (slug, name)
+            assert m[f"{DISEASE_SLUGS[k]}/{name}"] == pytest.approx(expected[name], abs=1e-12), (k, name)
     for name in PROGRESSION_METRICS:
-        assert m[name] == pytest.approx(np.mean([r[name] for r in per]), abs=1e-12)
-    assert m["num_defined_diseases"] == 7
+        assert m[name] == pytest.approx((2 * PERFECT[name] + CONFUSED[name]) / 3, abs=1e-12), name
+    assert m["num_defined_diseases"] == 3
 
 
 def test_progression_disease_with_a_missing_class_is_undefined_not_zero():
-    y, p = _progression_data(seed=1)
-    y[:, 2] = np.where(y[:, 2] == 1, 0, y[:, 2])  # disease 2: no "improved" left
-    y[:, 5] = 3  # disease 5: nothing labelled
+    y, p = _progression_case()
     m = compute_metrics("disease_progression", y, p)
-    for k in (2, 5):
+    for k in (2, 4, 5, 6):  # 2 lacks a class; 4-6 have nothing labelled
         for name in PROGRESSION_METRICS:
-            assert math.isnan(m[f"{DISEASE_SLUGS[k]}/{name}"])
-    defined = [k for k in range(7) if k not in (2, 5)]
-    for name in PROGRESSION_METRICS:
-        expected = np.mean([_sklearn_disease(y[y[:, k] != 3, k], p[y[:, k] != 3, k])[name] for k in defined])
-        assert m[name] == pytest.approx(expected, abs=1e-12)
-    assert m["num_defined_diseases"] == 5
+            assert math.isnan(m[f"{DISEASE_SLUGS[k]}/{name}"]), (k, name)
     all_missing = compute_metrics("disease_progression", np.full_like(y, 3), p)
     assert all(math.isnan(all_missing[name]) for name in PROGRESSION_METRICS)
+    assert all_missing["num_defined_diseases"] == 0
 
 
-def test_mortality_matches_sklearn_and_single_class_is_undefined():
-    rng = np.random.default_rng(2)
-    y = rng.integers(0, 2, 200)
-    p = np.clip(0.3 * y + rng.uniform(size=200) * 0.7, 0, 1)
+def test_mortality_against_hand_computed_values_and_single_class_is_undefined():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8])
     m = compute_metrics("mortality", y, p)
-    assert m["auprc"] == pytest.approx(average_precision_score(y, p))
-    assert m["auroc"] == pytest.approx(roc_auc_score(y, p))
+    # Ranked 0.8 (+), 0.4 (-), 0.35 (+), 0.1 (-): average precision = 1/2 * 1 + 1/2 * 2/3;
+    # AUROC = the share of (positive, negative) pairs ranked right = 3/4.
+    assert m["auprc"] == pytest.approx(1 / 2 + 1 / 3, abs=1e-12)
+    assert m["auroc"] == pytest.approx(3 / 4, abs=1e-12)
     # torch tensors are accepted too
-    assert compute_metrics("mortality", torch.tensor(y), torch.tensor(p))["auroc"] == pytest.approx(m["auroc"])
-    single = compute_metrics("mortality", np.zeros(10), rng.uniform(size=10))
+    assert compute_metrics("mortality", torch.tensor(y), torch.tensor(p))["auroc"] == pytest.approx(3 / 4)
+    single = compute_metrics("mortality", np.zeros(10), np.linspace(0, 1, 10))
     assert math.isnan(single["auprc"]) and math.isnan(single["auroc"])
 
 
-def test_length_of_stay_matches_sklearn():
-    rng = np.random.default_rng(3)
-    y = rng.integers(0, 4, 300)
-    logits = rng.normal(size=(300, 4))
-    logits[np.arange(300), y] += 1.0
-    p = _softmax(logits)
+def test_length_of_stay_against_hand_computed_values():
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    p = _confident([0, 1, 1, 1, 2, 3, 3, 0], 4, hi=0.7)
     m = compute_metrics("length_of_stay", y, p)
-    pred = p.argmax(1)
-    assert m["kappa"] == pytest.approx(cohen_kappa_score(y, pred))
-    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
-    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
-    assert m["auroc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
+    # 5 of 8 right; every row sum is 2, the column sums 2, 3, 1, 2: chance agreement (4 + 6 + 2 + 4)/64 = 1/4,
+    # kappa = (5/8 - 1/4)/(1 - 1/4) = 1/2.  F1 per class: 1/2, 4/5, 2/3, 1/2.
+    # One-vs-rest AUROC (scores 0.7 / 0.1, ties 1/2): (5.5 + 2.5)/12, (5.5 + 5.5)/12, (6 + 3)/12, (5.5 + 2.5)/12.
+    assert m["accuracy"] == pytest.approx(5 / 8, abs=1e-12)
+    assert m["kappa"] == pytest.approx(1 / 2, abs=1e-12)
+    assert m["f1_macro"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3 + 1 / 2) / 4, abs=1e-12)
+    assert m["auroc"] == pytest.approx((8 + 11 + 9 + 8) / 48, abs=1e-12)
     missing = compute_metrics("length_of_stay", np.where(y == 3, 2, y), p)
-    assert math.isnan(missing["auroc"]) and not math.isnan(missing["accuracy"])
+    assert math.isnan(missing["auroc"]) and missing["accuracy"] == pytest.approx(4 / 8)
 
 
 def test_bad_shapes_and_tasks_are_rejected():

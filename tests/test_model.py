@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from helpers import config_path, make_model, small_cfg
 
 from dipro.config import Config, LossConfig, ModelConfig, load_config
 from data_sharding.errors import ConfigError, DataError
@@ -15,17 +16,6 @@ from dipro.model.synthetic import concat_batches, random_batch, uniform_label_st
 
 TASKS = ("disease_progression", "mortality", "length_of_stay")
 LOGIT_SHAPES = {"disease_progression": (7, 3), "mortality": (), "length_of_stay": (4,)}
-
-
-def small_cfg(**overrides) -> ModelConfig:
-    base = dict(backbone="tiny", crop_size=32, d_model=32, num_layers=2, num_heads=4, group_k=4)
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
-def make_model(task: str, seed: int = 0, **overrides) -> DiPro:
-    torch.manual_seed(seed)
-    return DiPro(small_cfg(**overrides), task, uniform_label_stats(), LossConfig(consistency=1.0))
 
 
 def outputs_close(a: dict, b: dict, atol: float = 1e-5) -> None:
@@ -229,7 +219,9 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, caplog):
     assert torch.equal(enc.backbone.layer1[0].conv1.weight, rgb["layer1.0.conv1.weight"])
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in rgb.items()}}, wrapped)
-    RegionEncoder("resnet18", 16, 0.0, weights_path=str(wrapped))
+    unwrapped = RegionEncoder("resnet18", 16, 0.0, weights_path=str(wrapped))  # "state_dict" and "module." peeled
+    assert torch.allclose(unwrapped.backbone.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(unwrapped.backbone.layer4[1].conv2.weight, rgb["layer4.1.conv2.weight"])
 
     with caplog.at_level(logging.WARNING, logger="dipro.model.region_encoder"):
         RegionEncoder("tiny", 16, 0.0)
@@ -265,12 +257,12 @@ def test_task_configs_build_models():
     # the authors' effective rates: accumulation 4 x 1 GPU x batch x base_lr (main.py --scale_lr)
     expected_lr = {"disease_progression": 4 * 8 * 5e-6, "mortality": 4 * 4 * 1e-5, "length_of_stay": 4 * 4 * 8e-6}
     for name in ("disease_progression", "mortality", "length_of_stay"):
-        cfg = load_config(f"configs/{name}.yaml")
+        cfg = load_config(config_path(name))
         assert cfg.task == name and cfg.model.backbone == "resnet50" and cfg.optim.grad_accum == 4
         assert cfg.model.backbone_weights == "imagenet"
         assert cfg.model.input_scaling == "unit" and cfg.optim.schedule_interval == "epoch"
         assert cfg.effective_lr == pytest.approx(expected_lr[name])
-    demo = load_config("configs/demo.yaml")
+    demo = load_config(config_path("demo"))
     assert demo.model.backbone_weights is None  # never downloads
     model = build_model(demo, uniform_label_stats())
     batch = random_batch(demo.task, 2, [2, 4], [49, 49], crop_size=demo.model.crop_size)

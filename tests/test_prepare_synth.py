@@ -94,10 +94,12 @@ def test_splits_and_gold(synth_prepared):
     gold = pd.read_csv(raw / "chest-imagenome/1.0.0/gold_dataset/gold_object_comparison_with_coordinates.txt",
                        sep="\t")
     gold_in = cohort[cohort.subject_id.isin(gold.patient_id)]
+    assert len(gold_in) > 0, "the synthetic cohort (24 patients, seed 3) should keep a gold-set patient"
     assert (gold_in.split == "test").all()
     prog = _read(out / "tasks/disease_progression.parquet")
-    if len(gold_in):
-        assert (prog[prog.subject_id.isin(gold.patient_id)].label_source == "gold").any()
+    in_gold = prog.subject_id.isin(gold.patient_id)
+    assert (prog[in_gold].label_source == "gold").any()
+    assert (prog[~in_gold].label_source == "silver").all()
 
 
 def test_labels_and_edema_mapping(synth_prepared):

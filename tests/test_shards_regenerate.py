@@ -27,9 +27,14 @@ SETTINGS = ShardSettings(crop_size=32, max_samples_per_shard=2)
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield
-    ray.shutdown()
+    from data_sharding.ray_init import init_ray
+
+    # the one way the project starts a local Ray: pinned to 127.0.0.1, no dashboard
+    assert init_ray(num_cpus=2, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:

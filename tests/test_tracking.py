@@ -63,14 +63,14 @@ def test_uri_resolution_order(tmp_path, db, monkeypatch):
 def test_unreachable_server_is_a_user_error_naming_the_uri(tmp_path, db):
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # bound and held but not listening: connections are refused, no one can take it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
-        check_reachable(uri, timeout=2)
-    with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
-        Tracker.create_in_driver(_cfg(tmp_path, db, **{"tracking.uri": uri}), "never")
+        uri = f"http://127.0.0.1:{port}"
+        with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
+            check_reachable(uri, timeout=2)
+        with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
+            Tracker.create_in_driver(_cfg(tmp_path, db, **{"tracking.uri": uri}), "never")
 
 
 # ----------------------------------------------------------------------------- one run

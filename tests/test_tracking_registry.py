@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import make_checkpoint
 
 from data_sharding import shard_format
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_DISEASES, NUM_EHR_VARIABLES, NUM_REGIONS
@@ -66,18 +67,6 @@ def write_shards(root: Path, seed: int = 0, corrupt_key: str | None = None) -> l
                      "settings": json.dumps({"crop_size": CROP})})
     pd.DataFrame(rows).to_parquet(root / "manifest.parquet", index=False)
     return keys
-
-
-def make_checkpoint(path: Path, cfg, seed: int, val: float) -> Path:
-    from dipro.model import build_model
-    from dipro.model.synthetic import uniform_label_stats
-    from dipro.train.checkpoint import write_model_files
-
-    torch.manual_seed(seed)
-    stats = uniform_label_stats()
-    model = build_model(cfg, stats)
-    write_model_files(path, model.state_dict(), cfg, stats, {"best_value": val, "best_epoch": 1})
-    return path
 
 
 @pytest.fixture(scope="module")

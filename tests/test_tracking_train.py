@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 import processed_fixture  # noqa: E402
 
-from test_tracking_server import Server  # noqa: E402
+from mlflow_server import Server  # noqa: E402
 
 from dipro.config import load_config  # noqa: E402
 

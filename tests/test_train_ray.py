@@ -127,7 +127,8 @@ def test_nan_loss_stops_with_step_and_sample_keys(shards, tmp_path, ray_local, m
 
 
 def test_zero3_resume_after_stopping_driver_matches_single_process_eval(shards, tmp_path, ray_local):
-    """`dipro train` (ZeRO-3, fp32) stopped with Ctrl-C after its first epoch checkpoint, then
+    """`dipro train` (ZeRO-3, fp32) stopped with Ctrl-C after its first epoch checkpoint (both ranks held
+    at step 7 by the test-only fault injection, so the stop cannot race the training to its end), then
     `--resume`: it continues at the next step, and the resumed run's distributed validation equals
     a single-process evaluation of the consolidated weights (micro batches of one sample, so the
     per-batch normalised validation loss does not depend on how samples are batched)."""
@@ -137,15 +138,20 @@ def test_zero3_resume_after_stopping_driver_matches_single_process_eval(shards, 
             "data.augment=false", "data.shuffle_buffer=0", "model.dropout=0.0", "trainer.max_epochs=3",
             "trainer.num_workers=2", "data.batch_size=1", "trainer.strategy=deepspeed", "trainer.zero_stage=3",
             "trainer.precision=fp32", "trainer.run_name=z3", "trainer.num_to_keep=5"]
+    hold = tmp_path / "held"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DIPRO_FAULT_INJECT")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["DIPRO_FAULT_INJECT"] = json.dumps({"hold_at_step": 7, "hold_file": str(hold), "hold_s": 600})
     proc = subprocess.Popen([sys.executable, "-m", "dipro", "train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = storage / "z3" / "checkpoint_s00000006_epoch0000"
-    deadline = time.time() + 300
+    deadline = time.monotonic() + 300
     try:
-        while not (ck.is_complete(first) and (storage / "z3" / "best" / "meta.json").is_file()):
-            assert proc.poll() is None, "the driver ended before its first checkpoint"
-            assert time.time() < deadline, "no first checkpoint within 300 s"
+        # both ranks wait after step 7 (the first of epoch 1): the epoch-0 checkpoint is the last one
+        while not (ck.is_complete(first) and (storage / "z3" / "best" / "meta.json").is_file()
+                   and all(Path(f"{hold}.rank{r}").is_file() for r in range(2))):
+            assert proc.poll() is None, "the driver ended before both ranks held at step 7"
+            assert time.monotonic() < deadline, "no hold at step 7 within 300 s"
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
@@ -154,7 +160,7 @@ def test_zero3_resume_after_stopping_driver_matches_single_process_eval(shards, 
             proc.kill()
             proc.wait()
     stopped_at = ck.read_meta(ck.find_last_checkpoint(storage, "z3"))["global_step"]
-    assert 6 <= stopped_at < 18, stopped_at
+    assert stopped_at == 6, stopped_at
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", args[2:-2] + ["trainer.num_to_keep=5"])
     r = run_training(cfg, resume="z3")

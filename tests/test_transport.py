@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from loader_shards import check_batch_against_source
 from torch.utils.data import DataLoader
 
 from dipro.data import build_loader
 from dipro.data.transport import SHAPE_KEY, SLOT_KEY, STORAGE_KEY, CropReceiver, CropSlots, WorkerCropPool
-from test_loader import check_batch_against_source, shards  # noqa: F401  (fixture)
 
 
 def _fill(t: torch.Tensor, value: int) -> dict:
@@ -54,7 +54,7 @@ def _raw_batches(root, num_workers: int, slots: CropSlots | None):
                               prefetch_factor=2)
 
 
-def test_workers_send_each_slot_storage_once_and_batches_stay_exact(shards):  # noqa: F811
+def test_workers_send_each_slot_storage_once_and_batches_stay_exact(shards):
     root, written = shards
     slots = CropSlots(2, 5)
     loader, raw = _raw_batches(root, 2, slots)
@@ -73,7 +73,7 @@ def test_workers_send_each_slot_storage_once_and_batches_stay_exact(shards):  # 
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_loader_with_workers_equals_loader_without(shards, num_workers):  # noqa: F811
+def test_loader_with_workers_equals_loader_without(shards, num_workers):
     root, _ = shards
     a = list(build_loader(root, "mortality", "val", 3, 0))
     b = list(build_loader(root, "mortality", "val", 3, num_workers))
