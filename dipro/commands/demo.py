@@ -29,13 +29,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dipro.defaults import DEMO_OUT, DEMO_PATIENTS
+
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 STATE_FILE = "demo_state.json"
 TASK = "mortality"
 NUM_WORKERS = 2
-DEMO_PATIENTS = 300
-"""Default cohort: ~240 ICU stays, enough for defined test metrics; the whole demo stays
-well under 15 minutes on 2 cores (synth, prepare and shard take under a minute of it)."""
 STAGES = ("synth", "prepare", "shard", "train", "evaluate", "register", "promote", "predict")
 
 
@@ -49,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "whose output is still valid; --fresh retrains."
         ),
     )
-    p.add_argument("--out", default="demo_output", metavar="DIR",
-                   help="folder for everything the demo writes (default: demo_output)")
+    p.add_argument("--out", default=DEMO_OUT, metavar="DIR",
+                   help=f"folder for everything the demo writes (default: {DEMO_OUT})")
     p.add_argument("--patients", type=int, default=None, metavar="N",
                    help=f"synthetic patients to generate (default: {DEMO_PATIENTS})")
     p.add_argument("--seed", type=int, default=None, help="generator seed (default: the generator's)")
