@@ -11,6 +11,7 @@ synthetic cohort is sharded into a temp dir (the demo config: tiny backbone, 32-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -73,8 +74,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="dipro-bench-train-"))
     shards = args.shards or make_shards(tmp, n_stays=40)
     gpu = torch.cuda.is_available()
-    ray.init(num_cpus=max(2, (torch.get_num_threads() if not gpu else 8)), num_gpus=torch.cuda.device_count(),
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from data_sharding.ray_init import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # a benchmark of this machine: always a local Ray (on 127.0.0.1)
+    init_ray(num_cpus=max(2, (torch.get_num_threads() if not gpu else 8)), num_gpus=torch.cuda.device_count(),
+             log_to_driver=False)
     rows = []
     cpu_cases = [
         ("DDP", "fp32", 1, ["trainer.num_workers=1", "data.batch_size=4", "trainer.precision=fp32"]),

@@ -100,7 +100,8 @@ class EHRVariable:
     kind: str = "numeric"  # "numeric" | "gcs_text" | "fahrenheit" | "inr"
 
 
-# The 38 variables (DATA_FORMATS.md table).  Order is the feature axis.
+# The 38 variables: name, MIMIC-IV itemid, source table, plausible [low, high] and the normal value
+# (imputed before a stay's first measurement).  Order is the feature axis.
 EHR_VARIABLES: tuple[EHRVariable, ...] = (
     EHRVariable("Alanine aminotransferase", 220644, "chartevents", 0, 34, 11000),
     EHRVariable("Albumin", 227456, "chartevents", 0, 3.1, 60),

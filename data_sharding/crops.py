@@ -25,9 +25,8 @@ import numpy as np
 from PIL import Image
 
 from data_sharding.constants import NUM_REGIONS
+from data_sharding.defaults import RESAMPLE_MODES  # crop resampling modes (re-exported): ours, then the authors'
 
-#: Crop resampling modes: this project's default, then the authors'.
-RESAMPLE_MODES = ("bilinear", "nearest")
 # Largest JPEG DCT down-scaling libjpeg offers.
 _DRAFT_REDUCTIONS = (8, 4, 2, 1)
 # Smallest box side (pixels of the full image) that counts as a region.

@@ -55,11 +55,9 @@ from data_sharding.constants import (
     PAIR_LEVEL_FINDING_TO_DISEASE,
     WORSENED,
 )
+from data_sharding.defaults import DP_LABEL_MODES, GOLD_MODES, REGION_NAME_MODES  # re-exported: one source
 from data_sharding.imagenome import DISEASE_INDEX, REGION_INDEX, GoldLabels, GoldRow, SceneGraph, empty_region_labels
 
-DP_LABEL_MODES = ("authors", "severity")
-GOLD_MODES = ("per-disease", "first-row")
-REGION_NAME_MODES = ("mapped", "authors")
 #: Severity order of the severity rule (lower wins).
 SEVERITY = {WORSENED: 0, IMPROVED: 1, NO_CHANGE: 2, NOT_MENTIONED: 3}
 

@@ -7,7 +7,7 @@ Per event (chartevents / outputevents rows of the 38 itemids of
   ordinal with :data:`~data_sharding.constants.GCS_TEXT_TO_VALUE` (valuenum is the fallback).
 * Units: temperature in deg F -> deg C (unless ``valueuom`` says C); height in
   inches -> cm; weight in lb -> kg.
-* Values are clamped to [low, high] of the variable (DATA_FORMATS.md).
+* Values are clamped to [low, high] of the variable (:data:`~data_sharding.constants.EHR_VARIABLES`).
 * A NaN / unparseable value or charttime, or an event outside [intime, outtime],
   is skipped and counted by reason.
 

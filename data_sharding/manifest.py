@@ -20,6 +20,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from data_sharding import defaults
 from data_sharding.errors import DataError
 
 FORMAT_VERSION = 1
@@ -32,12 +33,12 @@ MANIFEST_COLUMNS = ("task", "split", "path", "samples", "bytes", "sha256", "fing
 class ShardSettings:
     """Everything besides the inputs that changes shard bytes."""
 
-    crop_size: int = 224
+    crop_size: int = defaults.CROP_SIZE
     """Side of the square region crops (the paper's 224)."""
-    max_samples_per_shard: int = 1000
-    max_shard_bytes: int = 512 * 1024 * 1024
+    max_samples_per_shard: int = defaults.MAX_SAMPLES_PER_SHARD
+    max_shard_bytes: int = defaults.MAX_SHARD_BYTES
     format_version: int = FORMAT_VERSION
-    resample: str = "bilinear"
+    resample: str = defaults.RESAMPLE_MODES[0]
     """Crop resampling (:data:`data_sharding.crops.RESAMPLE_MODES`): ``bilinear`` or the authors' ``nearest``."""
 
     def __post_init__(self) -> None:

@@ -45,6 +45,7 @@ from data_sharding.constants import (
     LOS_BIN_EDGES,
     SPLITS,
 )
+from data_sharding.defaults import NORM_STATS  # re-exported: one source
 from data_sharding.dp_labels import DP_LABEL_MODES, GOLD_MODES, REGION_NAME_MODES, ProgressionLabeler
 from data_sharding.imagenome import SceneGraphSource, parse_scene_graph, read_gold
 from data_sharding.readers import (
@@ -66,20 +67,17 @@ EVENT_COLUMNS = {
 }
 
 
-NORM_STATS = ("train", "all")
-
-
 @dataclass
 class PrepareOptions:
     split_seed: int = DEFAULT_SPLIT_SEED
     """``random_state`` of both ``train_test_split`` draws (the authors' value is 0)."""
-    dp_labels: str = "authors"
+    dp_labels: str = DP_LABEL_MODES[0]
     """Disease-progression label rule: ``authors`` | ``severity`` (:mod:`data_sharding.dp_labels`)."""
-    gold_labels: str = "per-disease"
+    gold_labels: str = GOLD_MODES[0]
     """Gold correction of a study label (``authors`` rule): ``per-disease`` | ``first-row`` (the authors' code)."""
-    region_names: str = "mapped"
+    region_names: str = REGION_NAME_MODES[0]
     """Region-level finding names: ``mapped`` (edema counted) | ``authors`` (literal: no region edema label)."""
-    norm_stats: str = "train"
+    norm_stats: str = NORM_STATS[0]
     """Population of the EHR and demographic statistics: ``train`` (cohort train stays) | ``all`` (authors)."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Bytes per streamed block of an event table."""

@@ -33,11 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from data_sharding import defaults
 from data_sharding.constants import CXR_ROOT, IMAGENOME_ROOT, MIMICIV_ROOT, REQUIRED_COLUMNS
 from data_sharding.errors import DataError
 
 #: Bytes per block of a streamed event table (pyarrow parses one block at a time).
-DEFAULT_BLOCK_SIZE = 16 << 20
+DEFAULT_BLOCK_SIZE = defaults.BLOCK_SIZE
 
 #: Where each table lives, relative to its dataset root, without the extension.
 TABLE_PATHS: dict[str, tuple[str, str]] = {

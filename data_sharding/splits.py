@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_sharding import defaults
 from data_sharding.errors import DataError
 
 TEST_FRACTION = 0.2
 VAL_FRACTION_OF_REST = 1 / 8
-DEFAULT_SPLIT_SEED = 0
+DEFAULT_SPLIT_SEED = defaults.SPLIT_SEED
 
 
 def split_subjects(subject_ids, gold_subjects=(), seed: int = DEFAULT_SPLIT_SEED) -> dict[int, str]:

@@ -1,10 +1,13 @@
 """The ``dipro`` console script: one entry point, one subcommand per job.
 
-Each subcommand lives in ``dipro/commands/<name>.py`` and exposes
-``register(subparsers)``, which adds its parser and sets ``func`` (a callable
-taking the parsed args and returning an exit code).  Command modules import
-only argparse at module level, so ``dipro --help`` is instant; heavy imports
-(torch, ray, mlflow) happen inside ``func``.
+Each subcommand ``NAME`` lives in ``dipro/commands/NAME.py``, which exposes
+``register(subparsers)``: it adds the parser ``NAME`` (nothing else) and sets
+``func`` (a callable taking the parsed args and returning an exit code).
+Command modules import only argparse and the dependency-free defaults
+(:mod:`dipro.defaults`, :mod:`data_sharding.defaults`) at module level, so
+``dipro --help`` is instant; heavy imports (torch, ray, mlflow) happen inside
+``func``.  A command module that is missing, fails to import, or registers
+under another name is an error here, never a silently absent command.
 
 User errors (:class:`data_sharding.errors.UserError`) print one line and exit 2; any
 other exception keeps its traceback (a bug, not a user error).
@@ -21,9 +24,13 @@ from data_sharding.errors import UserError
 COMMAND_MODULES = (
     "synth",
     "prepare",
+    "shard",
     "shards",
     "train",
+    "evaluate",
+    "experiment",
     "registry",
+    "predict",
     "demo",
 )
 
@@ -36,17 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        module_name = f"dipro.commands.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # Only a command module that is absent from this checkout is tolerated
-            # (tests/test_cli.py asserts all are present); a missing dependency
-            # inside a command module is a real error and propagates.
-            if exc.name != module_name:
-                raise
-            continue
+        module = importlib.import_module(f"dipro.commands.{name}")  # missing or broken: the error propagates
+        before = set(sub.choices)
         module.register(sub)
+        added = set(sub.choices) - before
+        if added != {name}:
+            raise RuntimeError(f"dipro/commands/{name}.py registered {sorted(added)}; it must register "
+                               f"exactly the command {name!r}")
     return parser
 
 

@@ -26,9 +26,10 @@ from typing import Any
 
 import yaml
 
+from data_sharding.constants import TASKS  # re-exported: one source
 from data_sharding.errors import ConfigError
+from dipro.defaults import PRECISIONS, STORAGE_PATH
 
-TASKS = ("disease_progression", "mortality", "length_of_stay")
 # The validation metric that drives best-checkpoint selection and early stopping.
 TASK_MONITOR = {
     "disease_progression": "f1_macro",
@@ -223,7 +224,7 @@ class TrainerConfig:
     -1 = unlimited (Ray FailureConfig.max_preemption_failures)."""
     preemption_grace_s: float = 0.0
     """How long surviving workers may keep running past a preemption deadline (Ray FailureConfig)."""
-    storage_path: str = "runs"
+    storage_path: str = STORAGE_PATH
     """Ray storage path for checkpoints (must be shared storage on a cluster)."""
     run_name: str | None = None
     """Unique run name; generated when None."""
@@ -241,7 +242,7 @@ class TrainerConfig:
                "partitioned checkpoints resume only with the worker count that saved them")
         _check(self.strategy in ("ddp", "deepspeed"), f"trainer.strategy must be ddp|deepspeed, got {self.strategy!r}")
         _check(self.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3")
-        _check(self.precision in ("bf16", "fp16", "fp32"), f"trainer.precision must be bf16|fp16|fp32, got {self.precision!r}")
+        _check(self.precision in PRECISIONS, f"trainer.precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
         _check(self.max_failures >= -1, "trainer.max_failures must be >= -1 (-1 = unlimited)")
         _check(self.num_to_keep >= 1, "trainer.num_to_keep must be >= 1")

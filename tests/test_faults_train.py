@@ -183,6 +183,31 @@ def test_rank_error_is_one_line_with_the_rank_and_keeps_the_trace():
     assert tags == {"failure.reason": "corrupt sample 's<stay>_<row>' in shard a.tar", "failure.rank": "1"}
 
 
+def test_a_user_error_on_a_rank_is_not_retried():
+    """The controller is about to restart a group that failed with a user error: the callback ends the run,
+    and the driver still finds the rank's one line; a crash keeps its retry."""
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
+
+    from dipro.train import failures
+
+    try:
+        raise DataError("shard x.tar: crops.npy has crop size 32, the manifest says 64")
+    except DataError as exc:
+        user = failures.mark_rank_error(exc, 1)
+    stop = failures.StopOnUserError()
+    stop.after_controller_state_update(RunningState(), RunningState())  # nothing failed: nothing happens
+    crashed = RestartingState(training_failed_error=WorkerGroupError("x", {0: RuntimeError("segfault")}))
+    stop.after_controller_state_update(RunningState(), crashed)  # a crash: Ray's retry goes ahead
+    restarting = RestartingState(training_failed_error=WorkerGroupError("x", {1: user}))
+    with pytest.raises(failures.UserErrorOnRank) as stopped:
+        stop.after_controller_state_update(RunningState(), restarting)
+    fit_error = ControllerError(stopped.value)  # what trainer.fit() raises for a controller callback's error
+    found = failures.rank_error(fit_error)
+    assert found.one_line() == "shard x.tar: crops.npy has crop size 32, the manifest says 64 (rank 1)"
+    assert "Traceback" in found.traces[1]
+
+
 # ----------------------------------------------------------------------------- on a rank (Ray)
 
 @pytest.fixture(scope="module")
@@ -206,7 +231,7 @@ def test_error_raised_on_a_rank_is_one_line_and_the_run_is_failed(shards, tmp_pa
     claim_manifest_crop(lying, 64)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = cfg_for(lying, tmp_path / "runs", "model.crop_size=64", "tracking.enabled=true", f"tracking.uri={uri}",
-                  "tracking.register=false", "trainer.run_name=rank-fail")
+                  "tracking.register=false", "trainer.run_name=rank-fail", "trainer.max_failures=2")
     with pytest.raises(UserError) as exc:
         run_training(cfg)
     msg = str(exc.value)
@@ -216,6 +241,9 @@ def test_error_raised_on_a_rank_is_one_line_and_the_run_is_failed(shards, tmp_pa
     assert f"FAILED: {msg}" in log
     assert "--- rank 0 ---" in log and "Traceback (most recent call last)" in log
     assert "dipro/data/pipeline.py" in log  # the frame where the rank found it: the full trace is kept
+    # trainer.max_failures=2, yet the first failure ended the run: a controller callback (StopOnUserError)
+    # stopped the restart, where two retries would have ended in a WorkerGroupError
+    assert "ControllerError: Training failed due to controller error" in log
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("dipro").experiment_id])[0]
     assert run.info.status == "FAILED"

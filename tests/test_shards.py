@@ -24,6 +24,7 @@ from data_sharding.samples import open_processed
 from data_sharding.shard_format import MEMBERS
 from data_sharding.shard_writer import plan_shards, write_shards
 from data_sharding.verify import verify_shards
+from dipro.commands import shard as shard_cmd
 from dipro.commands import shards as shards_cmd
 from data_sharding.errors import DataError
 from processed_fixture import make_processed
@@ -34,7 +35,9 @@ SETTINGS = ShardSettings(crop_size=CROP, max_samples_per_shard=2)
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dipro")
-    shards_cmd.register(parser.add_subparsers(dest="command"))
+    sub = parser.add_subparsers(dest="command")
+    shard_cmd.register(sub)
+    shards_cmd.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -73,11 +73,12 @@ from pathlib import Path
 
 import numpy as np
 
+from data_sharding import defaults
 from data_sharding.constants import CXR_ROOT, IMAGENOME_ROOT, MIMICIV_ROOT
 
-DEFAULT_PATIENTS = 120
-DEFAULT_SEED = 0
-DEFAULT_IMAGE_SIZE = 256
+DEFAULT_PATIENTS = defaults.SYNTH_PATIENTS
+DEFAULT_SEED = defaults.SYNTH_SEED
+DEFAULT_IMAGE_SIZE = defaults.SYNTH_IMAGE_SIZE
 MIN_IMAGE_SIZE = 64
 
 

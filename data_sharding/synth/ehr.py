@@ -1,6 +1,6 @@
 """MIMIC-IV ICU/hosp events carrying the mortality and length-of-stay signals.
 
-Every stay gets the 38 variables (DATA_FORMATS.md itemids) over its whole stay:
+Every stay gets the 38 variables (itemids of :data:`data_sharding.constants.EHR_VARIABLES`) over its whole stay:
 vitals hourly, temperature / GCS / ventilator settings every 4 h, glucose every
 6 h, blood labs every 12 h, liver labs and troponin daily, height once, weight
 daily, urine output (outputevents 226559) every 1-2 h.  Each measurement is

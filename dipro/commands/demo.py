@@ -18,24 +18,33 @@ Idempotent: a second run reuses what is still valid.
            this data fingerprint and config, unless ``--fresh``.
 Everything lives under ``--out`` (default ``demo_output``), MLflow included
 (``OUT/mlflow.db``), so the demo never touches another tracking server.
+
+The terminal reads as a report (stages, progress bars, the table): what MLflow and
+other libraries print goes to ``OUT/demo.log``, and the training run's Ray, DeepSpeed
+and torch messages to its ``RUN/train.log`` (both paths are printed); a stage that
+fails for a reason other than a user error prints the tail of ``OUT/demo.log``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dipro.defaults import DEMO_OUT, DEMO_PATIENTS
+
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 STATE_FILE = "demo_state.json"
+LOG_FILE = "demo.log"
+LIBRARY_LOGGERS = ("mlflow", "alembic", "ray", "urllib3", "matplotlib", "PIL")
+"""Python loggers whose records go to ``OUT/demo.log`` instead of the terminal."""
 TASK = "mortality"
 NUM_WORKERS = 2
-DEMO_PATIENTS = 300
-"""Default cohort: ~240 ICU stays, enough for defined test metrics; the whole demo stays
-well under 15 minutes on 2 cores (synth, prepare and shard take under a minute of it)."""
 STAGES = ("synth", "prepare", "shard", "train", "evaluate", "register", "promote", "predict")
 
 
@@ -49,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "whose output is still valid; --fresh retrains."
         ),
     )
-    p.add_argument("--out", default="demo_output", metavar="DIR",
-                   help="folder for everything the demo writes (default: demo_output)")
+    p.add_argument("--out", default=DEMO_OUT, metavar="DIR",
+                   help=f"folder for everything the demo writes (default: {DEMO_OUT})")
     p.add_argument("--patients", type=int, default=None, metavar="N",
                    help=f"synthetic patients to generate (default: {DEMO_PATIENTS})")
     p.add_argument("--seed", type=int, default=None, help="generator seed (default: the generator's)")
@@ -154,12 +163,29 @@ class Paths:
     shards = property(lambda self: self.out / "shards")
     runs = property(lambda self: self.out / "runs")
     mlflow_db = property(lambda self: self.out / "mlflow.db")
+    log = property(lambda self: self.out / LOG_FILE)
     predictions = property(lambda self: self.out / "predictions" / f"{TASK}-test.parquet")
     tracking_uri = property(lambda self: f"sqlite:///{self.mlflow_db}")
 
 
 def _indent(text: str, prefix: str = "      ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """What a library writes to stderr itself (not through logging) appended to ``path``."""
+    with open(path, "a", encoding="utf-8") as f, contextlib.redirect_stderr(f):
+        yield
+
+
+def _print_tail(path: Path, lines: int = 20) -> None:
+    try:
+        tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    if tail:
+        print(f"last {len(tail)} lines of {path}:\n" + _indent("\n".join(tail), "  "), file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -294,7 +320,7 @@ def stage_evaluate(model: Model | None, result, task: str) -> dict:
 
 
 def stage_register(model: Model | None, result, cfg, cfg_fp: str, data_fp: str, test_metrics: dict,
-                   uri: str) -> Model:
+                   uri: str, log: Path) -> Model:
     stage = Stage.begin("register", f"the best checkpoint as a new version of dipro-{cfg.task} in MLflow")
     if result is None:
         stage.reused(f"version {model.version} (already registered)")
@@ -303,9 +329,10 @@ def stage_register(model: Model | None, result, cfg, cfg_fp: str, data_fp: str, 
 
     from dipro.tracking.registry import model_name, register_checkpoint
 
-    version = register_checkpoint(cfg, result.best_checkpoint, result.mlflow_run_id, test_metrics, data_fp)
-    MlflowClient(tracking_uri=uri, registry_uri=uri).set_model_version_tag(
-        model_name(cfg.task), str(version), "demo.config_sha256", cfg_fp)
+    with _stderr_to(log):  # MLflow prints "Successfully registered model ..." to stderr itself
+        version = register_checkpoint(cfg, result.best_checkpoint, result.mlflow_run_id, test_metrics, data_fp)
+        MlflowClient(tracking_uri=uri, registry_uri=uri).set_model_version_tag(
+            model_name(cfg.task), str(version), "demo.config_sha256", cfg_fp)
     stage.done(f"dipro-{cfg.task} version {version}")
     return Model(version=version, checkpoint=str(result.best_checkpoint), trained_now=True,
                  test_metrics=test_metrics, run_id=result.mlflow_run_id)
@@ -398,24 +425,24 @@ def run(args: argparse.Namespace) -> int:
     ])
     print(f"DiPro demo -> {paths.out}  (task {cfg.task}; precision {precision}: this CPU "
           f"{'has' if precision == 'bf16' else 'lacks'} native bf16)")
+    print(f"library messages (MLflow, Ray) go to {paths.log}; each training run's to its RUN/train.log")
 
     # The demo is self-contained: its own MLflow database and a local Ray, whatever the shell says.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     os.environ["MLFLOW_TRACKING_URI"] = paths.tracking_uri
     os.environ.pop("RAY_ADDRESS", None)
-    try:
-        stage_synth(paths, args.patients, args.seed)
-        stage_prepare(paths, state)
-        stage_shard(paths, cfg.model.crop_size, state)
-        from dipro.tracking.provenance import data_fingerprint
+    import mlflow  # noqa: F401 (mlflow configures its loggers on import: take them over after that)
+    import ray  # noqa: F401 (likewise)
+    from data_sharding.ray_init import loggers_to_file
 
-        data_fp = data_fingerprint(paths.shards)
-        cfg_fp = config_fingerprint(cfg)
-        model, result = stage_train(paths, cfg, cfg_fp, data_fp, args.fresh)
-        metrics = stage_evaluate(model, result, cfg.task)
-        model = stage_register(model, result, cfg, cfg_fp, data_fp, metrics, paths.tracking_uri)
-        champion = stage_promote(model, cfg.task, paths.tracking_uri)
-        n_pred = stage_predict(paths, cfg.task, champion, data_fp, state)
+    try:
+        with loggers_to_file(paths.log, LIBRARY_LOGGERS):
+            model, champion, metrics, n_pred = _stages(args, paths, state, cfg)
+    except UserError:
+        raise
+    except Exception:
+        _print_tail(paths.log)
+        raise
     finally:
         for k, v in saved.items():
             if v is None:
@@ -424,3 +451,20 @@ def run(args: argparse.Namespace) -> int:
                 os.environ[k] = v
     print(summary(paths, cfg.task, model, champion, metrics, n_pred, time.perf_counter() - t0))
     return 0
+
+
+def _stages(args: argparse.Namespace, paths: Paths, state: State, cfg):
+    """synth -> ... -> predict; returns what the summary shows."""
+    stage_synth(paths, args.patients, args.seed)
+    stage_prepare(paths, state)
+    stage_shard(paths, cfg.model.crop_size, state)
+    from dipro.tracking.provenance import data_fingerprint
+
+    data_fp = data_fingerprint(paths.shards)
+    cfg_fp = config_fingerprint(cfg)
+    model, result = stage_train(paths, cfg, cfg_fp, data_fp, args.fresh)
+    metrics = stage_evaluate(model, result, cfg.task)
+    model = stage_register(model, result, cfg, cfg_fp, data_fp, metrics, paths.tracking_uri, paths.log)
+    champion = stage_promote(model, cfg.task, paths.tracking_uri)
+    n_pred = stage_predict(paths, cfg.task, champion, data_fp, state)
+    return model, champion, metrics, n_pred

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from data_sharding import defaults
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -23,24 +25,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mimiciv-root", metavar="DIR", help="MIMIC-IV 2.0 root with hosp/ and icu/ (overrides --raw)")
     p.add_argument("--imagenome-root", metavar="DIR", help="Chest ImaGenome 1.0.0 root (overrides --raw)")
     p.add_argument("--out", metavar="DIR", required=True, help="processed output folder (written atomically)")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="random_state of the patient-level split (default 0: the authors' split)")
+    p.add_argument("--split-seed", type=int, default=defaults.SPLIT_SEED,
+                   help=f"random_state of the patient-level split (default {defaults.SPLIT_SEED}: the authors' split)")
     f = p.add_argument_group("fidelity", "definitions where this project and the authors' code differ "
                                          "(docs/FIDELITY.md); the defaults follow the authors except where noted")
-    f.add_argument("--dp-labels", choices=("authors", "severity"), default="authors",
+    f.add_argument("--dp-labels", choices=defaults.DP_LABEL_MODES, default=defaults.DP_LABEL_MODES[0],
                    help="disease-progression labels: authors (regions must agree; pairs without a label dropped; "
                         "default) or severity (worsened if any region worsened; every consecutive pair kept)")
-    f.add_argument("--gold-labels", choices=("per-disease", "first-row"), default="per-disease",
+    f.add_argument("--gold-labels", choices=defaults.GOLD_MODES, default=defaults.GOLD_MODES[0],
                    help="gold correction of a study label: per-disease (the gold rows of that disease; default, "
                         "a deviation) or first-row (the authors' code: the pair's first gold row for every disease)")
-    f.add_argument("--region-names", choices=("mapped", "authors"), default="mapped",
+    f.add_argument("--region-names", choices=defaults.REGION_NAME_MODES, default=defaults.REGION_NAME_MODES[0],
                    help="region-level finding names: mapped (ImaGenome's 'pulmonary edema/hazy opacity' is edema; "
                         "default, a deviation) or authors (literal match: no region-level edema label)")
-    f.add_argument("--norm-stats", choices=("train", "all"), default="train",
+    f.add_argument("--norm-stats", choices=defaults.NORM_STATS, default=defaults.NORM_STATS[0],
                    help="EHR and demographic normalisation statistics: train (the training stays; EHR over their "
                         "hourly grid; default, a deviation) or all (the authors: every stay, test included; EHR over "
                         "every measurement)")
-    p.add_argument("--block-mb", type=int, default=16, help="MB per streamed block of the event tables (default 16)")
+    p.add_argument("--block-mb", type=int, default=defaults.BLOCK_SIZE >> 20,
+                   help=f"MB per streamed block of the event tables (default {defaults.BLOCK_SIZE >> 20})")
     p.add_argument("--full-jpeg-decode", action="store_true",
                    help="decode every pixel of each JPEG (default: header, markers and end-of-image check)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")

@@ -1,15 +1,15 @@
 """``dipro synth``: write a synthetic MIMIC-CXR-JPG + MIMIC-IV + Chest ImaGenome cohort.
 
-Only argparse/stdlib at module level; the generator is imported when the command runs.
+Only argparse and the dependency-free defaults at module level; the generator is imported when the command runs.
 """
 from __future__ import annotations
 
 import argparse
 
-# Mirrors data_sharding.synth.DEFAULT_* (kept literal so --help imports nothing heavy).
-DEFAULT_PATIENTS = 120
-DEFAULT_SEED = 0
-DEFAULT_IMAGE_SIZE = 256
+from data_sharding.defaults import SYNTH_IMAGE_SIZE as DEFAULT_IMAGE_SIZE
+from data_sharding.defaults import SYNTH_PATIENTS as DEFAULT_PATIENTS
+from data_sharding.defaults import SYNTH_SEED as DEFAULT_SEED
+from dipro.defaults import DEMO_PATIENTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output root (written atomically)")
     p.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, metavar="N",
-                   help=f"number of subjects (default {DEFAULT_PATIENTS}: the demo size)")
+                   help=f"number of subjects (default {DEFAULT_PATIENTS}; `dipro demo` uses {DEMO_PATIENTS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S", help=f"random seed (default {DEFAULT_SEED})")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, metavar="PIXELS",
                    help=f"image height in pixels; width is 82-92%% of it (default {DEFAULT_IMAGE_SIZE}; "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data_sharding.errors import UserError
+from dipro.defaults import PREDICT_BATCH_SIZE
 
 RAY_MIN_SAMPLES = 20_000
 ID_COLUMNS = ("sample_key", "subject_id", "stay_id", "shard")
@@ -128,7 +129,7 @@ def _shard_task(kind: str, location: str, model_ref: str, tracking_uri: str | No
 
 # ----------------------------------------------------------------------------- driver
 def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool | None = None,
-                batch_size: int = 16, tracking_uri: str | None = None, progress: bool = True) -> PredictReport:
+                batch_size: int = PREDICT_BATCH_SIZE, tracking_uri: str | None = None, progress: bool = True) -> PredictReport:
     """Predict every sample of ``split`` and write ``out`` atomically (see module doc)."""
     import pandas as pd
     import torch

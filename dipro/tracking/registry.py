@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_sharding.errors import DataError, UserError
+from dipro.defaults import ALIASES  # re-exported: one source
 from dipro.tracking.uri import check_reachable, resolve_tracking_uri
 
-ALIASES = ("champion", "challenger", "staging")
 CHECKPOINT_FILES = {"weights": "model.pt", "config": "config.yaml", "label_stats": "label_stats.json"}
 MODEL_ARTIFACT = "model"
 # keys under which checkpoint meta.json may hold the checkpoint's validation monitor value

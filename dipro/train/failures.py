@@ -9,12 +9,21 @@ exception and re-raises it with a one-frame traceback, so the worker logs stay s
 the driver (:func:`rank_error`) finds it, writes the traces to the run's log and
 raises the same one line as any user error, ``... (rank N)``: the CLI prints it and
 exits 2.
+
+A user error is not worth a retry: the same shards, config or disk fail the same way on
+the next attempt.  Ray Train's failure policy retries every worker-group error up to
+``trainer.max_failures`` times and cannot be replaced, so :class:`StopOnUserError`, a
+controller callback, ends the run when the controller is about to restart a group that
+failed with a user error: Ray Train does not retry an error raised by a controller
+callback, and the driver (:func:`rank_error`) finds the rank's error inside it.
 """
 from __future__ import annotations
 
 import re
 import traceback
 from dataclasses import dataclass, field
+
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from data_sharding.errors import UserError
 
@@ -69,6 +78,9 @@ def _unwrap(err: BaseException) -> BaseException:
 
 def rank_error(exc: BaseException) -> RankError | None:
     """The user error a rank raised behind ``trainer.fit()``'s exception, or None (a crash, a bug)."""
+    stopped = getattr(exc, "controller_failure", None)
+    if isinstance(stopped, UserErrorOnRank):  # StopOnUserError ended the run before a retry
+        return stopped.found
     failures = getattr(exc, "worker_failures", None) or {}
     found: RankError | None = None
     for rank, err in sorted(failures.items()):
@@ -80,6 +92,35 @@ def rank_error(exc: BaseException) -> RankError | None:
             found = RankError(int(getattr(base, RANK_ATTR, rank)), str(base))
         found.traces[int(rank)] = trace
     return found
+
+
+class UserErrorOnRank(Exception):
+    """Raised by :class:`StopOnUserError` in the Train controller: carries the rank's user error."""
+
+    def __init__(self, found: RankError) -> None:
+        super().__init__(found.one_line())
+        self.found = found
+
+    def __reduce__(self):
+        return (self.__class__, (self.found,))
+
+
+class StopOnUserError(ControllerCallback):
+    """Controller callback: a worker group that failed with a user error is not restarted; the run ends.
+
+    The controller enters ``RestartingState`` (or ``ReschedulingState``) with the group's
+    error before it starts a new group; this callback raises there, and Ray Train ends
+    the run with that error (:class:`UserErrorOnRank`) instead of spending
+    ``trainer.max_failures`` on a retry that fails the same way.  Crashes, lost nodes and
+    preemptions keep their retries.
+    """
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if type(current_state).__name__ not in ("RestartingState", "ReschedulingState"):
+            return
+        found = rank_error(getattr(current_state, "training_failed_error", None))
+        if found is not None:
+            raise UserErrorOnRank(found)
 
 
 _SAMPLE_KEY = re.compile(r"\bs\d+_\d+\b")

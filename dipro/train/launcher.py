@@ -5,18 +5,33 @@ Works unchanged as the entrypoint of ``ray job submit`` (``ray.init`` picks up
 without the dashboard).  Everything that can be checked before workers start is:
 precision vs device, the DeepSpeed config, the shards, the cluster's resources,
 the run name, the tracking server.
+
+:func:`launch` reads as its steps: :func:`preflight` (no Ray, nothing written) ->
+:func:`resolve_run` (the caller's config is copied, never changed) -> :func:`claim`
+(the run directory and its ``train.log``) -> :func:`ray_session` (Ray started or
+joined; its chatter goes to ``train.log``) -> :func:`build_trainer` -> :func:`fit`
+-> :func:`report` (test evaluation, ``summary.json``, MLflow).
+
+The terminal gets the driver's ``[dipro train]`` lines and the ranks' ``[dipro train
+rank N]`` lines; everything else Ray, DeepSpeed, torch and MLflow print goes to
+``RUN/train.log`` (the path is printed), whose tail is printed when a run fails for a
+reason that is not a user error.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import secrets
-import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from data_sharding import ray_init
 from dipro.config import Config, to_dict
 from data_sharding.errors import ConfigError, UserError
 from dipro.train import TrainResult
@@ -25,6 +40,11 @@ from dipro.train import failures, rundir
 
 _run_log: rundir.RunLog | None = None
 """The run's ``train.log`` once its directory is claimed: every driver message goes there too."""
+
+LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "deepspeed", "DeepSpeed", "torch", "urllib3")
+"""Driver-side Python loggers whose records go to ``train.log``, not the terminal."""
+TAIL_LINES = 25
+"""Lines of ``train.log`` printed when a run fails for a reason that is not a user error."""
 
 
 def _say(msg: str) -> None:
@@ -64,11 +84,15 @@ def check_data(cfg: Config) -> int:
 
 
 def init_ray(cfg: Config) -> bool:
-    """Connect to ``RAY_ADDRESS`` / the job's cluster, or start a local one; True if started here."""
-    from data_sharding.ray_init import init_ray as _init
-
-    started = _init(log_to_driver=True)
+    """Connect to ``RAY_ADDRESS`` / the job's cluster, or start a local one; True if started here
+    (:func:`data_sharding.ray_init.init_ray`: the one way every job starts Ray)."""
+    started = ray_init.init_ray(log_to_driver=True)
     return started and not os.environ.get("RAY_ADDRESS")
+
+
+def is_report_line(line: str) -> bool:
+    """A worker line for the terminal: the ranks' own ``[dipro train rank N]`` messages."""
+    return line.startswith("[dipro train")
 
 
 def check_resources(cfg: Config, started_here: bool) -> None:
@@ -115,25 +139,58 @@ def _evaluate_task(best_dir: str, split: str, device: str, precision: str):
     return evaluate_checkpoint(best_dir, split, device=device, precision=precision)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What :func:`preflight` and :func:`resolve_run` decided; nothing is written yet."""
+
+    cfg: Config
+    """A copy of the caller's config with ``trainer.run_name`` set."""
+    precision: str
+    micro_batches: int
+    """Micro batches per rank per epoch."""
+    storage: Path
+    resume: str | None
+    resume_from: Path | None
+
+    @property
+    def run_name(self) -> str:
+        return self.cfg.trainer.run_name
+
+
 def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> TrainResult:
-    """Train ``cfg`` (see :func:`dipro.train.run_training`)."""
-    import ray
-    from ray.train import CheckpointConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed."""
+    plan = resolve_run(cfg, resume, *preflight(cfg, resume))
+    run_dir, log = claim(plan)
+    with ray_session(plan, run_dir, log) as session:
+        try:
+            check_resources(plan.cfg, session.started_here)
+            if tracker is None and plan.cfg.tracking.enabled:
+                from dipro.tracking.tracker import Tracker
 
-    from dipro.train import placement
-    from dipro.train.loop import train_loop_per_worker
+                tracker = Tracker.create_in_driver(plan.cfg, plan.run_name)
+            _log_run_params(plan, tracker)
+            trainer = build_trainer(plan, run_dir, tracker)
+        except BaseException as exc:
+            if tracker is not None:  # the MLflow run exists but training never started
+                tracker.set_tags(failures.failure_tags(f"{type(exc).__name__}: {exc}", None))
+                tracker.finish("FAILED")
+            raise
+        session.fitting = True  # from here on the run directory is kept, whatever happens
+        result = fit(trainer, plan, log, tracker)
+        return report(plan, run_dir, result, tracker)
 
+
+def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Path | None]:
+    """Everything checkable before Ray starts: ``(precision, micro batches per rank, checkpoint to resume)``."""
     precision = validate_config(cfg)
     micro = check_data(cfg)
     if cfg.model.backbone_weights == "imagenet":  # fetched (or a one-line error) before any worker starts
         from dipro.model.region_encoder import resolve_backbone_weights
 
         resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights)
-    storage = Path(os.path.abspath(os.path.expanduser(cfg.trainer.storage_path)))
-    resume_from: Path | None = None
+    resume_from = None
     if resume:
-        resume_from = ck.find_resume_checkpoint(storage, resume)
+        resume_from = ck.find_resume_checkpoint(_storage(cfg), resume)
         meta = ck.read_meta(resume_from)
         if meta.get("strategy") != cfg.trainer.strategy:
             raise ConfigError(f"--resume {resume}: its checkpoint was written by trainer.strategy="
@@ -141,118 +198,188 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
         if cfg.trainer.strategy == "deepspeed" and int(meta.get("world_size", 1)) != cfg.trainer.num_workers:
             raise ConfigError(f"--resume {resume}: DeepSpeed partitions were saved by {meta.get('world_size')} "
                               f"workers, this config has trainer.num_workers={cfg.trainer.num_workers}")
+    return precision, micro, resume_from
+
+
+def _storage(cfg: Config) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(cfg.trainer.storage_path)))
+
+
+def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, resume_from: Path | None) -> RunPlan:
+    """The run's name (``trainer.run_name``, else a new one; a resumed run gets ``NAME-resumed-...``) in a copy
+    of ``cfg``."""
+    storage = _storage(cfg)
     run_name = cfg.trainer.run_name or make_run_name(cfg)
     if resume and cfg.trainer.run_name is None:
-        run_name = f"{ck.resolve_run_dir(storage, resume).name.split('-resumed-')[0]}-resumed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    run_dir = rundir.claim(storage, run_name)  # refuses a name in use, naming who uses it
+        base = ck.resolve_run_dir(storage, resume).name.split("-resumed-")[0]
+        run_name = f"{base}-resumed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, run_name=run_name))
+    return RunPlan(cfg=run_cfg, precision=precision, micro_batches=micro, storage=storage, resume=resume,
+                   resume_from=resume_from)
+
+
+def claim(plan: RunPlan) -> tuple[Path, rundir.RunLog]:
+    """Claim the run directory (refuses a name in use, naming who uses it), open its log, say what will run."""
     global _run_log
+    run_dir = rundir.claim(plan.storage, plan.run_name)
     _run_log = log = rundir.RunLog(run_dir)
-    cfg.trainer.run_name = run_name
-    workers, accum = cfg.trainer.num_workers, cfg.optim.grad_accum
-    _say(f"run {run_name}: task {cfg.task}, {cfg.trainer.strategy}"
-         + (f" ZeRO-{cfg.trainer.zero_stage}" if cfg.trainer.strategy == "deepspeed" else "")
-         + f", precision {precision}, {workers} worker(s) on {'GPU' if cfg.trainer.use_gpu else 'CPU'}"
-         + f", placement {cfg.trainer.placement_strategy}")
+    cfg, t = plan.cfg, plan.cfg.trainer
+    workers, accum = t.num_workers, cfg.optim.grad_accum
+    _say(f"run {plan.run_name}: task {cfg.task}, {t.strategy}"
+         + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+         + f", precision {plan.precision}, {workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}"
+         + f", placement {t.placement_strategy}")
     _say(f"effective batch = micro batch {cfg.data.batch_size} x workers {workers} x accumulation {accum} "
-         f"= {cfg.effective_batch_size}" + (f" at {cfg.trainer.max_workers} workers (elastic: it shrinks with the group)"
-                                             if cfg.trainer.elastic else "")
-         + f"; {micro // accum} optimizer steps/epoch, up to {cfg.trainer.max_epochs} epochs")
+         f"= {cfg.effective_batch_size}" + (f" at {t.max_workers} workers (elastic: it shrinks with the group)"
+                                             if t.elastic else "")
+         + f"; {plan.micro_batches // accum} optimizer steps/epoch, up to {t.max_epochs} epochs")
     _say(cfg.describe_lr() + f", cosine to {cfg.optim.min_lr:g} per {cfg.optim.schedule_interval}")
-    if resume_from is not None:
-        _say(f"resuming {resume} from {resume_from}")
+    if plan.resume_from is not None:
+        _say(f"resuming {plan.resume} from {plan.resume_from}")
+    _say(f"run directory {run_dir}; Ray, DeepSpeed and MLflow messages go to its log: {log.path}")
+    return run_dir, log
 
-    _say(f"run directory {run_dir} (log: {log.path})")
+
+@dataclass
+class RaySession:
+    started_here: bool = False
+    """Ray was started by this driver (and is shut down by it)."""
+    fitting: bool = False
+    """``trainer.fit()`` was called: the run directory is kept even if the run fails."""
+
+
+@contextlib.contextmanager
+def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[RaySession]:
+    """Ray started (or joined) with its output in ``train.log``, the ranks' own lines on the terminal.
+
+    A run that fails before ``fit`` releases its directory (no worker ran: the name is free
+    again); Ray started here is shut down on the way out.
+    """
+    import ray
+
+    global _run_log
+    if plan.cfg.tracking.enabled:
+        import mlflow  # noqa: F401 (mlflow configures its loggers on import: take them over after that)
+    session = RaySession()
     try:
-        started_here = init_ray(cfg)
+        with ray_init.loggers_to_file(log.path, LIBRARY_LOGGERS):
+            session.started_here = init_ray(plan.cfg)
+            with ray_init.worker_lines_to(log.write, show=is_report_line):
+                yield session
     except BaseException:
-        rundir.release(run_dir)
-        _run_log = None
-        raise
-    fitting = False
-    try:
-        check_resources(cfg, started_here)
-        if tracker is None and cfg.tracking.enabled:
-            from dipro.tracking.tracker import Tracker
-
-            tracker = Tracker.create_in_driver(cfg, run_name)
-        if tracker is not None:
-            tracker.log_params({"effective_batch_size": cfg.effective_batch_size, "precision_used": precision,
-                                "resumed_from": str(resume_from) if resume_from else "none"})
-        if resume_from is not None:
-            old_best = ck.resolve_run_dir(storage, resume) / ck.BEST_DIR
-            if (old_best / ck.MODEL_FILE).is_file():
-                ck.replace_dir_atomically(old_best, run_dir / ck.BEST_DIR)
-        loop_config = {"cfg": to_dict(cfg), "precision": precision, "run_name": run_name, "run_dir": str(run_dir),
-                       "resume_from": str(resume_from) if resume_from else None, "tracker": tracker,
-                       "faults": os.environ.get("DIPRO_FAULT_INJECT")}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
-            scaling_config=placement.scaling_config(cfg),
-            run_config=RunConfig(name=run_name, storage_path=str(storage),
-                                 failure_config=placement.failure_config(cfg),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
-                                 callbacks=[placement.SchedulingDeadline(cfg.trainer.schedule_timeout_s)]),
-        )
-        fitting = True
-        try:
-            with placement.start_timeout_env(cfg):
-                result = trainer.fit()
-        except Exception as exc:
-            failure = failures.rank_error(exc)
-            reason = _failure_message(exc) or placement.not_placed_message(exc, cfg)
-            summary = (failure.one_line() if failure is not None else
-                       f"run {run_name} stopped: {reason}" if reason is not None else
-                       f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}")
-            log.failure(summary, exc, failure.traces if failure is not None else None)
-            _say(f"run {run_name} failed; full trace in {log.path}")
-            if tracker is not None:
-                tracker.set_tags(failures.failure_tags(summary, failure))
-                tracker.finish("FAILED")
-            if failure is not None or reason is not None:
-                raise UserError(summary) from None
-            raise
-        summary = result.return_value or {}
-        best_dir = run_dir / ck.BEST_DIR
-        last_ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
-        best_meta = ck.read_meta(best_dir)
-        metrics = {k: v for k, v in (best_meta.get("metrics") or {}).items() if k.startswith("val/")}
-        device = "cuda" if cfg.trainer.use_gpu else "cpu"
-        evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker,
-                              num_gpus=1 if cfg.trainer.use_gpu else 0)(_evaluate_task)
-        test = ray.get(evaluate.remote(str(best_dir), "test", device, precision))
-        metrics.update({f"test/{k}": float(v) for k, v in test.metrics.items()})
-        _say(f"best epoch {best_meta.get('best_epoch')} ({cfg.monitor} {best_meta.get('best_value')}); test: "
-             + " ".join(f"{k}={v:.4f}" for k, v in test.metrics.items() if "/" not in k and not math.isnan(v)))
-        summary_out = {"run_name": run_name, "run_dir": str(run_dir), "best_checkpoint": str(best_dir),
-                       "last_checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": metrics,
-                       "epochs_completed": summary.get("epochs_completed"), "global_step": summary.get("global_step"),
-                       "history": summary.get("history", []), "resumed_from": str(resume_from) if resume_from else None}
-        ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary_out, indent=1, default=float))
-        run_id = None
-        if tracker is not None:
-            run_id = tracker.run_id
-            tracker.log_evaluation("test", test)
-            tracker.log_dict(summary_out, "summary.json")
-            if cfg.tracking.register:
-                from dipro.tracking import register_checkpoint
-
-                version = register_checkpoint(cfg, str(best_dir), run_id, test.metrics, tracker.data_fingerprint)
-                _say(f"registered {version}")
-            tracker.finish("FINISHED")
-        return TrainResult(run_name=run_name, run_dir=run_dir, best_checkpoint=best_dir, last_checkpoint=last_ckpt,
-                           metrics=metrics, mlflow_run_id=run_id, epochs_completed=summary.get("epochs_completed"),
-                           global_step=summary.get("global_step"), history=summary.get("history", []),
-                           test=test)
-    except BaseException as exc:
-        if not fitting:
-            if tracker is not None:  # the MLflow run was created but training never started
-                tracker.set_tags(failures.failure_tags(f"{type(exc).__name__}: {exc}", None))
-                tracker.finish("FAILED")
+        if not session.fitting:
             rundir.release(run_dir)  # claimed, but no worker ever ran: the name is free again
         raise
     finally:
         _run_log = None
-        if started_here:
+        if session.started_here:
             ray.shutdown()
+
+
+def _log_run_params(plan: RunPlan, tracker: Any) -> None:
+    if tracker is not None:
+        tracker.log_params({"effective_batch_size": plan.cfg.effective_batch_size, "precision_used": plan.precision,
+                            "resumed_from": str(plan.resume_from) if plan.resume_from else "none"})
+
+
+def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
+    """The ``TorchTrainer``: per-worker loop, scaling/placement, failure policy, checkpoints, callbacks."""
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dipro.train import placement
+    from dipro.train.loop import train_loop_per_worker
+
+    cfg = plan.cfg
+    if plan.resume_from is not None:
+        old_best = ck.resolve_run_dir(plan.storage, plan.resume) / ck.BEST_DIR
+        if (old_best / ck.MODEL_FILE).is_file():
+            ck.replace_dir_atomically(old_best, run_dir / ck.BEST_DIR)
+    loop_config = {"cfg": to_dict(cfg), "precision": plan.precision, "run_name": plan.run_name,
+                   "run_dir": str(run_dir), "resume_from": str(plan.resume_from) if plan.resume_from else None,
+                   "tracker": tracker, "faults": os.environ.get("DIPRO_FAULT_INJECT")}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+        scaling_config=placement.scaling_config(cfg),
+        run_config=RunConfig(name=plan.run_name, storage_path=str(plan.storage),
+                             failure_config=placement.failure_config(cfg),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
+                             callbacks=[placement.SchedulingDeadline(cfg.trainer.schedule_timeout_s),
+                                        failures.StopOnUserError()]),
+    )
+
+
+def fit(trainer, plan: RunPlan, log: rundir.RunLog, tracker: Any):
+    """``trainer.fit()``; a failure is written to ``train.log`` with every trace and ends as one line
+    (:class:`UserError`) when it is a user error on a rank or an unplaceable group, else re-raised."""
+    from dipro.train import placement
+
+    try:
+        with placement.start_timeout_env(plan.cfg):
+            return trainer.fit()
+    except Exception as exc:
+        failure = failures.rank_error(exc)
+        reason = _failure_message(exc) or placement.not_placed_message(exc, plan.cfg)
+        summary = (failure.one_line() if failure is not None else
+                   f"run {plan.run_name} stopped: {reason}" if reason is not None else
+                   f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}")
+        if failure is None and reason is None:  # not a user error: show what the workers said last
+            _print_tail(log)
+        log.failure(summary, exc, failure.traces if failure is not None else None)
+        _say(f"run {plan.run_name} failed; full trace in {log.path}")
+        if tracker is not None:
+            tracker.set_tags(failures.failure_tags(summary, failure))
+            tracker.finish("FAILED")
+        if failure is not None or reason is not None:
+            raise UserError(summary) from None
+        raise
+
+
+def _print_tail(log: rundir.RunLog, lines: int = TAIL_LINES) -> None:
+    try:
+        tail = log.path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    print(f"[dipro train] last {len(tail)} lines of {log.path}:", file=sys.stderr)
+    print("\n".join(f"  {line}" for line in tail), file=sys.stderr, flush=True)
+
+
+def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
+    """Evaluate the best checkpoint on test (as a Ray task), write ``summary.json``, finish the MLflow run."""
+    import ray
+
+    cfg = plan.cfg
+    summary = result.return_value or {}
+    best_dir = run_dir / ck.BEST_DIR
+    last_ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    best_meta = ck.read_meta(best_dir)
+    metrics = {k: v for k, v in (best_meta.get("metrics") or {}).items() if k.startswith("val/")}
+    device = "cuda" if cfg.trainer.use_gpu else "cpu"
+    evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker,
+                          num_gpus=1 if cfg.trainer.use_gpu else 0)(_evaluate_task)
+    test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision))
+    metrics.update({f"test/{k}": float(v) for k, v in test.metrics.items()})
+    _say(f"best epoch {best_meta.get('best_epoch')} ({cfg.monitor} {best_meta.get('best_value')}); test: "
+         + " ".join(f"{k}={v:.4f}" for k, v in test.metrics.items() if "/" not in k and not math.isnan(v)))
+    resumed_from = str(plan.resume_from) if plan.resume_from else None
+    summary_out = {"run_name": plan.run_name, "run_dir": str(run_dir), "best_checkpoint": str(best_dir),
+                   "last_checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": metrics,
+                   "epochs_completed": summary.get("epochs_completed"), "global_step": summary.get("global_step"),
+                   "history": summary.get("history", []), "resumed_from": resumed_from}
+    ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary_out, indent=1, default=float))
+    run_id = None
+    if tracker is not None:
+        run_id = tracker.run_id
+        tracker.log_evaluation("test", test)
+        tracker.log_dict(summary_out, "summary.json")
+        if cfg.tracking.register:
+            from dipro.tracking import register_checkpoint
+
+            version = register_checkpoint(cfg, str(best_dir), run_id, test.metrics, tracker.data_fingerprint)
+            _say(f"registered {version}")
+        tracker.finish("FINISHED")
+    return TrainResult(run_name=plan.run_name, run_dir=run_dir, best_checkpoint=best_dir, last_checkpoint=last_ckpt,
+                       metrics=metrics, mlflow_run_id=run_id, epochs_completed=summary.get("epochs_completed"),
+                       global_step=summary.get("global_step"), history=summary.get("history", []), test=test)

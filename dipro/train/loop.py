@@ -26,6 +26,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,10 @@ class Worker:
 
     # ------------------------------------------------------------------ messages
     def _say(self, msg: str) -> None:
-        print(f"[dipro train rank {self.rank}] {msg}", flush=True)
+        # Written to stdout directly: Ray Train patches ``print`` in its workers to log the message *and*
+        # echo it to a redirected stdout, so a printed line would reach the driver twice.
+        sys.stdout.write(f"[dipro train rank {self.rank}] {msg}\n")
+        sys.stdout.flush()
 
     # ------------------------------------------------------------------ resume
     def _restore(self, resume_from: str | None) -> None:
