@@ -74,12 +74,6 @@ class TrainState:
     """Per-epoch summary (train loss, val metrics, lr)."""
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-atomic_write_text = atomic.write_text
-"""The one text writer (:func:`data_sharding.atomic.write_text`), under the name dipro/train/launcher.py calls."""
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a temp file opened here, so a failed write keeps its OSError (errno) as context."""
     with atomic.open_atomic(path, "wb") as f:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_sharding import ray_init
+from data_sharding import atomic, ray_init
 from dipro.config import Config, to_dict
 from data_sharding.errors import ConfigError, UserError
 from dipro.train import TrainResult
@@ -368,7 +368,7 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
                    "last_checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": metrics,
                    "epochs_completed": summary.get("epochs_completed"), "global_step": summary.get("global_step"),
                    "history": summary.get("history", []), "resumed_from": resumed_from}
-    ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary_out, indent=1, default=float))
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary_out, indent=1, default=float))
     run_id = None
     if tracker is not None:
         run_id = tracker.run_id

@@ -307,6 +307,7 @@ class Worker:
     def validate(self) -> EvalResult | None:
         """Distributed evaluation on the val split; the result on rank 0, None elsewhere."""
         st = self.strategy
+        st.sync_buffers()  # rank 0's BatchNorm statistics everywhere: the ones its checkpoint saves
         st.eval()
         lockstep = None
         if st.name == "deepspeed" and self.cfg.trainer.zero_stage == 3 and self.world > 1:

@@ -130,6 +130,19 @@ class Strategy:
     def eval(self) -> None:
         self.wrapped.eval()
 
+    def sync_buffers(self) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm running statistics; collective).
+
+        Each rank updates its BatchNorm running statistics from its own micro batches. DDP
+        copies rank 0's buffers to the others at each training forward (``broadcast_buffers``,
+        as in the authors' Lightning DDP); a DeepSpeed engine never does. Called before
+        validation, so every rank evaluates with the statistics that rank 0's checkpoint saves
+        and a distributed validation equals a single-process evaluation of that checkpoint.
+        """
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            for buf in self.model.buffers():
+                dist.broadcast(buf.data, src=0)
+
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
