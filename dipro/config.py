@@ -273,7 +273,7 @@ class TrainerConfig:
                f"trainer.num_workers={self.num_workers} (elastic) needs trainer.strategy=ddp: DeepSpeed's "
                "partitioned checkpoints resume only with the worker count that saved them")
         _check(self.strategy in ("ddp", "deepspeed"), f"trainer.strategy must be ddp|deepspeed, got {self.strategy!r}")
-        _check(0 < self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer(),
+        _check(self.gpus_per_worker > 0 and (self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer()),
                f"trainer.gpus_per_worker must be in (0, 1] or a whole number, got {self.gpus_per_worker}")
         _check(not (self.shares_gpu and self.strategy == "deepspeed"),
                f"trainer.gpus_per_worker={self.gpus_per_worker} (ranks sharing a GPU) needs trainer.strategy=ddp: "

@@ -175,19 +175,22 @@ def backbone_stages(backbone: nn.Module) -> tuple[list[nn.Module], nn.Module]:
 class _FrozenBatchNormStats:
     """During a checkpointed segment's recomputation (eager backward), its BatchNorm layers normalise
     with the batch statistics as in the forward pass but do not update their running statistics a
-    second time (``track_running_stats`` off for the recomputation only)."""
+    second time: momentum 0 keeps running mean/var as they are (x (1 - 0) + batch x 0), and the
+    batch counter is put back.  The same operations run, so the same tensors are saved."""
 
     def __init__(self, module: nn.Module) -> None:
         self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                      and m.track_running_stats]
+                      and m.track_running_stats and m.momentum is not None]
 
     def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
         for m in self.norms:
-            m.track_running_stats = False
+            m.momentum = 0.0
 
     def __exit__(self, *exc) -> None:
-        for m in self.norms:
-            m.track_running_stats = True
+        for m, (momentum, count) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def run_checkpointed(stages: list[nn.Module], head: nn.Module, x: torch.Tensor) -> torch.Tensor:
