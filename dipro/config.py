@@ -360,6 +360,13 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _check(not (self.model.compile is True and self.zero3),
+               "model.compile=true is not supported with trainer.strategy=deepspeed trainer.zero_stage=3 (ZeRO-3 "
+               "gathers parameters in module hooks during forward); use zero_stage 2, or model.compile=auto|false")
+
+    @property
+    def zero3(self) -> bool:
+        return self.trainer.strategy == "deepspeed" and self.trainer.zero_stage == 3
 
     @property
     def monitor(self) -> str:

@@ -66,6 +66,11 @@ def test_auto_switches_resolve_on_for_cuda_off_on_cpu():
     assert compile_enabled(cfg, torch.device("cuda", 0)) and not compile_enabled(cfg, torch.device("cpu"))
     off = load_config(None, ["model.compile=false"])
     assert not compile_enabled(off, torch.device("cuda", 0))
+    zero3 = ["trainer.strategy=deepspeed", "trainer.zero_stage=3"]
+    assert not compile_enabled(load_config(None, zero3), torch.device("cuda", 0))
+    assert compile_enabled(load_config(None, ["trainer.strategy=deepspeed"]), torch.device("cuda", 0))  # ZeRO-2
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        load_config(None, [*zero3, "model.compile=true"])
     # on this CPU-only process the default model is not channels-last
     assert DiPro(small_cfg(), "mortality", uniform_label_stats()).region_encoder.channels_last is False
     for bad in ("model.compile=maybe", "model.channels_last=1", "model.compile_backend=tvm"):

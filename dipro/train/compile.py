@@ -26,7 +26,10 @@ from dipro.config import Config, resolve_auto
 
 
 def compile_enabled(cfg: Config, device: torch.device) -> bool:
-    """``model.compile`` for this device: auto = on for CUDA, off on CPU."""
+    """``model.compile`` for this device: auto = on for CUDA, off on CPU, and off under DeepSpeed ZeRO-3
+    (whose parameter gathering in module hooks is not traced; ``true`` with ZeRO-3 is a config error)."""
+    if cfg.model.compile == "auto" and cfg.zero3:
+        return False
     return resolve_auto(cfg.model.compile, device.type)
 
 
