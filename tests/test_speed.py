@@ -219,3 +219,27 @@ def test_fractional_gpus_use_gloo_and_reach_ray_resources():
     for bad in ("0", "1.5", "-1"):
         with pytest.raises(ConfigError, match="gpus_per_worker"):
             load_config(None, [f"trainer.gpus_per_worker={bad}"])
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_step_with_data_dependent_crop_counts():
+    """inductor (the GPU default backend; here its CPU code generation, a few minutes on 2 cores) on the
+    tiny model: the loss and gradients of the eager step.  Without dipro.train.compile's settings this
+    fails at run time (a convolution whose batch size is data-dependent gets mispredicted strides)."""
+    from dipro.train.compile import configure_dynamo
+
+    configure_dynamo()
+    torch._dynamo.reset()
+    eager = make_model("mortality")
+    compiled = make_model("mortality")
+    compiled.load_state_dict(eager.state_dict())
+    fn = torch.compile(lambda b: step(compiled, b), backend="inductor", fullgraph=True)
+    batch = train_batch("mortality", [3, 2], [5, 7], seed=0)
+    loss_c, _ = fn(batch)
+    loss_e, _ = step(eager, batch)
+    assert torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    loss_c.backward()
+    loss_e.backward()
+    ge, gc = grads(eager), grads(compiled)
+    for n in ge:
+        assert torch.allclose(gc[n], ge[n], rtol=1e-3, atol=1e-5), n

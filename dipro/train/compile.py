@@ -34,11 +34,16 @@ def compile_enabled(cfg: Config, device: torch.device) -> bool:
 
 
 def configure_dynamo() -> None:
-    """Trace data-dependent row counts (boolean-mask selection) instead of breaking the graph."""
+    """Trace data-dependent row counts (boolean-mask selection) instead of breaking the graph, and keep the
+    convolutions in the memory format the model chose (``model.channels_last``): inductor's own layout
+    optimisation mispredicts a convolution's output strides when its batch size is data-dependent
+    (torch 2.14: a stride assertion at run time), and channels-last is already set explicitly."""
     import torch._dynamo
+    import torch._inductor.config
 
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
+    torch._inductor.config.layout_optimization = False
 
 
 def compile_in_place(module: nn.Module, backend: str = "inductor") -> nn.Module:
