@@ -88,9 +88,12 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 # ----------------------------------------------------------------------------- 0. shards
 
-def dipro_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def dipro_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m dipro ARGS`` from the repository root; training starts its own local Ray."""
     cmd = [sys.executable, "-m", "dipro", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"benchmarks/gpu.py: `dipro {' '.join(args)}` failed (exit {proc.returncode}):\n"
                          + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:]))
@@ -266,7 +269,7 @@ def train_run(size: dict, shards: Path, work: Path, strategy: str, gpu: bool) ->
     if not gpu:  # the smoke run: the compiled path traced without generating kernels
         overrides += ["model.compile=true", f"model.compile_backend={size['backend']}"]
     t0 = time.perf_counter()
-    proc = dipro_cli("train", "--config", size["config"], *overrides, env={"RAY_ADDRESS": ""})
+    proc = dipro_cli("train", "--config", size["config"], *overrides)
     wall = time.perf_counter() - t0
     metas = sorted((work / "runs" / name).glob("checkpoint_*_epoch0001/meta.json"))
     if not metas:
@@ -340,10 +343,8 @@ def shared_gpu_section(size: dict, shards: Path, work: Path, device: torch.devic
         common.append("trainer.gpus_per_worker=0.5")
     else:
         common.append("model.compile=false")
-    first = dipro_cli("train", "--config", size["config"], *common, f"trainer.run_name={name}", "trainer.max_epochs=1",
-                      env={"RAY_ADDRESS": ""})
-    second = dipro_cli("train", "--config", size["config"], *common, "trainer.max_epochs=2", "--resume", name,
-                       env={"RAY_ADDRESS": ""})
+    first = dipro_cli("train", "--config", size["config"], *common, f"trainer.run_name={name}", "trainer.max_epochs=1")
+    second = dipro_cli("train", "--config", size["config"], *common, "trainer.max_epochs=2", "--resume", name)
     lines = [ln for ln in (first.stdout + second.stdout).splitlines()
              if re.search(r"world rank|epoch \d+ done|resumed|gloo|nccl", ln)]
     say(f"\n[shared] 2 DDP ranks on one {'GPU (gpus_per_worker=0.5, gloo)' if gpu else 'CPU'}: "
