@@ -256,6 +256,11 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False)
 
     def forward(self, batch, with_loss: bool = True):
+        if self.compiled and not self.wrapped.training:
+            # evaluation eager, as under DDP (no second compilation for eval mode); compiled runs are
+            # ZeRO 0-2, where every rank holds the whole module
+            with self.autocast():
+                return self.wrapped.forward(batch, with_loss)
         if self.precision == "bf16":  # the engine enters torch.autocast itself (torch_autocast config)
             return self.engine(batch, with_loss)
         # fp16: DeepSpeed holds the module in half precision; autocast reconciles float32 inputs with it.
