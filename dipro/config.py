@@ -68,6 +68,18 @@ class DataConfig:
 
 
 INPUT_SCALINGS = ("unit", "imagenet")
+AUTO = "auto"
+AUTO_SWITCH = (AUTO, True, False)
+
+
+def resolve_auto(value: bool | str, device_type: str) -> bool:
+    """An ``auto|true|false`` switch (``model.compile``, ``model.channels_last``) for a device type:
+    ``auto`` is on for ``cuda`` and off anywhere else; true/false are kept."""
+    if value == AUTO:
+        return device_type == "cuda"
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"expected auto|true|false, got {value!r}")
 PAIR_REVERSALS = ("swap", "interleave")
 BACKBONE_WEIGHTS_IMAGENET = "imagenet"
 
@@ -97,7 +109,20 @@ class ModelConfig:
     pair_reversal: str = "swap"
     """PAE's reversed pair: swap = [F_{t+1} || F_t] (the paper's equation) | interleave = the authors'
     code, which stacks the two halves feature by feature (F_{t+1,1}, F_{t,1}, F_{t+1,2}, ...)."""
-    channels_last: bool = False
+    channels_last: bool | str = "auto"
+    """Region encoder tensors in channels-last memory format: auto = on where the process has CUDA
+    (faster convolutions on tensor cores), off on CPU | true | false. Same weights either way."""
+    compile: bool | str = "auto"
+    """``torch.compile`` the training step (forward + loss, one graph, no graph breaks): auto = on for a
+    CUDA device, off on CPU | true | false. Compiled before DDP/DeepSpeed wrap it; the first step's compile
+    time is printed and logged (MLflow ``compile_time_s``)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with model.compile: inductor (generated kernels) | aot_eager | eager
+    (tracing only; what the CPU tests use)."""
+    activation_checkpointing: bool = False
+    """Recompute the backbone's stages in the backward pass instead of keeping their activations
+    (torch.utils.checkpoint, non-reentrant): much less GPU memory for the same loss and gradients,
+    about one more backbone forward of time. For long sequences (batch 4 x 14 CXRs) on < 40 GiB GPUs."""
     # --- ablation switches (the paper's ablations) ---
     use_ehr: bool = True
     """False = CXR only."""
@@ -121,6 +146,10 @@ class ModelConfig:
                f"model.pair_reversal must be swap|interleave, got {self.pair_reversal!r}")
         _check(self.d_model % self.num_heads == 0, "model.d_model must be divisible by model.num_heads")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.channels_last in AUTO_SWITCH, f"model.channels_last must be auto|true|false, got {self.channels_last!r}")
+        _check(self.compile in AUTO_SWITCH, f"model.compile must be auto|true|false, got {self.compile!r}")
+        _check(self.compile_backend in ("inductor", "aot_eager", "eager"),
+               f"model.compile_backend must be inductor|aot_eager|eager, got {self.compile_backend!r}")
         _check(self.crop_size >= 16, "model.crop_size must be >= 16")
         _check(self.group_k >= 1, "model.group_k must be >= 1")
         _check(self.num_layers >= 1, "model.num_layers must be >= 1")
@@ -198,6 +227,10 @@ class TrainerConfig:
     (SPREAD puts the ranks on different nodes where it can)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """GPUs per Ray Train worker with ``use_gpu`` (Ray's ``resources_per_worker``). Below 1 several ranks
+    share one GPU (0.5 = two ranks per GPU), e.g. to run multi-rank code paths on a one-GPU machine;
+    DDP then uses gloo (NCCL refuses two ranks on one device); DeepSpeed needs whole GPUs."""
     strategy: str = "ddp"
     """ddp | deepspeed."""
     zero_stage: int = 2
@@ -241,11 +274,26 @@ class TrainerConfig:
                f"trainer.num_workers={self.num_workers} (elastic) needs trainer.strategy=ddp: DeepSpeed's "
                "partitioned checkpoints resume only with the worker count that saved them")
         _check(self.strategy in ("ddp", "deepspeed"), f"trainer.strategy must be ddp|deepspeed, got {self.strategy!r}")
+        _check(self.gpus_per_worker > 0 and (self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer()),
+               f"trainer.gpus_per_worker must be in (0, 1] or a whole number, got {self.gpus_per_worker}")
+        _check(not (self.shares_gpu and self.strategy == "deepspeed"),
+               f"trainer.gpus_per_worker={self.gpus_per_worker} (ranks sharing a GPU) needs trainer.strategy=ddp: "
+               "DeepSpeed's collectives need NCCL, which refuses two ranks on one GPU")
         _check(self.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3")
         _check(self.precision in PRECISIONS, f"trainer.precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
         _check(self.max_failures >= -1, "trainer.max_failures must be >= -1 (-1 = unlimited)")
         _check(self.num_to_keep >= 1, "trainer.num_to_keep must be >= 1")
+
+    @property
+    def shares_gpu(self) -> bool:
+        """True when ranks share GPUs (``use_gpu`` with ``gpus_per_worker`` < 1): DDP over gloo."""
+        return self.use_gpu and self.gpus_per_worker < 1
+
+    @property
+    def dist_backend(self) -> str:
+        """torch.distributed backend of the worker group: nccl on whole GPUs, gloo on CPU or shared GPUs."""
+        return "nccl" if self.use_gpu and not self.shares_gpu else "gloo"
 
     @property
     def elastic(self) -> bool:
@@ -313,6 +361,13 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _check(not (self.model.compile is True and self.zero3),
+               "model.compile=true is not supported with trainer.strategy=deepspeed trainer.zero_stage=3 (ZeRO-3 "
+               "gathers parameters in module hooks during forward); use zero_stage 2, or model.compile=auto|false")
+
+    @property
+    def zero3(self) -> bool:
+        return self.trainer.strategy == "deepspeed" and self.trainer.zero_stage == 3
 
     @property
     def monitor(self) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from data_sharding.constants import NOT_MENTIONED, NUM_LOS_BINS, NUM_REGIONS
-from dipro.config import LossConfig, ModelConfig
+from dipro.config import LossConfig, ModelConfig, resolve_auto
 from dipro.data.augment import AUGMENT_KEYS
 from data_sharding.errors import DataError
 from dipro.model import losses as L
@@ -74,9 +74,10 @@ class DiPro(nn.Module):
             d,
             model_cfg.dropout,
             weights_path=model_cfg.backbone_weights,
-            channels_last=model_cfg.channels_last,
+            channels_last=resolve_auto(model_cfg.channels_last, "cuda" if torch.cuda.is_available() else "cpu"),
             load_pretrained=load_pretrained,
             input_scaling=model_cfg.input_scaling,
+            activation_checkpointing=model_cfg.activation_checkpointing,
         )
         self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout, pair_reversal=model_cfg.pair_reversal)
         self.region_head = RegionProgressionHead(d) if model_cfg.use_pae else None
@@ -99,6 +100,8 @@ class DiPro(nn.Module):
                 f"batch crops are {crops.shape[-2]}x{crops.shape[-1]} but model.crop_size is {self.cfg.crop_size} "
                 "(shard with the same --crop-size or set model.crop_size)"
             )
+        if not _check_values(crops):
+            return
         cxr_mask = batch["cxr_mask"].bool()
         n = cxr_mask.sum(dim=1)
         prefix = torch.arange(cxr_mask.shape[1], device=cxr_mask.device)[None, :] < n[:, None]
@@ -209,7 +212,20 @@ class DiPro(nn.Module):
         return torch.softmax(logits, dim=-1)
 
 
+def _check_values(t: torch.Tensor) -> bool:
+    """Whether to check batch values (CXR mask order, label ranges) here: only for host tensors in eager mode.
+
+    Reading a value test back is a host synchronisation, and under ``torch.compile`` a graph break;
+    on an accelerator the step must have neither.  Batches from ``dipro.data.build_loader`` were
+    checked on the CPU already, sample by sample (``dipro.data.decode.decode_sample``: T >= 2 CXRs,
+    labels in range; ``collate`` writes ``cxr_mask`` as a prefix), so nothing goes unchecked there;
+    shapes and keys are still checked here on every device (they cost no synchronisation)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_labels(y: torch.Tensor, low: int, high: int, name: str, batch: Mapping[str, Any]) -> None:
+    if not _check_values(y):
+        return
     flat = y.reshape(y.shape[0], -1)
     bad = ((flat < low) | (flat > high)).any(dim=1)
     if bool(bad.any()):

@@ -159,12 +159,65 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     log.info("loaded backbone weights from %s", p)
 
 
+def backbone_stages(backbone: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """(stages, head) of a backbone for activation checkpointing: the ResNet stem and its four
+    stages (layer1-4) then average pooling; the tiny CNN's four conv-BN-ReLU blocks then pooling.
+    Built on the fly (no module is registered twice)."""
+    if isinstance(backbone, TinyCNN):
+        layers = list(backbone.features)
+        return [nn.Sequential(*layers[i:i + 3]) for i in range(0, len(layers), 3)], nn.Sequential(
+            backbone.pool, nn.Flatten(1))
+    stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+    return [stem, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4], nn.Sequential(
+        backbone.avgpool, nn.Flatten(1))
+
+
+class _FrozenBatchNormStats:
+    """During a checkpointed segment's recomputation (eager backward), its BatchNorm layers normalise
+    with the batch statistics as in the forward pass but do not update their running statistics a
+    second time: momentum 0 keeps running mean/var as they are (x (1 - 0) + batch x 0), and the
+    batch counter is put back.  The same operations run, so the same tensors are saved."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      and m.track_running_stats and m.momentum is not None]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, count) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def run_checkpointed(stages: list[nn.Module], head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(stages[-1](...stages[0](x)))`` keeping only each stage's input for the backward pass
+    (``torch.utils.checkpoint``, non-reentrant); the loss, the gradients and the BatchNorm running
+    statistics are those of the plain forward."""
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    compiling = torch.compiler.is_compiling()
+    for stage in stages:
+        if compiling:  # the compiled graph recomputes values only, never buffer updates
+            x = checkpoint(stage, x, use_reentrant=False)
+        else:
+            x = checkpoint(stage, x, use_reentrant=False,
+                           context_fn=lambda s=stage: (contextlib.nullcontext(), _FrozenBatchNormStats(s)))
+    return head(x)
+
+
 class RegionEncoder(nn.Module):
     """uint8 crops [B,T,R,C,C] -> region features F [B,T,R,d_model] (zeros for padded CXRs).
 
     ``forward(crops, region_mask, cxr_mask, augment)``: ``region_mask`` [B,T,R] (True = the
     region was cropped), ``cxr_mask`` [B,T] (True = real CXR).  ``input_scaling`` as in
-    :class:`dipro.config.ModelConfig`.
+    :class:`dipro.config.ModelConfig`; ``activation_checkpointing`` recomputes the backbone's
+    stages in the backward pass (:func:`run_checkpointed`).
     """
 
     def __init__(
@@ -176,8 +229,10 @@ class RegionEncoder(nn.Module):
         channels_last: bool = False,
         load_pretrained: bool = True,
         input_scaling: str = "unit",
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if input_scaling not in ("unit", "imagenet"):
             raise ValueError(f"unknown input scaling {input_scaling!r}")
         self.input_scaling = input_scaling
@@ -217,10 +272,16 @@ class RegionEncoder(nn.Module):
         present = region_mask.bool() & real_cxr
         params = None if augment is None else tuple(p[real_cxr] for p in augment)
         x = self.normalise(crops[real_cxr], params)  # [N,1,C,C]
+        # >= 2 real CXRs per sample (checked by the loader): N >= 2R, for torch.compile's data-dependent shape
+        torch._check(x.shape[0] >= 2 * r)
         if params is not None:  # the jitter would lift a missing region's black crop: keep it black
             black = 0.0 if self.input_scaling == "unit" else -GRAY_MEAN / GRAY_STD  # a normalised black pixel
             x = torch.where(present[real_cxr].view(-1, 1, 1, 1), x, torch.full_like(x, black))
-        feats = self.proj(self.backbone(x))  # [N,d]
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            pooled = run_checkpointed(*backbone_stages(self.backbone), x)
+        else:
+            pooled = self.backbone(x)
+        feats = self.proj(pooled)  # [N,d]
         out = feats.new_zeros(*real_cxr.shape, feats.shape[-1])
         out[real_cxr] = feats
         return out

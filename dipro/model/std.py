@@ -81,6 +81,9 @@ class SpatiotemporalDisentanglement(nn.Module):
         pairs = adjacent_pairs(features, reverse=reverse, interleave=self.interleave)  # [B,P,R,2d]
         b, p, r, _ = pairs.shape
         flat = pairs[valid].reshape(-1, pairs.shape[-1])  # [N*R, 2d], real pairs only
+        # every sample has >= 1 real pair (>= 2 CXRs, checked by the loader), so >= R rows: tells
+        # torch.compile the data-dependent row count is a BatchNorm-sized batch (no graph break)
+        torch._check(flat.shape[0] >= r)
         outs = []
         for f in (self.f_s, self.f_d):
             y = f(flat)
@@ -91,12 +94,12 @@ class SpatiotemporalDisentanglement(nn.Module):
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over all masked entries of the batch (``0 * values.sum()`` when there is none)."""
+    """Mean over all masked entries of the batch (0 when there is none).
+
+    No host synchronisation (the count is clamped on the device instead of being tested), so
+    the training step compiles into one graph; with no entry the masked sum is 0 and so is the mean."""
     mask = mask.to(values.dtype)
-    count = mask.sum()
-    if not bool(count > 0):
-        return values.sum() * 0.0
-    return (values * mask).sum() / count
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def orthogonality_loss(static: torch.Tensor, dynamic: torch.Tensor, valid_pairs: torch.Tensor) -> torch.Tensor:

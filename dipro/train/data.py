@@ -32,6 +32,7 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, epoch: int = 0):
         shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
         augment=cfg.data.augment, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
         max_cxrs=cfg.data.max_cxrs, last_cxr_only=cfg.model.last_cxr_only, steps_per_epoch=micro,
+        pin_memory=cfg.trainer.use_gpu,  # page-locked batches, copied to the GPU with non_blocking=True
     )
 
 
@@ -45,8 +46,15 @@ def eval_loader(cfg: Config, split: str, *, rank: int, world_size: int, shard_di
         cfg.data.num_loader_workers if num_workers is None else num_workers,
         seed=cfg.seed, rank=rank, world_size=world_size, shuffle=False, augment=False,
         max_corrupt_fraction=cfg.data.max_corrupt_fraction, max_cxrs=cfg.data.max_cxrs,
-        last_cxr_only=cfg.model.last_cxr_only,
+        last_cxr_only=cfg.model.last_cxr_only, pin_memory=cfg.trainer.use_gpu and torch_cuda(),
     )
+
+
+def torch_cuda() -> bool:
+    """Whether this process sees CUDA (an evaluation loader may run on a CPU driver of a GPU run)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def read_label_stats(shard_dir: str | Path) -> dict:

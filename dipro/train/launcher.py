@@ -102,13 +102,13 @@ def check_resources(cfg: Config, started_here: bool) -> None:
     res = ray.cluster_resources()
     workers = cfg.trainer.min_workers  # an elastic group starts with MIN
     need_cpu = workers * cfg.trainer.cpus_per_worker
-    need_gpu = workers if cfg.trainer.use_gpu else 0
+    need_gpu = workers * cfg.trainer.gpus_per_worker if cfg.trainer.use_gpu else 0
     problems = []
     if need_cpu > res.get("CPU", 0):
         problems.append(f"{need_cpu:g} CPUs ({workers} workers x {cfg.trainer.cpus_per_worker:g}) "
                         f"but the cluster has {res.get('CPU', 0):g}")
     if need_gpu > res.get("GPU", 0):
-        problems.append(f"{need_gpu} GPUs but the cluster has {res.get('GPU', 0):g}")
+        problems.append(f"{need_gpu:g} GPUs but the cluster has {res.get('GPU', 0):g}")
     if problems:
         msg = "trainer asks for " + "; ".join(problems)
         if started_here:
@@ -301,7 +301,7 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=cfg.trainer.dist_backend),  # gloo when ranks share a GPU
         scaling_config=placement.scaling_config(cfg),
         run_config=RunConfig(name=plan.run_name, storage_path=str(plan.storage),
                              failure_config=placement.failure_config(cfg),

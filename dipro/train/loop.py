@@ -331,6 +331,7 @@ class Worker:
         cfg, s, st = self.cfg, self.state, self.strategy
         every = cfg.trainer.checkpoint_every_n_steps
         samples_per_step = cfg.data.batch_size * self.world * self.accum  # this group's size (elastic: may vary)
+        compile_t0: float | None = None  # set at the first micro batch when the step is compiled
         while s.epoch < cfg.trainer.max_epochs:
             epoch = s.epoch
             self.loader.set_epoch(epoch)
@@ -348,6 +349,8 @@ class Worker:
                     continue
                 boundary = (i + 1) % self.accum == 0
                 batch = move_to_device(batch, self.device)
+                if st.compiled and compile_t0 is None:
+                    compile_t0 = time.perf_counter()
                 if self.fallback_batch is None:
                     self.fallback_batch = batch
                 out, loss, terms = st.forward(batch)
@@ -369,13 +372,17 @@ class Worker:
                 s.batches_in_epoch = i + 1
                 steps_in_window += 1
                 steps_in_epoch += 1
+                if compile_t0 is not None and compile_t0 > 0:
+                    self._report_compile_time(compile_t0)
+                    compile_t0 = -1.0  # once per run (a restarted group compiles again and reports again)
+                    t_window, steps_in_window = time.perf_counter(), 0  # the window's rate excludes compilation
                 if s.global_step % cfg.trainer.log_every_n_steps == 0 or s.batches_in_epoch == self.used_micro:
                     dt = time.perf_counter() - t_window
                     logm = {**window_terms.global_means(self.device), "train/lr": st.lr(), "train/epoch": epoch,
-                            "train/world_size": self.world,
-                            "train/samples_per_s": steps_in_window * samples_per_step / max(dt, 1e-9),
-                            "train/step_time_s": dt / max(steps_in_window, 1),
-                            **self.loader.stats.as_dict()}
+                            "train/world_size": self.world, **self.loader.stats.as_dict()}
+                    if steps_in_window:  # none right after the compiled first step
+                        logm.update({"train/samples_per_s": steps_in_window * samples_per_step / max(dt, 1e-9),
+                                     "train/step_time_s": dt / steps_in_window})
                     if grad_norm is not None:
                         logm["train/grad_norm"] = float(grad_norm)
                     if self.rank == 0:
@@ -399,6 +406,19 @@ class Worker:
             self.tracker.flush()
         return {"best_value": s.best_value, "best_epoch": s.best_epoch, "epochs_completed": s.epoch,
                 "global_step": s.global_step, "history": s.history}
+
+    def _report_compile_time(self, t0: float) -> None:
+        """Print and log (MLflow metric ``compile_time_s``) the first optimizer step of a compiled run, from
+        ``t0`` (its first micro batch): compilation of forward + loss + backward and one step (the host sync
+        it costs is a one-off)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        if self.rank == 0:
+            self._say(f"torch.compile ({self.cfg.model.compile_backend}): compile + first optimizer step "
+                      f"{seconds:.1f} s (excluded from samples/s)")
+            if self.tracker is not None:
+                self.tracker.log_metrics({"compile_time_s": seconds}, step=self.state.global_step)
 
     def _end_epoch(self, epoch: int, epoch_terms: _Running, speed: dict[str, float]) -> bool:
         cfg, s = self.cfg, self.state

@@ -87,10 +87,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = 
     return groups
 
 
+def adamw_implementation(params: list[torch.Tensor], offload: bool = False) -> dict[str, bool]:
+    """``fused=True`` (one kernel for every parameter) when all parameters are on CUDA and the optimizer
+    is not offloaded to the CPU; ``foreach=True`` (a few batched ops) otherwise. Same update either way."""
+    if params and not offload and all(p.device.type == "cuda" for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """A plain ``torch.optim.AdamW`` at :attr:`Config.effective_lr` (DeepSpeed receives the instance; see strategies.py)."""
+    """A ``torch.optim.AdamW`` at :attr:`Config.effective_lr` (DeepSpeed receives the instance; see strategies.py),
+    fused on CUDA (:func:`adamw_implementation`); build it after the model is on its device."""
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_all_params)
-    return torch.optim.AdamW(groups, lr=cfg.effective_lr, betas=(0.9, 0.999), eps=1e-8)
+    params = [p for g in groups for p in g["params"]]
+    impl = adamw_implementation(params, offload=cfg.trainer.strategy == "deepspeed" and cfg.trainer.offload_optimizer)
+    return torch.optim.AdamW(groups, lr=cfg.effective_lr, betas=(0.9, 0.999), eps=1e-8, **impl)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

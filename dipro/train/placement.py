@@ -119,7 +119,7 @@ def failure_config(cfg: Config):
 def worker_resources(cfg: Config) -> dict[str, float]:
     res = {"CPU": float(cfg.trainer.cpus_per_worker)}
     if cfg.trainer.use_gpu:
-        res["GPU"] = 1.0
+        res["GPU"] = float(cfg.trainer.gpus_per_worker)  # < 1: ranks share a GPU (trainer.gpus_per_worker)
     return res
 
 

@@ -8,7 +8,9 @@ The loop only talks to :class:`Strategy`:
     strategy.consolidated_state_dict()             # plain float32 state dict (collective under ZeRO)
     strategy.save_state(dir) / load_state(dir)     # everything needed to continue exactly
 
-* DDP: NCCL on GPU, gloo on CPU (the process group is Ray's); ``torch.autocast`` for
+* Both: ``model.compile`` compiles forward + loss in place before the wrapper is built
+  (:mod:`dipro.train.compile`); channels-last convolutions per ``model.channels_last``.
+* DDP: NCCL on GPU, gloo on CPU or on shared GPUs (the process group is Ray's); ``torch.autocast`` for
   bf16/fp16, a ``GradScaler`` for fp16 only; gradients synchronised on the last micro
   batch of each accumulation window (``no_sync`` before it); clipping by global norm.
 * DeepSpeed: the engine config is generated from the run config by
@@ -29,6 +31,7 @@ from torch import nn
 from dipro.config import Config
 from data_sharding.errors import ConfigError
 from dipro.train import optim as optim_mod
+from dipro.train.compile import compile_enabled, compile_in_place
 from dipro.train.precision import autocast
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -102,6 +105,7 @@ class Strategy:
         self.world_size = world_size
         self.total_steps = total_steps
         self.wrapped = ModelWithLoss(model)
+        self.compiled = compile_enabled(cfg, device)
 
     # --- the model without any wrapper
     @property
@@ -174,9 +178,11 @@ class DDPStrategy(Strategy):
 
     def __init__(self, cfg: Config, model: nn.Module, **kw) -> None:
         super().__init__(cfg, model, **kw)
-        if cfg.model.channels_last:
+        if self.model.region_encoder.channels_last:
             self.wrapped.to(memory_format=torch.channels_last)
         self.wrapped.to(self.device)
+        if self.compiled:  # before DDP wraps it (dipro.train.compile)
+            compile_in_place(self.wrapped, cfg.model.compile_backend)
         self.optimizer = optim_mod.build_optimizer(self.model, cfg)
         self.scheduler = optim_mod.build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -188,9 +194,11 @@ class DDPStrategy(Strategy):
             self.engine = self.wrapped
 
     def forward(self, batch, with_loss: bool = True):
-        module = self.engine if (with_loss and self.wrapped.training) else self.wrapped
-        with self.autocast():
-            return module(batch, with_loss)
+        if self.wrapped.training and with_loss:
+            with self.autocast():
+                return self.engine(batch, with_loss)
+        with self.autocast():  # evaluation: eager (no second compilation for eval mode)
+            return self.wrapped.forward(batch, with_loss)
 
     def _no_sync(self, boundary: bool):
         if boundary or not isinstance(self.engine, nn.parallel.DistributedDataParallel):
@@ -248,9 +256,11 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(cfg, model, **kw)
         import deepspeed
 
-        if cfg.model.channels_last:
+        if self.model.region_encoder.channels_last:
             self.wrapped.to(memory_format=torch.channels_last)
         self.wrapped.to(self.device)
+        if self.compiled:  # before the engine wraps it (dipro.train.compile)
+            compile_in_place(self.wrapped, cfg.model.compile_backend)
         optimizer = optim_mod.build_optimizer(self.model, cfg)
         scheduler = optim_mod.build_scheduler(optimizer, cfg, self.total_steps)
         self.ds_config = deepspeed_config(cfg, self.precision)
@@ -259,6 +269,11 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False)
 
     def forward(self, batch, with_loss: bool = True):
+        if self.compiled and not self.wrapped.training:
+            # evaluation eager, as under DDP (no second compilation for eval mode); compiled runs are
+            # ZeRO 0-2, where every rank holds the whole module
+            with self.autocast():
+                return self.wrapped.forward(batch, with_loss)
         if self.precision == "bf16":  # the engine enters torch.autocast itself (torch_autocast config)
             return self.engine(batch, with_loss)
         # fp16: DeepSpeed holds the module in half precision; autocast reconciles float32 inputs with it.
