@@ -47,6 +47,10 @@ VENV_BIN = Path(sys.executable).parent
 _TAKEN_RANGES: list[range] = []  # worker port ranges handed out by this process (kept disjoint)
 
 
+class _StartExited(RuntimeError):
+    """``ray start`` ended before its node came up (typically a port that was free when picked)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,13 +141,10 @@ class RayHead:
 
     def __init__(self, num_cpus: int = 2) -> None:
         self.num_cpus = num_cpus
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self._pick_ports()
         self.token = secrets.token_hex(32)
         # Short path: Ray's unix socket paths must stay under ~107 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dprt", dir="/tmp"))
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.log_path = self.temp_dir / "ray-start.log"
         self._proc: subprocess.Popen | None = None
         self.node_id: str | None = None
@@ -160,7 +161,25 @@ class RayHead:
         self.env = env
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout_s: float = 180.0) -> "RayHead":
+    def _pick_ports(self) -> None:
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+
+    def start(self, timeout_s: float = 180.0, attempts: int = 3) -> "RayHead":
+        """Start the head; a ``ray start`` that exits at once (a port chosen free was taken before
+        Ray bound it: the ports are picked, released, then handed to Ray) is retried on new ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except _StartExited:
+                if attempt == attempts:
+                    raise
+                self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "RayHead":
         cmd = [
             str(VENV_BIN / "ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
@@ -183,7 +202,9 @@ class RayHead:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self._proc.returncode}:\n{self.start_log()}")
+                proc, self._proc = self._proc, None
+                _stop_tree(proc, 5.0)
+                raise _StartExited(f"ray start exited with {proc.returncode}:\n{self.start_log()}")
             try:
                 self.api("/api/version")
                 alive = self.alive_node_ids()
@@ -333,7 +354,17 @@ class RayNode:
         self.node_id: str | None = None
         self._proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 120.0) -> "RayNode":
+    def start(self, timeout_s: float = 120.0, attempts: int = 3) -> "RayNode":
+        """Start the node; one whose ``ray start`` exits at once (a port taken meanwhile) is retried on new ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except _StartExited:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "RayNode":
         before = self.head.alive_node_ids()
         cmd = [
             str(VENV_BIN / "ray"), "start", "--block",
@@ -356,7 +387,9 @@ class RayNode:
             self.stop()
             raise
         if self._proc.poll() is not None:
-            raise RuntimeError(f"worker node exited with {self._proc.returncode}:\n{self.start_log()}")
+            proc, self._proc = self._proc, None
+            _stop_tree(proc, 5.0)
+            raise _StartExited(f"worker node exited with {proc.returncode}:\n{self.start_log()}")
         self.node_id = next(iter(ids - before))
         return self
 
