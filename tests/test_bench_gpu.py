@@ -4,7 +4,7 @@ script the GPU session runs is known to work before a GPU is at hand; the figure
 
 The ``train`` section (two ``dipro train`` runs on Ray, ~4 minutes on the 2-core CI machine) is
 left out to keep the suite short: the compiled step under DDP and DeepSpeed in Ray workers is
-tests/test_train_compile.py, and the section's own bookkeeping is `train_run`'s reading of
+tests/test_train_ray.py (DDP and ZeRO-2 runs), and the section's own bookkeeping is `train_run`'s reading of
 the run's second-epoch checkpoint, which the GPU session reports per strategy."""
 from __future__ import annotations
 

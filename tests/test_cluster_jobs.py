@@ -194,7 +194,7 @@ def test_two_worker_training_job(head, cohort, tmp_path):
     logs = head.logs(job)
     assert proc.returncode == 0 and head.job_info(job)["status"] == "SUCCEEDED", logs[-5000:]
     assert "micro batch 4 x workers 2 x accumulation 1" in logs
-    assert "world_rank=1" in logs  # a second Ray Train worker ran
+    assert "[dipro train rank 1] world rank 1 of 2" in logs  # a second Ray Train worker ran
     assert (tmp_path / "runs" / run_name / "best" / "model.pt").is_file()
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

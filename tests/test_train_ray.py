@@ -66,10 +66,16 @@ def test_ddp_two_workers_matches_one_worker(shards, tmp_path, ray_local):
     the epoch); AdamW moves every weight by about lr per step whatever the pairing, so a
     small learning rate (1e-5) keeps that difference below the tolerance,
     while a broken gradient average or a rank missing data would not.
+
+    The 2-worker run's step is compiled (``model.compile=true``, backend ``eager``: TorchDynamo
+    traces forward + loss as one graph, ``fullgraph``, inside each Ray Train worker before DDP
+    wraps it, no kernel generation): a graph break, a wrapper that does not fit DDP or a traced
+    step that computes something else fails here. (aot_eager/inductor against eager: test_speed.py.)
     """
     common = ("data.batch_size=1", "optim.base_lr=5e-6")  # x 2 micro batches per step = 1e-5 in both runs
     one = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=1", "optim.grad_accum=2", *common))
-    two = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "optim.grad_accum=1", *common))
+    two = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "optim.grad_accum=1", *common,
+                               "model.compile=true", "model.compile_backend=eager"))
     assert one.global_step == two.global_step == 12 and one.epochs_completed == two.epochs_completed == 2
     for h1, h2 in zip(one.history, two.history, strict=True):
         assert h2["train/total"] == pytest.approx(h1["train/total"], rel=0.01)
@@ -87,9 +93,10 @@ def test_ddp_two_workers_matches_one_worker(shards, tmp_path, ray_local):
 
 
 def test_deepspeed_zero2_bf16_two_workers(shards, tmp_path, ray_local):
+    """ZeRO-2 in bf16 with the compiled step (traced before the engine wraps the module; evaluation eager)."""
     r = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "data.batch_size=1", "optim.grad_accum=2",
                              "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.precision=bf16",
-                             "trainer.max_epochs=1"))
+                             "trainer.max_epochs=1", "model.compile=true", "model.compile_backend=eager"))
     assert r.global_step == 3 and r.epochs_completed == 1
     ds = r.last_checkpoint / "deepspeed" / "state"
     assert len(list(ds.glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank, merged by Ray
