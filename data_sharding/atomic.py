@@ -119,7 +119,7 @@ def open_atomic(path: str | os.PathLike, mode: str = "wb", *, tmp: str | os.Path
     """
     path = Path(path)
     tmp_p = Path(tmp) if tmp is not None else temp_path(path)
-    try:
+    with _temp_removed_on_failure(tmp_p, path, unchanged):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp_p, mode, **open_kw) as f:
             yield f
@@ -127,23 +127,25 @@ def open_atomic(path: str | os.PathLike, mode: str = "wb", *, tmp: str | os.Path
             os.fsync(f.fileno())
         if replace:
             os.replace(tmp_p, path)
-    except BaseException as exc:
-        _unlink(tmp_p)
-        err = storage_error(exc, path, unchanged)
-        if err is not None and err is not exc:
-            raise err from exc
-        raise
 
 
 def save_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, unchanged: str = "") -> None:
     """``write(tmp)`` (a library that writes to a path: ``pq.write_table``, ``torch.save``), then rename."""
     path = Path(path)
     tmp = temp_path(path)
-    try:
+    with _temp_removed_on_failure(tmp, path, unchanged):
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _fsync_path(tmp)
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _temp_removed_on_failure(tmp: Path, path: Path, unchanged: str) -> Iterator[None]:
+    """On any failure inside: remove ``tmp``, and re-raise a storage failure as the one-line
+    :class:`StorageError` naming ``path`` (other exceptions pass through unchanged)."""
+    try:
+        yield
     except BaseException as exc:
         _unlink(tmp)
         err = storage_error(exc, path, unchanged)
