@@ -51,6 +51,18 @@ class _StartExited(RuntimeError):
     """``ray start`` ended before its node came up (typically a port that was free when picked)."""
 
 
+def _retry_start(start_once, attempts: int, before_retry=lambda: None):
+    """``start_once()``, again (after ``before_retry()``) while it raises :class:`_StartExited`, up to ``attempts`` tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start_once()
+        except _StartExited:
+            if attempt == attempts:
+                raise
+            before_retry()
+    raise AssertionError("unreachable")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,14 +182,7 @@ class RayHead:
     def start(self, timeout_s: float = 180.0, attempts: int = 3) -> "RayHead":
         """Start the head; a ``ray start`` that exits at once (a port chosen free was taken before
         Ray bound it: the ports are picked, released, then handed to Ray) is retried on new ports."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start_once(timeout_s)
-            except _StartExited:
-                if attempt == attempts:
-                    raise
-                self._pick_ports()
-        raise AssertionError("unreachable")
+        return _retry_start(lambda: self._start_once(timeout_s), attempts, before_retry=self._pick_ports)
 
     def _start_once(self, timeout_s: float) -> "RayHead":
         cmd = [
@@ -356,13 +361,7 @@ class RayNode:
 
     def start(self, timeout_s: float = 120.0, attempts: int = 3) -> "RayNode":
         """Start the node; one whose ``ray start`` exits at once (a port taken meanwhile) is retried on new ports."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start_once(timeout_s)
-            except _StartExited:
-                if attempt == attempts:
-                    raise
-        raise AssertionError("unreachable")
+        return _retry_start(lambda: self._start_once(timeout_s), attempts)
 
     def _start_once(self, timeout_s: float) -> "RayNode":
         before = self.head.alive_node_ids()
