@@ -13,7 +13,8 @@ From nothing it writes its own cohort (``dipro synth`` 200 patients at 512 px ->
    is printed); then torchvision's ResNet-50 alone (the same 1-channel stem) on the same 320
    crops, bf16, channels-last, forward + backward: the ceiling; the default step's crops/s over it.
 2. **memory**: batch 4 x 14 CXRs (the cohort's cap), bf16 + channels-last, eager, peak GPU
-   memory and samples/s with and without ``model.activation_checkpointing``.
+   memory and samples/s with and without ``model.activation_checkpointing`` (and with it plus
+   ``model.encoder_chunk``: the backbone recomputed 64 crops at a time).
 3. **train**: a real ``dipro train`` (configs/mortality.yaml, random init, 1 GPU, 8 loader
    workers, batch 4 x accumulation 4) with DDP and with DeepSpeed ZeRO-2, 2 short epochs; samples/s
    of the second epoch from the run's own metrics (checkpoint ``meta.json``), against the model
@@ -61,10 +62,10 @@ from dipro.train.strategies import ModelWithLoss  # noqa: E402
 SECTIONS = ("shards", "step", "memory", "train", "loader")
 EXTRA_SECTIONS = ("shared",)  # asked for by name only
 SIZES = {
-    "full": dict(patients=200, image_size=512, crop=224, model="paper", batch=8, cxrs=4, mem_batch=4, mem_cxrs=14,
+    "full": dict(patients=200, image_size=512, crop=224, model="paper", batch=8, cxrs=4, mem_batch=4, mem_cxrs=14, mem_chunk=64,
                  warmup=3, steps=10, backend="inductor", config="configs/mortality.yaml", train_steps=8,
                  train_batch=4, train_loader_workers=8, loader_steps=60, device_batches=6),
-    "smoke": dict(patients=24, image_size=96, crop=32, model="demo", batch=2, cxrs=3, mem_batch=2, mem_cxrs=4,
+    "smoke": dict(patients=24, image_size=96, crop=32, model="demo", batch=2, cxrs=3, mem_batch=2, mem_cxrs=4, mem_chunk=16,
                   warmup=1, steps=2, backend="eager", config="configs/demo.yaml", train_steps=2,
                   train_batch=2, train_loader_workers=0, loader_steps=4, device_batches=2),
 }
@@ -126,10 +127,11 @@ def model_cfg(size: dict, **kw) -> ModelConfig:
 
 
 def build(size: dict, device: torch.device, *, channels_last: bool, compiled: bool, backend: str,
-          checkpointing: bool = False) -> ModelWithLoss:
+          checkpointing: bool = False, encoder_chunk: int = 0) -> ModelWithLoss:
     """The training module as ``dipro train`` builds it (ModelWithLoss, channels-last, compiled in place)."""
     torch.manual_seed(0)
-    cfg = model_cfg(size, channels_last=channels_last, activation_checkpointing=checkpointing)
+    cfg = model_cfg(size, channels_last=channels_last, activation_checkpointing=checkpointing,
+                    encoder_chunk=encoder_chunk)
     wrapped = ModelWithLoss(DiPro(cfg, "mortality", uniform_label_stats(), LossConfig()))
     if channels_last:
         wrapped.to(memory_format=torch.channels_last)
@@ -249,16 +251,18 @@ def memory_section(size: dict, device: torch.device, results: dict) -> None:
     b, cxrs = size["mem_batch"], size["mem_cxrs"]
     batch = synthetic_batch(size, b, cxrs, device)
     rows = []
-    for ckpt in (False, True):
+    chunk = size["mem_chunk"]
+    for ckpt, enc_chunk in ((False, 0), (True, 0), (True, chunk)):
+        name = f"checkpointing={ckpt}" + (f",encoder_chunk={enc_chunk}" if enc_chunk else "")
+        label = ("on" if ckpt else "off") + (f", encoder_chunk={enc_chunk}" if enc_chunk else "")
         module = build(size, device, channels_last=device.type == "cuda", compiled=False, backend="",
-                       checkpointing=ckpt)
+                       checkpointing=ckpt, encoder_chunk=enc_chunk)
         try:
             _, per_step, peak = time_steps(dipro_step(module, batch, device, "bf16"), device, 2, max(2, size["steps"] // 2))
-            results.setdefault("memory", {})[f"checkpointing={ckpt}"] = {"peak_gib": peak / 2**30,
-                                                                        "samples_per_s": b / per_step}
-            rows.append(["on" if ckpt else "off", f"{peak / 2**30:.2f}", f"{b / per_step:.1f}"])
+            results.setdefault("memory", {})[name] = {"peak_gib": peak / 2**30, "samples_per_s": b / per_step}
+            rows.append([label, f"{peak / 2**30:.2f}", f"{b / per_step:.1f}"])
         except torch.OutOfMemoryError:
-            rows.append(["on" if ckpt else "off", "out of memory", "-"])
+            rows.append([label, "out of memory", "-"])
         del module
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -123,6 +123,13 @@ class ModelConfig:
     """Recompute the backbone's stages in the backward pass instead of keeping their activations
     (torch.utils.checkpoint, non-reentrant): much less GPU memory for the same loss and gradients,
     about one more backbone forward of time. For long sequences (batch 4 x 14 CXRs) on < 40 GiB GPUs."""
+    encoder_chunk: int = 0
+    """Crops per backbone call (0 = every crop of the batch in one call, as the authors). With
+    model.activation_checkpointing each chunk is recomputed on its own in the backward pass, so the
+    backbone's activation memory is one chunk's: the switch for GPUs where checkpointing the stages is
+    not enough. In training the backbone's BatchNorm then normalises each chunk with its own batch
+    statistics (as smaller batches would); evaluation is unchanged. Under torch.compile the encoder runs
+    eagerly (one graph break) when this is set."""
     # --- ablation switches (the paper's ablations) ---
     use_ehr: bool = True
     """False = CXR only."""
@@ -152,6 +159,9 @@ class ModelConfig:
                f"model.compile_backend must be inductor|aot_eager|eager, got {self.compile_backend!r}")
         _check(self.crop_size >= 16, "model.crop_size must be >= 16")
         _check(self.group_k >= 1, "model.group_k must be >= 1")
+        _check(isinstance(self.encoder_chunk, int) and not isinstance(self.encoder_chunk, bool)
+               and (self.encoder_chunk == 0 or self.encoder_chunk >= 2),
+               f"model.encoder_chunk must be 0 (all crops at once) or an integer >= 2, got {self.encoder_chunk!r}")
         _check(self.num_layers >= 1, "model.num_layers must be >= 1")
         _check(not (self.use_ehr and self.local_fusion and self.num_layers < 2),
                "model.num_layers must be >= 2: local fusion has num_layers // 2 region-aware attention layers "

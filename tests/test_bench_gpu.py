@@ -34,7 +34,7 @@ def test_gpu_benchmark_smoke_runs_its_sections(tmp_path):
     assert set(step) == {"fp32 eager", "bf16 eager", "fp32 channels-last", "bf16 channels-last",
                          "bf16 channels-last compiled (default)", "backbone alone"}
     assert step["fp32 eager"]["speedup"] == 1.0 and all(v["ms"] > 0 for v in step.values())
-    assert set(res["memory"]) == {"checkpointing=False", "checkpointing=True"}
+    assert set(res["memory"]) == {"checkpointing=False", "checkpointing=True", "checkpointing=True,encoder_chunk=16"}
     assert set(res["loader"]) == {"0", "2"} and all(v["samples_per_s"] > 0 for v in res["loader"].values())
     assert {"default_step_vs_fp32_eager", "dipro_vs_backbone_alone"} <= set(res["ratios"])
     assert "train" not in res or not res["train"]

@@ -170,23 +170,91 @@ def test_activation_checkpointing_gives_the_same_loss_gradients_and_running_stat
                for n in sp if "running_mean" in n)  # the forward did update them (once)
 
 
+def saved_bytes(model) -> int:
+    """Bytes of the tensors one training step keeps for its backward pass."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(model, train_batch("mortality", [3, 3], [4, 4], seed=2))
+    return total
+
+
 def test_activation_checkpointing_keeps_fewer_activations():
-    """Tensors saved for backward by the backbone: with checkpointing only the stage inputs."""
-    def saved_bytes(model):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            step(model, train_batch("mortality", [3, 3], [4, 4], seed=2))
-        return total
-
+    """Tensors saved for backward by the backbone: with checkpointing only the stage inputs; with
+    model.encoder_chunk as well only each chunk's input and pooled output."""
     plain = saved_bytes(make_model(backbone="resnet18"))
     ckpt = saved_bytes(make_model(backbone="resnet18", activation_checkpointing=True))
+    chunked = saved_bytes(make_model(backbone="resnet18", activation_checkpointing=True, encoder_chunk=8))
     assert ckpt < 0.5 * plain
+    assert chunked < 0.5 * ckpt
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
+def test_encoder_chunks_change_nothing_in_evaluation(backbone):
+    whole = make_model(backbone=backbone, seed=4).eval()
+    chunked = make_model(backbone=backbone, seed=4, encoder_chunk=7).eval()  # 50 crops: 7 x 7 + 1 -> last chunk 2
+    chunked.load_state_dict(whole.state_dict())
+    batch = train_batch("mortality", [3, 2], [5, 6], seed=5)
+    with torch.no_grad():
+        a, b = whole(batch), chunked(batch)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.allclose(b[k], a[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_checkpointed_encoder_chunks_give_the_chunked_loss_gradients_and_running_stats():
+    """Checkpointing each chunk recomputes it exactly (same loss and gradients as the chunked
+    encoder without checkpointing) and updates BatchNorm's running statistics once per chunk,
+    not again in the backward pass; under torch.compile the chunk loop runs eagerly."""
+    from dipro.model.region_encoder import run_in_chunks
+
+    def chunk_calls(model):
+        calls = []
+        model.region_encoder.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        return calls
+
+    plain = make_model(backbone="tiny", seed=6, encoder_chunk=16)
+    ckpt = make_model(backbone="tiny", seed=6, encoder_chunk=16, activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    calls = chunk_calls(plain)
+    batch = train_batch("mortality", [3, 2], [5, 6], seed=7)  # 5 CXRs x 10 regions = 50 crops
+    loss_p, _ = step(plain, batch)
+    loss_c, _ = step(ckpt, batch)
+    assert calls == [16, 16, 16, 2]
+    assert torch.allclose(loss_c, loss_p, rtol=1e-6, atol=1e-7)
+    loss_p.backward()
+    loss_c.backward()
+    gp, gc = grads(plain), grads(ckpt)
+    assert gp.keys() == gc.keys() and len(gp) > 10
+    for n in gp:
+        assert torch.allclose(gc[n], gp[n], rtol=1e-5, atol=1e-7), n
+    sp, sc = plain.state_dict(), ckpt.state_dict()
+    tracked = [n for n in sp if n.startswith("region_encoder.backbone") and n.endswith("num_batches_tracked")]
+    assert tracked and all(int(sp[n]) == 4 and int(sc[n]) == 4 for n in tracked)  # once per chunk
+    for n in sp:
+        if "running_" in n:
+            assert torch.equal(sc[n], sp[n]), n
+    # a remainder of one crop joins the chunk before it (BatchNorm needs more than one sample)
+    backbone = make_model(backbone="tiny").region_encoder.backbone
+    sizes = []
+    backbone.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    out = run_in_chunks(backbone, torch.rand(9, 1, 32, 32), 4, checkpointing=False)
+    assert sizes == [4, 5] and out.shape == (9, 64)
+    # compiled (dynamo, eager backend): the chunk loop is the one graph break, the step still runs
+    from dipro.train.compile import configure_dynamo
+
+    configure_dynamo()
+    torch._dynamo.reset()
+    compiled = make_model(backbone="tiny", seed=6, encoder_chunk=16, activation_checkpointing=True)
+    compiled.load_state_dict(plain.state_dict())
+    loss_k, _ = torch.compile(lambda b: step(compiled, b), backend="eager")(batch)
+    loss_k.backward()
+    assert torch.allclose(loss_k, loss_p, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -78,6 +78,7 @@ class DiPro(nn.Module):
             load_pretrained=load_pretrained,
             input_scaling=model_cfg.input_scaling,
             activation_checkpointing=model_cfg.activation_checkpointing,
+            encoder_chunk=model_cfg.encoder_chunk,
         )
         self.std = SpatiotemporalDisentanglement(d, model_cfg.dropout, pair_reversal=model_cfg.pair_reversal)
         self.region_head = RegionProgressionHead(d) if model_cfg.use_pae else None

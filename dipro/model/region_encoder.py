@@ -211,13 +211,45 @@ def run_checkpointed(stages: list[nn.Module], head: nn.Module, x: torch.Tensor) 
     return head(x)
 
 
+@torch.compiler.disable
+def run_in_chunks(backbone: nn.Module, x: torch.Tensor, chunk: int, checkpointing: bool) -> torch.Tensor:
+    """``backbone(x)`` over ``chunk`` crops at a time (``model.encoder_chunk``), concatenated.
+
+    With ``checkpointing`` each chunk is one checkpointed segment through the whole backbone: the
+    backward pass keeps only the chunk's input and pooled output and recomputes one chunk at a time,
+    so the backbone's activation memory is one chunk's instead of every crop's.  Without gradients
+    (evaluation) the result is exactly ``backbone(x)``.  In training the backbone's BatchNorm layers
+    normalise each chunk with its own statistics and update their running statistics once per chunk,
+    as more, smaller batches would (the documented price of ``model.encoder_chunk``).
+
+    Run eagerly under ``torch.compile`` (the number of chunks depends on the data): the compiled
+    step has one graph break here when the switch is on, none when it is off.
+    """
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    def segment(part: torch.Tensor) -> torch.Tensor:
+        if not checkpointing:
+            return backbone(part)
+        return checkpoint(backbone, part, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(backbone)))
+
+    n = x.shape[0]
+    sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    if len(sizes) > 1 and sizes[-1] == 1:  # a one-crop chunk would leave BatchNorm a batch of 1
+        sizes[-2:] = [sizes[-2] + 1]
+    return torch.cat([segment(part) for part in x.split(sizes)])
+
+
 class RegionEncoder(nn.Module):
     """uint8 crops [B,T,R,C,C] -> region features F [B,T,R,d_model] (zeros for padded CXRs).
 
     ``forward(crops, region_mask, cxr_mask, augment)``: ``region_mask`` [B,T,R] (True = the
     region was cropped), ``cxr_mask`` [B,T] (True = real CXR).  ``input_scaling`` as in
     :class:`dipro.config.ModelConfig`; ``activation_checkpointing`` recomputes the backbone's
-    stages in the backward pass (:func:`run_checkpointed`).
+    stages in the backward pass (:func:`run_checkpointed`); ``encoder_chunk`` > 0 runs the backbone
+    over that many crops at a time (:func:`run_in_chunks`).
     """
 
     def __init__(
@@ -230,9 +262,11 @@ class RegionEncoder(nn.Module):
         load_pretrained: bool = True,
         input_scaling: str = "unit",
         activation_checkpointing: bool = False,
+        encoder_chunk: int = 0,
     ) -> None:
         super().__init__()
         self.activation_checkpointing = activation_checkpointing
+        self.encoder_chunk = encoder_chunk
         if input_scaling not in ("unit", "imagenet"):
             raise ValueError(f"unknown input scaling {input_scaling!r}")
         self.input_scaling = input_scaling
@@ -277,7 +311,10 @@ class RegionEncoder(nn.Module):
         if params is not None:  # the jitter would lift a missing region's black crop: keep it black
             black = 0.0 if self.input_scaling == "unit" else -GRAY_MEAN / GRAY_STD  # a normalised black pixel
             x = torch.where(present[real_cxr].view(-1, 1, 1, 1), x, torch.full_like(x, black))
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        if self.encoder_chunk:
+            pooled = run_in_chunks(self.backbone, x, self.encoder_chunk, checkpointing)
+        elif checkpointing:
             pooled = run_checkpointed(*backbone_stages(self.backbone), x)
         else:
             pooled = self.backbone(x)
