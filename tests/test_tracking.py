@@ -157,10 +157,13 @@ def test_reattached_worker_logs_into_the_same_run(tmp_path, db, monkeypatch):
 def test_unsent_items_are_saved_and_reported_when_backend_stays_down(tmp_path, db):
     cfg = _cfg(tmp_path, db)
     tracker = Tracker.create_in_driver(cfg, "lost")
-    # point the tracker at a backend that cannot work (a directory, not a database file)
+    # point the tracker at a backend that cannot work and says so at once: a database whose parent
+    # "directory" is a file.  (A directory as the database file would do too, but MLflow retries
+    # opening it for ~100 s while holding its store-building lock, stalling every later MlflowClient
+    # of this process, e.g. the next test module's.)
     broken = pickle.loads(pickle.dumps(tracker))
-    (tmp_path / "not-a-db").mkdir()
-    broken.uri = f"sqlite:///{tmp_path}/not-a-db"
+    (tmp_path / "not-a-dir").write_text("a file")
+    broken.uri = f"sqlite:///{tmp_path}/not-a-dir/mlflow.db"
     broken.retry_interval_s = 0.2
     with pytest.warns(RuntimeWarning) as caught:
         broken.log_metrics({"train/loss": 3.0}, step=7)  # never raises
