@@ -121,8 +121,9 @@ def test_failing_job_through_submit_sh_is_failed_with_its_error_in_the_logs(head
 
 
 def test_error_on_a_training_rank_is_one_line_in_the_job_logs(head, cohort, tmp_path):
-    """A user error raised inside a Ray Train worker of a `ray job submit` job: the job is FAILED and
-    its logs end with the same one line as any user error, naming the rank."""
+    """A user error raised inside a Ray Train worker of a `ray job submit` job: `dipro train` exits 2,
+    the job is FAILED and its logs end with the same one line as any user error, naming the rank, and
+    the path of the run log that holds the full trace."""
     import json
 
     from data_sharding.manifest import read_manifest, write_manifest
@@ -142,9 +143,13 @@ def test_error_on_a_training_rank_is_one_line_in_the_job_logs(head, cohort, tmp_
     assert proc.returncode != 0 and head.job_info(job)["status"] == "FAILED", logs[-3000:]
     errors = [line for line in logs.splitlines() if line.startswith("dipro train: error: ")]
     assert len(errors) == 1 and errors[0].endswith("(rank 0)"), logs[-3000:]
+    assert logs.strip().splitlines()[-1] == errors[0]  # the last line
     assert "crops.npy has crop size 32, the manifest says 64" in errors[0]
+    assert "exit code 2" in head.job_info(job).get("message", "")
     assert "dipro/cli.py" not in logs  # no driver traceback
-    assert "Traceback" in (tmp_path / "runs" / "rank-error" / "train.log").read_text()
+    log = tmp_path / "runs" / "rank-error" / "train.log"
+    assert f"full trace in {log}" in logs
+    assert "dipro/data/pipeline.py" in log.read_text()  # the frame where the rank found it
 
 
 def test_shard_regeneration_job(head, cohort, tmp_path):

@@ -1,7 +1,9 @@
 """End to end: a 2-worker Ray Train run with a SIGKILLed worker, tracked on a real `mlflow server`.
 
-One MLflow run (the retried worker group reattaches to it), with the params, tags,
-per-step and per-epoch metrics, artifacts and the registered version of issue 6.
+The restarted worker group resumes from the last checkpoint before the kill (steps, epochs and
+checkpoints as if nothing happened), and there is one MLflow run (the retried worker group
+reattaches to it), with the params, tags, per-step and per-epoch metrics, artifacts and the
+registered version of issue 6.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import processed_fixture  # noqa: E402
 from mlflow_server import Server  # noqa: E402
 
 from dipro.config import load_config  # noqa: E402
+from dipro.train.checkpoint import read_meta  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,17 @@ def test_two_worker_run_with_worker_failure_is_one_tracked_run(shards, tmp_path,
             "trainer.num_workers=2", "data.batch_size=2", "trainer.max_failures=1",
             "trainer.checkpoint_every_n_steps=2", "trainer.num_to_keep=10"])
         result = run_training(cfg)
-        assert marker.read_text().startswith("killed rank 1")  # the worker group was really restarted
     finally:
         ray.shutdown()
+    # The worker group was really restarted: rank 1 died at step 5, the 2nd step of epoch 1; the last
+    # checkpoint before it is step 4 (mid-epoch): the restarted group continues from there, so the run
+    # ends with 2 epochs, 6 steps, each epoch once.
+    assert marker.read_text().startswith("killed rank 1 at step 5")
+    assert result.epochs_completed == 2 and result.global_step == 6
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert sorted(p.name for p in result.run_dir.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_s00000002", "checkpoint_s00000003_epoch0000", "checkpoint_s00000004", "checkpoint_s00000006_epoch0001"]
+    assert read_meta(result.last_checkpoint)["epoch"] == 2
     try:
         client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
         exp = client.get_experiment_by_name("e2e")
