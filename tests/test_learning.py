@@ -27,6 +27,9 @@ pytestmark = pytest.mark.slow
 # to permuted labels -- ranks deaths well or exactly backwards (AUROC ~0.8 or ~0.2 by the seed),
 # while only a model that learned the labels predicts calibrated risks.  A model trained on
 # permuted labels collapses to the class prior, which kappa scores 0 for length of stay.
+# With 8 epochs, over model seeds 23 / 29 / 66 (2026-11-30), true labels beat the control by
+# mortality -Brier 0.066 / 0.080 / 0.103, LOS kappa 0.349 / 0.263 / 0.419, progression AUROC
+# 0.150 / 0.145 / 0.173: each at least 1.4x its margin.
 METRIC = {"mortality": ("-brier", 0.03), "length_of_stay": ("kappa", 0.10), "disease_progression": ("auroc", 0.10)}
 
 
@@ -89,7 +92,7 @@ def _held_out(model, cfg, shard_dir, metric):
 @pytest.mark.parametrize("task", ["mortality", "length_of_stay", "disease_progression"])
 def test_true_labels_beat_shuffled_labels(task, shards):
     cfg = load_config("configs/demo.yaml", [
-        f"task={task}", f"data.shards={shards}", "trainer.max_epochs=15", "data.num_loader_workers=0",
+        f"task={task}", f"data.shards={shards}", "trainer.max_epochs=8", "data.num_loader_workers=0",
         "data.batch_size=8", "optim.base_lr=2.5e-4", "data.augment=false", "model.use_pae=true",  # lr 8 x 2.5e-4
     ])
     label_stats = read_label_stats(shards)
