@@ -226,11 +226,12 @@ class RayHead:
         self.stop()
         raise RuntimeError(f"Ray head did not answer on {self.address} within {timeout_s:.0f}s:\n{self.start_log()}")
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 3.0) -> None:
         """Stop the worker nodes (newest first), then the head; everything by pid.
 
         After jobs ran, the head's ``ray start --block`` often does not finish its own
-        teardown within 30 s of SIGTERM; after ``grace_s`` what is left is killed.
+        teardown within 30 s of SIGTERM; after ``grace_s`` what is left is killed (the
+        cluster's state dies with it: nothing of it is kept).
         """
         for node in reversed(self.nodes):
             node.stop()
@@ -430,7 +431,7 @@ class RayNode:
         except (RuntimeError, psutil.NoSuchProcess):
             return False
 
-    def stop(self, grace_s: float = 30.0) -> None:
+    def stop(self, grace_s: float = 3.0) -> None:
         proc, self._proc = self._proc, None
         _stop_tree(proc, grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

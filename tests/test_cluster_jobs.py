@@ -194,7 +194,7 @@ def test_two_worker_training_job(head, cohort, tmp_path):
     entry = ["python", "-m", "dipro", "train", "--config", "configs/demo.yaml",
              f"data.shards={cohort / 'shards'}", f"trainer.storage_path={tmp_path / 'runs'}",
              "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.precision=fp32",
-             "trainer.max_epochs=2", f"trainer.run_name={run_name}"]
+             "trainer.max_epochs=1", f"trainer.run_name={run_name}"]
     proc = head.submit(job, entry, runtime_env(MLFLOW_TRACKING_URI=uri), cwd=REPO, timeout=900)
     logs = head.logs(job)
     assert proc.returncode == 0 and head.job_info(job)["status"] == "SUCCEEDED", logs[-5000:]

@@ -219,7 +219,9 @@ def test_elastic_group_continues_with_fewer_workers(cluster, nodes, cohort, subm
     # step-2 checkpoint of the 2-worker group: 2 micro batches per rank done = 4 for a single rank
     final_step = 2 + (one - 4) + one
     job = submit("trainer.num_workers=1-2", f"trainer.cpus_per_worker={CPUS_PER_NODE}", "trainer.max_failures=1",
-                 "trainer.schedule_timeout_s=120")
+                 # each group start may take schedule_timeout_s / 4 = 20 s: after the kill, Ray Train first
+                 # tries 2 workers again (the dead node's CPUs still count until the GCS marks it dead)
+                 "trainer.schedule_timeout_s=80")
     # The group holding at step 2 is the last one started (a group whose start failed on a node that
     # was just re-added is restarted by Ray Train before any step: its ranks' lines come first).
     first = job.rank_nodes()[-1]
