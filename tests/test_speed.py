@@ -53,6 +53,15 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_gradients(reference: torch.nn.Module, other: torch.nn.Module, rtol: float, atol: float,
+                          min_params: int = 0) -> None:
+    """Both models hold gradients for the same (more than ``min_params``) parameters, and close ones."""
+    gr, go = grads(reference), grads(other)
+    assert gr.keys() == go.keys() and len(gr) > min_params
+    for n in gr:
+        assert torch.allclose(go[n], gr[n], rtol=rtol, atol=atol), n
+
+
 # ----------------------------------------------------------------------------- auto switches
 
 def test_auto_switches_resolve_on_for_cuda_off_on_cpu():
@@ -129,10 +138,7 @@ def test_compiled_training_step_gives_eager_loss_and_gradients(task, checkpointi
             assert torch.allclose(terms_c[k], terms_e[k], rtol=1e-5, atol=1e-6), k
         loss_e.backward()
         loss_c.backward()
-        ge, gc = grads(eager), grads(compiled)
-        assert ge.keys() == gc.keys() and len(ge) > 10
-        for n in ge:
-            assert torch.allclose(gc[n], ge[n], rtol=1e-4, atol=1e-6), n
+        assert_same_gradients(eager, compiled, rtol=1e-4, atol=1e-6, min_params=10)
         eager.zero_grad(set_to_none=True)
         compiled.zero_grad(set_to_none=True)
 
@@ -158,10 +164,7 @@ def test_activation_checkpointing_gives_the_same_loss_gradients_and_running_stat
     assert torch.allclose(loss_c, loss_p, rtol=1e-6, atol=1e-7)
     loss_p.backward()
     loss_c.backward()
-    gp, gc = grads(plain), grads(ckpt)
-    assert gp.keys() == gc.keys()
-    for n in gp:
-        assert torch.allclose(gc[n], gp[n], rtol=1e-5, atol=1e-7), n
+    assert_same_gradients(plain, ckpt, rtol=1e-5, atol=1e-7)
     # the recomputation in backward must not update BatchNorm's running statistics a second time
     sp, sc = plain.state_dict(), ckpt.state_dict()
     for n in sp:
@@ -230,10 +233,7 @@ def test_checkpointed_encoder_chunks_give_the_chunked_loss_gradients_and_running
     assert torch.allclose(loss_c, loss_p, rtol=1e-6, atol=1e-7)
     loss_p.backward()
     loss_c.backward()
-    gp, gc = grads(plain), grads(ckpt)
-    assert gp.keys() == gc.keys() and len(gp) > 10
-    for n in gp:
-        assert torch.allclose(gc[n], gp[n], rtol=1e-5, atol=1e-7), n
+    assert_same_gradients(plain, ckpt, rtol=1e-5, atol=1e-7, min_params=10)
     sp, sc = plain.state_dict(), ckpt.state_dict()
     tracked = [n for n in sp if n.startswith("region_encoder.backbone") and n.endswith("num_batches_tracked")]
     assert tracked and all(int(sp[n]) == 4 and int(sc[n]) == 4 for n in tracked)  # once per chunk
@@ -310,6 +310,4 @@ def test_inductor_compiles_the_step_with_data_dependent_crop_counts():
     assert torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     loss_c.backward()
     loss_e.backward()
-    ge, gc = grads(eager), grads(compiled)
-    for n in ge:
-        assert torch.allclose(gc[n], ge[n], rtol=1e-3, atol=1e-5), n
+    assert_same_gradients(eager, compiled, rtol=1e-3, atol=1e-5)

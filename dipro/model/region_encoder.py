@@ -193,21 +193,26 @@ class _FrozenBatchNormStats:
             m.num_batches_tracked.copy_(count)
 
 
-def run_checkpointed(stages: list[nn.Module], head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``head(stages[-1](...stages[0](x)))`` keeping only each stage's input for the backward pass
-    (``torch.utils.checkpoint``, non-reentrant); the loss, the gradients and the BatchNorm running
-    statistics are those of the plain forward."""
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` as one non-reentrant ``torch.utils.checkpoint`` segment: only ``x`` is kept for the
+    backward pass, which recomputes the segment.  Eagerly, the recomputation leaves BatchNorm running
+    statistics alone (:class:`_FrozenBatchNormStats`); a compiled graph recomputes values only anyway."""
     import contextlib
 
     from torch.utils.checkpoint import checkpoint
 
-    compiling = torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        return checkpoint(module, x, use_reentrant=False)
+    return checkpoint(module, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(module)))
+
+
+def run_checkpointed(stages: list[nn.Module], head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(stages[-1](...stages[0](x)))`` keeping only each stage's input for the backward pass
+    (one :func:`checkpointed` segment per stage); the loss, the gradients and the BatchNorm running
+    statistics are those of the plain forward."""
     for stage in stages:
-        if compiling:  # the compiled graph recomputes values only, never buffer updates
-            x = checkpoint(stage, x, use_reentrant=False)
-        else:
-            x = checkpoint(stage, x, use_reentrant=False,
-                           context_fn=lambda s=stage: (contextlib.nullcontext(), _FrozenBatchNormStats(s)))
+        x = checkpointed(stage, x)
     return head(x)
 
 
@@ -225,21 +230,12 @@ def run_in_chunks(backbone: nn.Module, x: torch.Tensor, chunk: int, checkpointin
     Run eagerly under ``torch.compile`` (the number of chunks depends on the data): the compiled
     step has one graph break here when the switch is on, none when it is off.
     """
-    import contextlib
-
-    from torch.utils.checkpoint import checkpoint
-
-    def segment(part: torch.Tensor) -> torch.Tensor:
-        if not checkpointing:
-            return backbone(part)
-        return checkpoint(backbone, part, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(backbone)))
-
     n = x.shape[0]
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
     if len(sizes) > 1 and sizes[-1] == 1:  # a one-crop chunk would leave BatchNorm a batch of 1
         sizes[-2:] = [sizes[-2] + 1]
-    return torch.cat([segment(part) for part in x.split(sizes)])
+    run = (lambda part: checkpointed(backbone, part)) if checkpointing else backbone
+    return torch.cat([run(part) for part in x.split(sizes)])
 
 
 class RegionEncoder(nn.Module):
