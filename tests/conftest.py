@@ -17,6 +17,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No cloud SDK may look for credentials on a metadata server (off this machine).
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST", "DIPRO_S3_ENDPOINT",
+              "DIPRO_GCS_ENDPOINT", "AWS_PROFILE"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +40,63 @@ def shards(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         ("disease_progression", "test"): [3, 2],
     })
     return root, written
+
+
+# ----------------------------------------------------------------------------- object storage servers
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server on 127.0.0.1 for the session (tests/object_store.py); stopped by pid."""
+    from object_store import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """One fake-gcs-server on 127.0.0.1 for the session; stopped by pid."""
+    from object_store import GCSServer
+
+    server = GCSServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _unique_bucket(request) -> str:
+    import re
+    import secrets
+
+    stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return f"{stem}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def s3_bucket(request, s3_server, monkeypatch) -> str:
+    """A new, empty bucket on the session's S3 server (``s3://NAME``), with this process's env pointed at it."""
+    from object_store import s3_env
+
+    for k, v in s3_env(s3_server.endpoint).items():
+        monkeypatch.setenv(k, v)
+    return s3_server.create_bucket(_unique_bucket(request))
+
+
+@pytest.fixture
+def gcs_bucket(request, gcs_server, monkeypatch) -> str:
+    """A new, empty bucket on the session's GCS emulator (``gs://NAME``), with this process's env pointed at it."""
+    from object_store import gcs_env
+
+    for k, v in gcs_env(gcs_server.endpoint).items():
+        monkeypatch.setenv(k, v)
+    return gcs_server.create_bucket(_unique_bucket(request))
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request) -> str:
+    """The same test on an S3 bucket and on a GCS bucket."""
+    return request.getfixturevalue("s3_bucket" if request.param == "s3" else "gcs_bucket")
