@@ -2,7 +2,15 @@
 
 Columns (docs/ARCHITECTURE.md section 2): task, split, path (relative to S),
 samples, bytes, sha256, fingerprint, settings (JSON string); plus ``counts``
-(JSON: regions missing, invalid boxes, unreadable images ... in that shard).
+(JSON: regions missing, invalid boxes, unreadable images ... in that shard) and
+``etag`` (on a bucket: the object's ETag / generation when it was written, so that
+regeneration checks an object by its metadata without reading it; empty locally).
+
+``S`` is a local directory or an ``s3://`` / ``gs://`` prefix (:mod:`data_sharding.storage`).
+On a bucket the manifest is the shard set's only commit point: its rows name the exact
+shard objects (``{task}/{split}-{NNNNNN}-{generation}.tar``), it carries the train label and
+EHR statistics in its schema metadata (``dipro.stats``: no separate objects that could
+disagree with it), and it is replaced by one conditional write (:func:`commit_manifest`).
 
 The fingerprint of a shard is a sha256 over the format version, the settings,
 and for each of its samples the task row, the CXR rows (without the absolute
@@ -15,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, datetime
 from pathlib import Path
@@ -26,7 +35,11 @@ from data_sharding.errors import DataError
 FORMAT_VERSION = 1
 """Bump when the shard layout or encoding changes: every shard's fingerprint changes with it."""
 MANIFEST_NAME = "manifest.parquet"
-MANIFEST_COLUMNS = ("task", "split", "path", "samples", "bytes", "sha256", "fingerprint", "settings", "counts")
+MANIFEST_COLUMNS = ("task", "split", "path", "samples", "bytes", "sha256", "fingerprint", "settings", "counts",
+                    "etag")
+OPTIONAL_COLUMNS = ("counts", "etag")
+STATS_KEY = b"dipro.stats"
+STATS_FILES = ("label_stats.json", "ehr_stats.json")
 
 
 @dataclass(frozen=True)
@@ -82,19 +95,35 @@ class ShardRecord:
     fingerprint: str
     settings: str
     counts: str = "{}"
+    etag: str = ""
+
+    @property
+    def logical(self) -> str:
+        """The planned name ``{task}/{split}-{NNNNNN}.tar``, without a bucket generation."""
+        return re.sub(r"-\d{8}T\d{6}-[0-9a-f]{6}(\.tar)$", r"\1", self.path)
 
 
 @dataclass
 class Manifest:
-    """All shards of a shard directory, sorted by (task, split, path)."""
+    """All shards of a shard directory, sorted by (task, split, path).
+
+    ``token`` is the version of the manifest object these rows were read from (None: there was
+    none); a commit on a bucket succeeds only while it is still the current one.  ``stats``: the
+    statistics files a bucket manifest carries (name -> parsed JSON).
+    """
 
     records: list[ShardRecord] = field(default_factory=list)
+    token: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.records = sorted(self.records, key=lambda r: (r.task, r.split, r.path))
 
     def by_path(self) -> dict[str, ShardRecord]:
         return {r.path: r for r in self.records}
+
+    def by_logical(self) -> dict[str, ShardRecord]:
+        return {r.logical: r for r in self.records}
 
     def totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
         """(task, split) -> (shards, samples, bytes)."""
@@ -111,66 +140,140 @@ class Manifest:
         return "\n".join(lines)
 
 
-def manifest_path(shard_dir: str | Path) -> Path:
-    return Path(shard_dir) / MANIFEST_NAME
+def manifest_path(shard_dir) -> "storage.Location":
+    """``S/manifest.parquet`` as a :class:`data_sharding.storage.Location` (a path-like locally)."""
+    from data_sharding import storage
+
+    return storage.resolve(shard_dir) / MANIFEST_NAME
 
 
-def read_manifest(shard_dir: str | Path) -> Manifest:
-    """Load ``S/manifest.parquet``; DataError naming the file when absent or malformed."""
+def read_manifest(shard_dir) -> Manifest:
+    """Load ``S/manifest.parquet`` (local or bucket); DataError naming it when absent or malformed.
+
+    The returned manifest remembers the version it was read from (:attr:`Manifest.token`).
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from data_sharding import storage
+
     path = manifest_path(shard_dir)
-    if not path.is_file():
-        raise DataError(f"no shard manifest at {path} (run `dipro shard` first)")
     try:
-        table = pq.read_table(path)
+        data, token = path.read_versioned()
+    except storage.NotFound:
+        raise DataError(f"no shard manifest at {path} (run `dipro shard` first)") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in MANIFEST_COLUMNS[:-1] if c not in table.column_names]
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    defaults = {"counts": "{}", "etag": ""}
     records = []
     for row in table.to_pylist():
-        records.append(ShardRecord(**{f.name: row.get(f.name, "{}") for f in fields(ShardRecord)}))
-    return Manifest(records)
+        records.append(ShardRecord(**{f.name: row.get(f.name) if row.get(f.name) is not None else defaults.get(f.name)
+                                      for f in fields(ShardRecord)}))
+    stats: dict[str, Any] = {}
+    meta = table.schema.metadata or {}
+    if STATS_KEY in meta:
+        try:
+            stats = json.loads(meta[STATS_KEY])
+        except ValueError:
+            raise DataError(f"{path}: its {STATS_KEY.decode()} metadata is not JSON") from None
+    return Manifest(records, token=token, stats=stats)
 
 
-def _manifest_table(manifest: Manifest):
+def read_stats(shard_dir, name: str, manifest: Manifest | None = None) -> dict:
+    """A statistics file of a shard set (``label_stats.json`` / ``ehr_stats.json``), parsed.
+
+    On a bucket it comes from the manifest (the one commit point); locally from the file
+    (:func:`read_manifest` is not needed).  DataError naming the location when absent or not JSON.
+    """
+    from data_sharding import storage
+
+    root = storage.resolve(shard_dir)
+    if root.is_remote:
+        manifest = manifest or read_manifest(root)
+        if name not in manifest.stats:
+            raise DataError(f"{manifest_path(root)} carries no {name} (cut the shards again with `dipro shard`)")
+        return manifest.stats[name]
+    loc = root / name
+    try:
+        return json.loads(loc.read_text())
+    except storage.NotFound:
+        raise DataError(f"{loc} not found (run `dipro shard` / copy it from the processed dir)") from None
+    except ValueError as exc:
+        raise DataError(f"{loc}: not valid JSON ({exc})") from None
+
+
+def _manifest_table(manifest: Manifest, stats: dict[str, Any] | None = None):
     import pyarrow as pa
 
     schema = pa.schema([("task", pa.string()), ("split", pa.string()), ("path", pa.string()),
                         ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
-                        ("fingerprint", pa.string()), ("settings", pa.string()), ("counts", pa.string())])
+                        ("fingerprint", pa.string()), ("settings", pa.string()), ("counts", pa.string()),
+                        ("etag", pa.string())])
+    if stats:
+        schema = schema.with_metadata({STATS_KEY: json.dumps(stats, sort_keys=True, separators=(",", ":"))})
     return pa.Table.from_pylist([asdict(r) for r in manifest.records], schema=schema)
 
 
-def stage_manifest(shard_dir: str | Path, manifest: Manifest, unchanged: str = "") -> Path:
-    """Write the manifest to a fsynced temp file beside it and return that file (not yet in place).
-
-    The caller renames it onto ``manifest.parquet`` as the last step of a commit; a write that
-    fails leaves nothing behind (StorageError when the disk is full).
-    """
+def manifest_bytes(manifest: Manifest, stats: dict[str, Any] | None = None) -> bytes:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    sink = pa.BufferOutputStream()
+    pq.write_table(_manifest_table(manifest, stats), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def stage_manifest(shard_dir, manifest: Manifest, unchanged: str = "") -> Path:
+    """Write the manifest to a fsynced temp file beside it and return that file (not yet in place).
+
+    Local directories only.  The caller renames it onto ``manifest.parquet`` as the last step of a
+    commit; a write that fails leaves nothing behind (StorageError when the disk is full).
+    """
     from data_sharding import atomic
 
-    path = manifest_path(shard_dir)
+    path = manifest_path(shard_dir).local
     tmp = atomic.temp_path(path)
     with atomic.open_atomic(path, "wb", tmp=tmp, replace=False, unchanged=unchanged) as f:
-        pq.write_table(_manifest_table(manifest), f)
+        f.write(manifest_bytes(manifest))
     return tmp
 
 
-def write_manifest(shard_dir: str | Path, manifest: Manifest) -> Path:
-    """Write the manifest to a temp file, fsync, then atomically replace the old one."""
-    import pyarrow.parquet as pq
-
+def write_manifest(shard_dir, manifest: Manifest) -> Path:
+    """Replace the manifest of a local shard directory atomically (temp file, fsync, rename)."""
     from data_sharding import atomic
 
-    path = manifest_path(shard_dir)
-    with atomic.open_atomic(path, "wb") as f:
-        pq.write_table(_manifest_table(manifest), f)
+    path = manifest_path(shard_dir).local
+    atomic.write_bytes(path, manifest_bytes(manifest))
     return path
+
+
+class ConcurrentCommit(DataError):
+    """Another writer committed the shard set's manifest after this one read it."""
+
+
+def commit_manifest(shard_dir, manifest: Manifest, previous_token: str | None, stats: dict[str, Any]) -> str:
+    """Publish ``manifest`` on a bucket by one conditional write; returns the new version token.
+
+    ``previous_token`` is the version the writer planned from (None: there was no manifest), so of
+    two writers exactly one commits; the other gets :class:`ConcurrentCommit` and its objects stay
+    unreferenced (``dipro shards gc`` removes them).
+    """
+    from data_sharding import storage
+
+    path = manifest_path(shard_dir)
+    try:
+        if previous_token is None:
+            return path.put(manifest_bytes(manifest, stats), if_absent=True)
+        return path.put(manifest_bytes(manifest, stats), if_match=previous_token)
+    except storage.PreconditionFailed:
+        raise ConcurrentCommit(
+            f"{path} was committed by another writer after this one read it; nothing of this build is "
+            "referenced (the shard set is the other writer's). Run again to build on top of it") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -528,6 +528,30 @@ class Location:
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
+    def read_versioned(self) -> tuple[bytes, str]:
+        """The content and the version token of exactly that content (what a later ``put(if_match=)``
+        must name): one GET that returns both on a bucket; locally stat, read, stat until they agree."""
+        with errors_named(self.uri):
+            if not self.scheme:
+                for _ in range(10):
+                    before = self.stat().token
+                    data = Path(self.key).read_bytes()
+                    if self.stat().token == before:
+                        return data, before
+                raise OSError(f"{self.key} keeps changing while it is read")
+            if self.scheme == "s3":
+                def get() -> tuple[bytes, str]:
+                    resp = client("s3").get_object(Bucket=self.bucket, Key=self.key)
+                    return resp["Body"].read(), resp["ETag"].strip('"')
+                return retrying(get, self.uri)
+
+            def get_gcs() -> tuple[bytes, str]:
+                blob = client("gs").bucket(self.bucket).get_blob(self.key)
+                if blob is None:
+                    raise NotFound(f"{self.uri}: no such object (read)")
+                return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
+            return retrying(get_gcs, self.uri)
+
     # -- writing
     def write_bytes(self, data: bytes, unchanged: str = "") -> str:
         """Write the whole object at once (atomic: one PUT; locally temp + rename). Returns the version token."""
