@@ -288,3 +288,24 @@ class FaultProxy:
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+def upload_shard_set(local_dir: Path, uri: str) -> str:
+    """Publish a local shard directory at a bucket ``uri`` the way ``dipro shard --out URI`` lays it out:
+    the shard objects under their manifest paths, then the manifest (its stats files embedded) by one
+    conditional write.  Returns ``uri``."""
+    import json
+
+    from data_sharding import storage
+    from data_sharding.manifest import STATS_FILES, commit_manifest, read_manifest
+
+    root = storage.resolve(uri)
+    manifest = read_manifest(local_dir)
+    for record in manifest.records:
+        (root / record.path).write_bytes((Path(local_dir) / record.path).read_bytes())
+    stats = {name: json.loads((Path(local_dir) / name).read_text()) for name in STATS_FILES
+             if (Path(local_dir) / name).is_file()}
+    previous = read_manifest(root).token if (root / "manifest.parquet").exists() else None
+    manifest.token = None
+    commit_manifest(root, manifest, previous, stats)
+    return uri
