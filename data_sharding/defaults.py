@@ -35,3 +35,6 @@ MAX_SAMPLES_PER_SHARD = 1000
 MAX_SHARD_BYTES = 512 * 1024 * 1024
 RESAMPLE_MODES = ("bilinear", "nearest")
 """Crop resampling: antialiased bilinear (default) or the authors' nearest."""
+
+GC_MIN_AGE_S = 7 * 24 * 3600
+"""``dipro shards gc --min-age``: superseded objects younger than this stay (a job may still read them)."""

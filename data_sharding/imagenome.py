@@ -199,9 +199,12 @@ def parse_scene_graph(
 class SceneGraphSource:
     """Scene graphs from ``silver_dataset/scene_graph/`` (a folder, or PhysioNet's ``scene_graph.zip``)."""
 
-    def __init__(self, imagenome_root: Path):
-        self.dir = imagenome_root / "silver_dataset" / "scene_graph"
-        self.zip_path = imagenome_root / "silver_dataset" / "scene_graph.zip"
+    def __init__(self, imagenome_root):
+        from data_sharding import storage
+
+        root = storage.resolve(imagenome_root)
+        self.dir = root / "silver_dataset" / "scene_graph"
+        self.zip_path = root / "silver_dataset" / "scene_graph.zip"
         self._zip: zipfile.ZipFile | None = None
         self._zip_names: dict[str, str] = {}
         if not self.dir.is_dir():
@@ -210,8 +213,8 @@ class SceneGraphSource:
                     f"Chest ImaGenome scene graphs not found: expected the folder {self.dir} "
                     f"(files {{dicom_id}}_SceneGraph.json) or {self.zip_path}"
                 )
-            try:
-                self._zip = zipfile.ZipFile(self.zip_path)
+            try:  # the archive is read in place (ranged reads on a bucket), never copied
+                self._zip = zipfile.ZipFile(self.zip_path.open_input())
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise DataError(f"{self.zip_path}: not a readable zip archive ({exc}); the file is truncated or "
                                 "corrupt -- download it again") from None
@@ -237,11 +240,13 @@ class SceneGraphSource:
                 raise DataError(f"{self.zip_path} member {member}: cannot decompress ({exc}); the archive is "
                                 "corrupt -- download it again") from None
         else:
+            from data_sharding import storage
+
             p = self.dir / fname
-            if not p.is_file():
-                return None
-            try:
+            try:  # one read, no existence check first (one request per graph on a bucket)
                 data = p.read_bytes()
+            except storage.NotFound:
+                return None
             except OSError as exc:
                 raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
         try:
@@ -279,7 +284,7 @@ class GoldLabels:
     subjects: set[int] = field(default_factory=set)
 
 
-def read_gold(path: Path, counts: Counter) -> GoldLabels:
+def read_gold(path, counts: Counter) -> GoldLabels:
     """Read the gold comparison TSV (absent file = no gold labels).  Bad rows are counted and skipped."""
     gold = GoldLabels()
     if not path.is_file():

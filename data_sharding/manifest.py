@@ -39,6 +39,7 @@ MANIFEST_COLUMNS = ("task", "split", "path", "samples", "bytes", "sha256", "fing
                     "etag")
 OPTIONAL_COLUMNS = ("counts", "etag")
 STATS_KEY = b"dipro.stats"
+COMMIT_KEY = b"dipro.commit"
 STATS_FILES = ("label_stats.json", "ehr_stats.json")
 
 
@@ -207,24 +208,29 @@ def read_stats(shard_dir, name: str, manifest: Manifest | None = None) -> dict:
         raise DataError(f"{loc}: not valid JSON ({exc})") from None
 
 
-def _manifest_table(manifest: Manifest, stats: dict[str, Any] | None = None):
+def _manifest_table(manifest: Manifest, stats: dict[str, Any] | None = None, commit: str | None = None):
     import pyarrow as pa
 
     schema = pa.schema([("task", pa.string()), ("split", pa.string()), ("path", pa.string()),
                         ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
                         ("fingerprint", pa.string()), ("settings", pa.string()), ("counts", pa.string()),
                         ("etag", pa.string())])
+    meta = {}
     if stats:
-        schema = schema.with_metadata({STATS_KEY: json.dumps(stats, sort_keys=True, separators=(",", ":"))})
+        meta[STATS_KEY] = json.dumps(stats, sort_keys=True, separators=(",", ":"))
+    if commit:
+        meta[COMMIT_KEY] = commit
+    if meta:
+        schema = schema.with_metadata(meta)
     return pa.Table.from_pylist([asdict(r) for r in manifest.records], schema=schema)
 
 
-def manifest_bytes(manifest: Manifest, stats: dict[str, Any] | None = None) -> bytes:
+def manifest_bytes(manifest: Manifest, stats: dict[str, Any] | None = None, commit: str | None = None) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(_manifest_table(manifest, stats), sink)
+    pq.write_table(_manifest_table(manifest, stats, commit), sink)
     return sink.getvalue().to_pybytes()
 
 
@@ -266,19 +272,24 @@ def commit_manifest(shard_dir, manifest: Manifest, previous_token: str | None, s
     from data_sharding import storage
 
     path = manifest_path(shard_dir)
+    # A commit id in the bytes: two commits never have the same content, hence never the same ETag
+    # (S3's ETag is the MD5 of the content, so an identical re-commit would not change the version).
+    data = manifest_bytes(manifest, stats, commit=storage.new_generation())
     try:
         if previous_token is None:
-            return path.put(manifest_bytes(manifest, stats), if_absent=True)
-        return path.put(manifest_bytes(manifest, stats), if_match=previous_token)
+            return path.put(data, if_absent=True)
+        return path.put(data, if_match=previous_token)
     except storage.PreconditionFailed:
         raise ConcurrentCommit(
             f"{path} was committed by another writer after this one read it; nothing of this build is "
             "referenced (the shard set is the other writer's). Run again to build on top of it") from None
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    from data_sharding import storage
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.resolve(path).open_input() as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()

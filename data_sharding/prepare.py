@@ -227,7 +227,7 @@ def stream_ehr(paths: dict[str, Path], stays: pd.DataFrame, population: pd.DataF
         path = paths[source]
         key = "hadm_id" if source == "labevents" else "stay_id"  # one ICU stay per admission (cohort rule)
         keys = union[key].to_numpy()
-        bar = tqdm(total=path.stat().st_size, desc=f"read {source}", unit="B", unit_scale=True,
+        bar = tqdm(total=path.stat().size, desc=f"read {source}", unit="B", unit_scale=True,
                    disable=not opts.progress)
         done = 0
         kind = "outputevents" if source == "outputevents" else "chartevents"
@@ -318,11 +318,19 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
     """Run the whole preparation; write ``out`` atomically; return the report."""
     opts = opts or PrepareOptions()
     t0 = time.perf_counter()
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    from data_sharding import storage
+
+    out = storage.resolve(out)
+    if out.is_remote:
+        token = atomic.published_token(out)
+        if token is not None and not opts.overwrite:
+            raise UserError(f"output {out} already holds processed tables (pass --overwrite to replace them)")
+    else:
+        token = None
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output path {out} exists and is not a directory")
+        if out.exists() and any(out.local.iterdir()) and not opts.overwrite:
+            raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
     paths = check_inputs(roots)
     report = C.RuleReport()
 
@@ -394,7 +402,8 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
                            "race_not_in_the_authors_table": race_unlisted}
 
     # Write everything into a temp dir beside `out`, then rename (data_sharding.atomic).
-    unchanged = f"{out} is unchanged" if out.exists() else f"{out} was not created"
+    existed = token is not None if out.is_remote else out.exists()
+    unchanged = f"{out} is unchanged" if existed else f"{out} was not created"
 
     def step(name: str, write, *args, count: bool = True) -> None:
         """One output file: a failed write names it (``out/name``) and what stays unchanged."""
@@ -408,7 +417,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
         if count:
             steps.update()
 
-    with atomic.atomic_dir(out, unchanged=unchanged) as tmp:
+    with atomic.publish_dir(out, unchanged=unchanged, expect_token=token) as tmp:
         steps = tqdm(total=8, desc="write processed", unit="file", disable=not opts.progress)
         step("cohort.parquet", write_cohort, stays, tmp / "cohort.parquet")
         step("cxr.parquet", write_cxr, cxr, graphs, tmp / "cxr.parquet")

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data_sharding import defaults
+from data_sharding import defaults, storage
 from data_sharding.constants import CXR_ROOT, IMAGENOME_ROOT, MIMICIV_ROOT, REQUIRED_COLUMNS
 from data_sharding.errors import DataError
 
@@ -57,17 +57,18 @@ TABLE_PATHS: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class RawRoots:
-    """The three dataset roots (each the folder holding that dataset's files)."""
+    """The three dataset roots (each the folder holding that dataset's files): local directories or
+    bucket prefixes (:class:`data_sharding.storage.Location`)."""
 
-    cxr: Path
-    mimiciv: Path
-    imagenome: Path
+    cxr: storage.Location
+    mimiciv: storage.Location
+    imagenome: storage.Location
 
     @property
-    def gold_file(self) -> Path:
+    def gold_file(self) -> storage.Location:
         return self.imagenome / "gold_dataset" / "gold_object_comparison_with_coordinates.txt"
 
-    def image_path(self, subject_id: int, study_id: int, dicom_id: str) -> Path:
+    def image_path(self, subject_id: int, study_id: int, dicom_id: str) -> storage.Location:
         """MIMIC-CXR-JPG path pattern ``files/p{first 2 digits}/p{subject}/s{study}/{dicom}.jpg``."""
         s = str(int(subject_id))
         return self.cxr / "files" / f"p{s[:2]}" / f"p{s}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
@@ -84,20 +85,20 @@ def resolve_roots(
     A root given explicitly wins over the one derived from ``raw``.  Every root
     must exist; the error names the dataset and the path expected.
     """
-    base = Path(raw).expanduser() if raw is not None else None
+    base = storage.resolve(raw) if raw is not None else None
     if base is not None and not base.is_dir():
         raise DataError(f"raw data directory not found: {base}")
 
-    def pick(explicit, rel: str, flag: str, name: str) -> Path:
+    def pick(explicit, rel: str, flag: str, name: str) -> storage.Location:
         if explicit is not None:
-            p = Path(explicit).expanduser()
+            p = storage.resolve(explicit)
         elif base is not None:
             p = base / rel
         else:
             raise DataError(f"no {name} root: pass --raw DIR (expects DIR/{rel}) or {flag} DIR")
         if not p.is_dir():
             raise DataError(f"{name} root not found: {p} (expected the folder holding {name} as PhysioNet ships it)")
-        return p.resolve()
+        return p
 
     return RawRoots(
         cxr=pick(cxr_root, CXR_ROOT, "--cxr-root", "MIMIC-CXR-JPG 2.0.0"),
@@ -106,10 +107,10 @@ def resolve_roots(
     )
 
 
-def find_table(roots: RawRoots, table: str, required: bool = True) -> Path | None:
+def find_table(roots: RawRoots, table: str, required: bool = True) -> storage.Location | None:
     """Path of ``table`` as ``.csv.gz`` (PhysioNet's form) or ``.csv``; DataError when required and absent."""
     root_key, rel = TABLE_PATHS[table]
-    root: Path = getattr(roots, root_key)
+    root: storage.Location = getattr(roots, root_key)
     for ext in (".csv.gz", ".csv"):
         p = root / f"{rel}{ext}"
         if p.is_file():
@@ -119,14 +120,20 @@ def find_table(roots: RawRoots, table: str, required: bool = True) -> Path | Non
     return None
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def _open_text(path) -> io.TextIOBase:
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="")
 
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+def _open_binary(path):
+    """The file's (decompressed) bytes, local or in a bucket (:mod:`data_sharding.storage`)."""
+    raw = storage.resolve(path).open_input()
+    return gzip.GzipFile(fileobj=raw, mode="rb") if storage.resolve(path).name.endswith(".gz") else raw
+
+
+def _input_stream(path):
+    """A pyarrow input stream over the file's raw bytes (an OS file locally, ranged reads on a bucket)."""
+    loc = storage.resolve(path)
+    return pa.OSFile(loc.uri, "rb") if not loc.is_remote else pa.PythonFile(loc.open_input(), mode="r")
 
 
 def find_line(path: Path, predicate: Callable[[bytes], bool]) -> int | None:
@@ -247,8 +254,12 @@ def read_table(
     types.update({c: pa.float64() for c in float_columns})
     bad = _RowRecorder()
     try:
+        loc = storage.resolve(path)
+        source = _input_stream(loc)
+        if loc.name.endswith(".gz"):
+            source = pa.CompressedInputStream(source, "gzip")
         tbl = pacsv.read_csv(
-            path,
+            source,
             read_options=_read_options(),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad),
             convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types,
@@ -279,8 +290,8 @@ def stream_events(
     types: dict[str, pa.DataType] = {c: pa.string() for c in columns}
     types.update({"itemid": pa.int64(), key_column: pa.int64()})
     include = list(dict.fromkeys([key_column, "itemid", *columns]))
-    raw = pa.OSFile(str(path), "rb")
-    stream = pa.CompressedInputStream(raw, "gzip") if path.name.endswith(".gz") else raw
+    raw = _input_stream(path)
+    stream = pa.CompressedInputStream(raw, "gzip") if storage.resolve(path).name.endswith(".gz") else raw
     bad = _RowRecorder()
     try:
         reader = pacsv.open_csv(
@@ -318,26 +329,30 @@ def check_jpeg(path: Path, full_decode: bool = False) -> tuple[int, int] | str:
     """
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
+    loc = storage.resolve(path)
+    try:
+        fh = loc.open_input()
+    except storage.NotFound:
         return "missing JPEG"
     problem = None
     try:
-        with Image.open(path) as im:
-            if im.format != "JPEG":
-                return "not a JPEG"
-            size = im.size
-            try:
-                im.verify()
-            except (OSError, SyntaxError, ValueError):
-                problem = "unreadable JPEG"
-        with open(path, "rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 64))
+        with fh:
+            with Image.open(fh) as im:
+                if im.format != "JPEG":
+                    return "not a JPEG"
+                size = im.size
+                try:
+                    im.verify()
+                except (OSError, SyntaxError, ValueError):
+                    problem = "unreadable JPEG"
+            fh.seek(max(0, fh.seek(0, io.SEEK_END) - 64))
             tail = fh.read().rstrip(b"\x00\r\n ")
-        if not tail.endswith(b"\xff\xd9"):
-            return "truncated JPEG"
-        if problem is None and full_decode:
-            with Image.open(path) as im:
-                im.load()
+            if not tail.endswith(b"\xff\xd9"):
+                return "truncated JPEG"
+            if problem is None and full_decode:
+                fh.seek(0)
+                with Image.open(fh) as im:
+                    im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "unreadable JPEG"
     if problem is not None:

@@ -18,6 +18,12 @@ directory refuses (or waits) instead of interleaving its manifest with this one.
 exactly as they were (temp files are ignored by readers and removed by the
 next run).  A crash inside step 4's renames leaves shards whose sha256 no
 longer matches the old manifest; the next ``regenerate`` finds and rebuilds them.
+
+On a bucket (:mod:`data_sharding.storage`) step 2 checks an existing object by its metadata
+(size and the ETag / generation the manifest recorded when it was written), reading no
+shard body; step 3 writes new generation-named objects; step 4 is one conditional write of
+the manifest (see :mod:`data_sharding.shard_writer`).  Objects it supersedes stay until
+``dipro shards gc``.
 """
 from __future__ import annotations
 
@@ -26,13 +32,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from data_sharding.manifest import Manifest, ShardRecord, ShardSettings, manifest_path, read_manifest, shard_fingerprint
+from data_sharding.manifest import Manifest, ShardRecord, ShardSettings, shard_fingerprint
 from data_sharding.shard_writer import (
     ShardPlan,
     build_shard,
     check_stats_files,
+    commit_objects,
     commit_shards,
     plan_shards,
+    previous_manifest,
     previous_records,
     remove_tmp_files,
     selected_task_dirs,
@@ -47,13 +55,15 @@ class RegenReport:
     """path -> reason (new, settings changed, inputs changed, or the verification problem)."""
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    """Shards no longer in the plan (deleted)."""
+    """Shards no longer in the plan (deleted; on a bucket: superseded, left for ``dipro shards gc``)."""
     manifest: Manifest = field(default_factory=Manifest)
+    removed_word: str = "removed"
 
     def table(self) -> str:
-        lines = [f"{len(self.rebuilt)} rebuilt, {len(self.unchanged)} unchanged, {len(self.removed)} removed"]
+        lines = [f"{len(self.rebuilt)} rebuilt, {len(self.unchanged)} unchanged, {len(self.removed)} "
+                 f"{self.removed_word}"]
         lines += [f"  rebuilt  {path}: {reason}" for path, reason in sorted(self.rebuilt.items())]
-        lines += [f"  removed  {path}" for path in self.removed]
+        lines += [f"  {self.removed_word}  {path}" for path in self.removed]
         return "\n".join(lines)
 
 
@@ -78,18 +88,29 @@ def inspect_shard(processed: str, plan: ShardPlan, settings: ShardSettings, out:
     view = open_processed(processed)
     if old.fingerprint != shard_fingerprint(view, plan.task, plan.rows, settings, digest):
         return "inputs changed"
+    if old.etag:  # a bucket object: its metadata decides, its body is not read
+        from data_sharding import storage
+
+        try:
+            info = (storage.resolve(out) / old.path).stat()
+        except storage.NotFound:
+            return "failed verification: missing (object not found)"
+        if info.size != old.bytes or info.token != old.etag:
+            return (f"failed verification: changed ({info.size} bytes, version {info.token}; the manifest "
+                    f"recorded {old.bytes} bytes, version {old.etag})")
+        return None
     problems, _ = verify_shard(out, old)
     if problems:
         return f"failed verification: {problems[0].kind} ({problems[0].detail})"
     return None
 
 
-def resolve_settings(out: Path, task_dirs: tuple[str, ...], overrides: dict[str, Any]) -> dict[str, ShardSettings]:
+def resolve_settings(previous: Manifest | None, task_dirs: tuple[str, ...],
+                     overrides: dict[str, Any]) -> dict[str, ShardSettings]:
     """Per task dir: the settings its shards were built with (manifest), updated by ``overrides``."""
     old: dict[str, set[str]] = {}
-    if manifest_path(out).exists():
-        for r in read_manifest(out).records:
-            old.setdefault(r.task, set()).add(r.settings)
+    for r in previous.records if previous is not None else []:
+        old.setdefault(r.task, set()).add(r.settings)
     result = {}
     for task in task_dirs:
         seen = old.get(task, set())
@@ -145,40 +166,47 @@ def regenerate(
     Ray with ``num_cpus`` (and shuts down what it started).  ``out`` is locked for the
     whole run, as by ``dipro shard`` (``lock_timeout`` seconds of waiting, 0 = refuse).
     """
+    from data_sharding import storage
     from data_sharding.lock import output_lock
 
-    processed, out = Path(processed).resolve(), Path(out).resolve()
-    with output_lock(out, "shard directory", lock_timeout):
-        return _regenerate(processed, out, task, overrides, ray_address, num_cpus, progress)
+    from data_sharding import atomic
+
+    # the committed processed tables (a bucket's published generation): every task reads the same ones
+    processed, out = atomic.published_root(processed), storage.resolve(out)
+    with output_lock(out, "shard directory", lock_timeout) as lock:
+        return _regenerate(processed, out, task, overrides, ray_address, num_cpus, progress, lock)
 
 
-def _regenerate(processed: Path, out: Path, task: str, overrides: dict[str, Any] | None, ray_address: str | None,
-                num_cpus: int | None, progress: bool) -> RegenReport:
+def _regenerate(processed, out, task: str, overrides: dict[str, Any] | None, ray_address: str | None,
+                num_cpus: int | None, progress: bool, lock) -> RegenReport:
     import ray
 
+    from data_sharding import storage
     from data_sharding.samples import TASK_DIRS, open_processed
 
     view = open_processed(processed)
     check_stats_files(processed)
     task_dirs = selected_task_dirs(view, task)
-    settings = resolve_settings(out, task_dirs, overrides or {})
+    previous = previous_manifest(out)
+    settings = resolve_settings(previous, task_dirs, overrides or {})
     plans = plan_shards(view, task_dirs, settings)
-    old = read_manifest(out).by_path() if manifest_path(out).exists() else {}
+    old = previous.by_logical() if previous is not None else {}
+    generation = storage.new_generation() if out.is_remote else None
     remove_tmp_files(out, task_dirs)
 
     started = _init_ray(ray_address, num_cpus)
     try:
         inspect_task = ray.remote(num_cpus=1)(inspect_shard)
         build_task = ray.remote(num_cpus=1)(build_shard)
-        reasons = _gather([inspect_task.remote(str(processed), p, settings[p.task], str(out), old.get(p.path))
+        reasons = _gather([inspect_task.remote(processed.uri, p, settings[p.task], out.uri, old.get(p.path))
                            for p in plans], "inspect", progress)
         todo = [(p, r) for p, r in zip(plans, reasons) if r is not None]
         try:
             built: list[ShardRecord] = _gather(
-                [build_task.remote(str(processed), p, settings[p.task], str(out)) for p, _ in todo],
+                [build_task.remote(processed.uri, p, settings[p.task], out.uri, generation) for p, _ in todo],
                 "rebuild", progress)
         except BaseException:
-            remove_tmp_files(out, task_dirs)
+            remove_tmp_files(out, task_dirs, generation)
             raise
     finally:
         if started:
@@ -186,8 +214,12 @@ def _regenerate(processed: Path, out: Path, task: str, overrides: dict[str, Any]
 
     rebuilt = {p.path: r for p, r in todo}
     records = [old[p.path] for p in plans if p.path not in rebuilt] + built
-    kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs])
+    kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs], previous)
     manifest = Manifest(kept + records)
-    removed = commit_shards(out, manifest, [r.path for r in built], task_dirs, processed)
+    if out.is_remote:
+        removed = commit_objects(out, manifest, previous, processed, lock, generation, task_dirs)
+    else:
+        removed = commit_shards(out, manifest, [r.path for r in built], task_dirs, processed)
     return RegenReport(rebuilt=rebuilt, unchanged=sorted(p.path for p in plans if p.path not in rebuilt),
-                       removed=removed, manifest=manifest)
+                       removed=removed, manifest=manifest,
+                       removed_word="superseded (dipro shards gc removes them)" if out.is_remote else "removed")

@@ -96,13 +96,23 @@ EMPTY_EHR = StayEHR(np.zeros(0, np.int32), np.zeros((0, NUM_EHR_VARIABLES), np.f
                     np.zeros((0, NUM_EHR_VARIABLES), np.uint8))
 
 
-def _require(path: Path) -> Path:
+def _require(path):
     if not path.exists():
         raise DataError(f"processed input missing: {path} (run `dipro prepare` first)")
     return path
 
 
-def _check_columns(path: Path, names: list[str], required: tuple[str, ...]) -> None:
+def _read_table(path, **kw):
+    """A Parquet table of the processed dir (local or bucket: pyarrow reads through the storage layer's filesystem)."""
+    import pyarrow.parquet as pq
+
+    from data_sharding import storage
+
+    with storage.errors_named(path.uri):
+        return pq.read_table(path.fs_path, filesystem=path.fs, **kw)
+
+
+def _check_columns(path, names: list[str], required: tuple[str, ...]) -> None:
     missing = [c for c in required if c not in names]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (see docs/ARCHITECTURE.md section 1)")
@@ -111,18 +121,22 @@ def _check_columns(path: Path, names: list[str], required: tuple[str, ...]) -> N
 class ProcessedView:
     """Read access to a processed directory; tables load lazily and are cached per instance."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve()
+    def __init__(self, root) -> None:
+        from data_sharding import atomic, storage
+
+        self.root = atomic.published_root(storage.resolve(root))
         if not self.root.is_dir():
             raise DataError(f"processed directory not found: {self.root}")
         _require(self.root / "cxr.parquet")
         _require(self.root / "demographics.parquet")
-        self.ehr_parts = sorted(_require(self.root / "ehr").glob("part-*.parquet"))
+        ehr = self.root / "ehr"
+        self.ehr_parts = [ehr / o.path for o in ehr.list()
+                          if "/" not in o.path and o.path.startswith("part-") and o.path.endswith(".parquet")]
         if not self.ehr_parts:
             raise DataError(f"{self.root / 'ehr'}: no part-*.parquet files")
         self._tasks: dict[str, list[dict[str, Any]]] = {}
 
-    def task_path(self, task_dir: str) -> Path:
+    def task_path(self, task_dir: str):
         return self.root / "tasks" / f"{task_dir}.parquet"
 
     def has_task(self, task_dir: str) -> bool:
@@ -131,10 +145,8 @@ class ProcessedView:
     def task_rows(self, task_dir: str) -> list[dict[str, Any]]:
         """Rows of ``tasks/{task_dir}.parquet`` as dicts, in file order (index = row number)."""
         if task_dir not in self._tasks:
-            import pyarrow.parquet as pq
-
             path = _require(self.task_path(task_dir))
-            table = pq.read_table(path)
+            table = _read_table(path)
             _check_columns(path, table.column_names, _TASK_COLUMNS[task_dir])
             rows = table.to_pylist()
             for i, row in enumerate(rows):
@@ -149,33 +161,29 @@ class ProcessedView:
     @functools.cached_property
     def cxr_rows(self) -> dict[tuple[int, str], dict[str, Any]]:
         """(stay_id, dicom_id) -> row of ``cxr.parquet``."""
-        import pyarrow.parquet as pq
-
         path = self.root / "cxr.parquet"
-        table = pq.read_table(path)
+        table = _read_table(path)
         _check_columns(path, table.column_names, _CXR_COLUMNS)
         return {(int(r["stay_id"]), str(r["dicom_id"])): r for r in table.to_pylist()}
 
     @functools.cached_property
     def demographic_rows(self) -> dict[int, dict[str, Any]]:
         """stay_id -> row of ``demographics.parquet``."""
-        import pyarrow.parquet as pq
-
         path = self.root / "demographics.parquet"
-        table = pq.read_table(path)
+        table = _read_table(path)
         _check_columns(path, table.column_names, ("subject_id", "stay_id", *DEMOGRAPHIC_COLUMNS))
         return {int(r["stay_id"]): r for r in table.to_pylist()}
 
     @functools.cached_property
-    def ehr_index(self) -> dict[int, list[Path]]:
+    def ehr_index(self) -> dict[int, list]:
         """stay_id -> the ``ehr/`` parts holding its rows (reads only the stay_id column)."""
         import pyarrow.parquet as pq
 
-        index: dict[int, list[Path]] = {}
+        index: dict[int, list] = {}
         for part in self.ehr_parts:
-            names = pq.read_schema(part).names
+            names = pq.read_schema(part.fs_path, filesystem=part.fs).names
             _check_columns(part, names, _EHR_COLUMNS)
-            stays = np.unique(pq.read_table(part, columns=["stay_id"]).column(0).to_numpy())
+            stays = np.unique(_read_table(part, columns=["stay_id"]).column(0).to_numpy())
             for s in stays.tolist():
                 index.setdefault(int(s), []).append(part)
         return index
@@ -195,16 +203,15 @@ class ProcessedView:
     def read_ehr(self, stay_ids: list[int]) -> dict[int, StayEHR]:
         """EHR rows of these stays, one filtered read per part; stays without rows get ``EMPTY_EHR``."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         wanted = sorted({int(s) for s in stay_ids})
-        by_part: dict[Path, list[int]] = {}
+        by_part: dict[Any, list[int]] = {}
         for s in wanted:
             for part in self.ehr_index.get(s, []):
                 by_part.setdefault(part, []).append(s)
         pieces: dict[int, list[pa.Table]] = {}
-        for part, stays in sorted(by_part.items()):
-            table = pq.read_table(part, columns=list(_EHR_COLUMNS), filters=[("stay_id", "in", stays)])
+        for part, stays in sorted(by_part.items(), key=lambda item: item[0].uri):
+            table = _read_table(part, columns=list(_EHR_COLUMNS), filters=[("stay_id", "in", stays)])
             table = table.sort_by([("stay_id", "ascending"), ("hour", "ascending")])
             ids = table.column("stay_id").to_numpy()
             for s in stays:
@@ -226,20 +233,25 @@ class ProcessedView:
         return out
 
 
-def open_processed(root: str | Path) -> ProcessedView:
+def open_processed(root) -> ProcessedView:
     """A view of ``root``, reused within a process while the processed files are unchanged."""
-    root = Path(root).resolve()
+    from data_sharding import atomic, storage
+
+    root = atomic.published_root(storage.resolve(root))
     return _cached_view(root, _stamp(root))
 
 
-def _stamp(root: Path) -> tuple:
+def _stamp(root) -> tuple:
+    if root.is_remote:  # a published generation is never rewritten: its name is its version
+        return ()
+    root = root.local
     files = [root / "cxr.parquet", root / "demographics.parquet",
              *sorted((root / "tasks").glob("*.parquet")), *sorted((root / "ehr").glob("*.parquet"))]
     return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_view(root: Path, stamp: tuple) -> ProcessedView:
+def _cached_view(root, stamp: tuple) -> ProcessedView:
     return ProcessedView(root)
 
 
@@ -385,6 +397,7 @@ class SampleBuilder:
         return Sample(sample_key(stay_id, index), arrays, labels, row_meta(self.task_dir, row, index))
 
     def _crops(self, stay_id: int, dicom: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+        from data_sharding import storage
         from data_sharding.crops import crop_regions
 
         cache_key = (stay_id, dicom)
@@ -392,8 +405,8 @@ class SampleBuilder:
             cxr = self.view.cxr_row(stay_id, dicom, where)
             path = str(cxr["image_path"])
             try:
-                data: bytes | None = Path(path).read_bytes()
-            except OSError:
+                data: bytes | None = storage.resolve(path).read_bytes()
+            except OSError:  # missing or unreadable film: counted by crop_regions (a bucket outage is not)
                 data = None
             self.image_digests[path] = image_digest(data)
             result = crop_regions(data, [cxr[c] for c in BOX_COLUMNS], self.crop_size,

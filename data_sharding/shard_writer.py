@@ -20,6 +20,14 @@
 
 Writers hold :func:`data_sharding.lock.output_lock` on the shard directory, so two
 jobs never write one directory at once.
+
+On a bucket (``--out s3://...`` / ``gs://...``) there is no rename: shards are streamed
+straight to objects named for this build's generation (``{task}/{split}-{NNNNNN}-{generation}.tar``,
+:func:`object_path`), which no committed manifest refers to, and the build is published by
+one conditional write of the manifest (:func:`data_sharding.manifest.commit_manifest`,
+which also carries the stats files).  Readers that planned from the previous manifest keep
+reading the previous generation; superseded objects are removed by ``dipro shards gc``,
+never by a commit.  A build that fails or loses the commit deletes the objects it wrote.
 """
 from __future__ import annotations
 
@@ -35,12 +43,14 @@ from typing import Iterable
 
 from data_sharding import atomic
 from data_sharding.constants import SPLITS
-from data_sharding.errors import DataError
+from data_sharding.errors import DataError, UserError
 from data_sharding.shard_format import add_members
 from data_sharding.manifest import (
+    STATS_FILES,
     Manifest,
     ShardRecord,
     ShardSettings,
+    commit_manifest,
     manifest_path,
     read_manifest,
     shard_fingerprint,
@@ -50,9 +60,15 @@ from data_sharding.manifest import (
 UNCHANGED = "the previous shards and manifest are unchanged"
 
 TMP_SUFFIX = ".tmp"
-STATS_FILES = ("label_stats.json", "ehr_stats.json")
 SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 """File names of shards (``{split}-{NNNNNN}.tar``): the only files commits delete and verify accounts for."""
+OBJECT_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}-\d{{8}}T\d{{6}}-[0-9a-f]{{6}}\.tar$")
+"""Shard object names on a bucket (``{split}-{NNNNNN}-{generation}.tar``): what ``dipro shards gc`` may delete."""
+
+
+def object_path(plan: "ShardPlan", generation: str | None) -> str:
+    """Where a planned shard is written: its plain path locally, a generation-named object on a bucket."""
+    return plan.path if generation is None else f"{plan.task}/{plan.split}-{plan.index:06d}-{generation}.tar"
 
 
 @dataclass(frozen=True)
@@ -125,57 +141,94 @@ def tmp_path(final: Path) -> Path:
     return final.with_name(final.name + TMP_SUFFIX)
 
 
-def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings, out: str | Path) -> ShardRecord:
-    """Build one planned shard into ``out/{plan.path}.tmp``; return its manifest row (path = final path)."""
+def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings, out: str | Path,
+                generation: str | None = None) -> ShardRecord:
+    """Build one planned shard; return its manifest row.
+
+    Locally it goes to ``out/{plan.path}.tmp`` (renamed by the commit; the row names the final
+    path); with a ``generation`` (a bucket) straight to the object :func:`object_path`, whose
+    ETag the row records.
+    """
+    from data_sharding import storage
     from data_sharding.samples import SampleBuilder, encode_sample, open_processed
 
     view = open_processed(processed)
     builder = SampleBuilder(view, plan.task, settings.crop_size, settings.resample)
     builder.prefetch(list(plan.rows))
-    final = Path(out) / plan.path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.open_atomic(final, "wb", tmp=tmp_path(final), replace=False, unchanged=UNCHANGED) as f:
+    rel = object_path(plan, generation)
+    target = storage.resolve(out) / rel
+    if generation is None:
+        final = target.local
+        final.parent.mkdir(parents=True, exist_ok=True)
+        sink = atomic.open_atomic(final, "wb", tmp=tmp_path(final), replace=False, unchanged=UNCHANGED)
+    else:
+        sink = target.open_output(unchanged=UNCHANGED)
+    with sink as f:
         writer = _HashingWriter(f)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for index in plan.rows:
                 add_members(tar, encode_sample(builder.build(index)))
     if writer.size > settings.max_shard_bytes:
         raise RuntimeError(f"{plan.path}: {writer.size} bytes exceed the planned bound {settings.max_shard_bytes}")
+    etag = target.stat().token if generation is not None else ""
     fingerprint = shard_fingerprint(view, plan.task, plan.rows, settings, builder.image_digests.__getitem__,
                                     ehr=builder.ehr)
-    return ShardRecord(task=plan.task, split=plan.split, path=plan.path, samples=len(plan.rows), bytes=writer.size,
+    return ShardRecord(task=plan.task, split=plan.split, path=rel, samples=len(plan.rows), bytes=writer.size,
                        sha256=writer.sha.hexdigest(), fingerprint=fingerprint, settings=settings.to_json(),
-                       counts=json.dumps(dict(sorted(builder.counts.items())), separators=(",", ":")))
+                       counts=json.dumps(dict(sorted(builder.counts.items())), separators=(",", ":")), etag=etag)
 
 
-def remove_tmp_files(out: Path, task_dirs: Iterable[str]) -> None:
-    """Delete temp shards left by an interrupted run (never referenced by a manifest)."""
+def remove_tmp_files(out, task_dirs: Iterable[str], generation: str | None = None) -> None:
+    """Delete what an unfinished build left: local temp shards (never referenced by a manifest), or on
+    a bucket the objects of ``generation`` (one listing; unreferenced until its manifest commits)."""
+    from data_sharding import storage
+
+    out = storage.resolve(out)
+    if not out.is_remote:
+        for task in task_dirs:
+            for p in (out.local / task).glob(f"*{TMP_SUFFIX}"):
+                p.unlink()
+        return
+    if generation is None:
+        return
     for task in task_dirs:
-        for p in (out / task).glob(f"*{TMP_SUFFIX}"):
-            p.unlink()
+        for info in (out / task).list():
+            if info.path.endswith(f"-{generation}.tar"):
+                (out / task / info.path).delete()
 
 
-def commit_shards(out: Path, manifest: Manifest, built: Iterable[str], managed: Iterable[str],
-                  processed: Path) -> list[str]:
+def stats_payload(processed) -> dict[str, bytes]:
+    """The statistics files a shard set carries (copied from the processed dir), name -> bytes."""
+    from data_sharding import storage
+
+    root = storage.resolve(processed)
+    return {name: (root / name).read_bytes() for name in STATS_FILES}
+
+
+def commit_shards(out, manifest: Manifest, built: Iterable[str], managed: Iterable[str],
+                  processed) -> list[str]:
     """Stage the manifest and changed stats JSONs, rename built temp shards into place, then the
-    manifest; drop shards it no longer lists.
+    manifest; drop shards it no longer lists (a local shard directory).
 
     ``managed`` are the task dirs this run planned: their shard files missing
     from ``manifest`` are removed (after the manifest is replaced).  A failure while
     staging removes the staged files and the built temp shards: the directory is as before.
     Returns the removed paths.
     """
+    from data_sharding import storage
+
+    out = storage.resolve(out).local
     built, managed = list(built), list(managed)
     staged: list[tuple[Path, Path]] = []
     try:
-        for name in STATS_FILES:
-            src, dst = processed / name, out / name
-            if not dst.exists() or dst.read_bytes() != src.read_bytes():
+        for name, data in stats_payload(processed).items():
+            dst = out / name
+            if not dst.exists() or dst.read_bytes() != data:
                 tmp = tmp_path(dst)
                 with atomic.open_atomic(dst, "wb", tmp=tmp, replace=False, unchanged=UNCHANGED) as f:
-                    f.write(src.read_bytes())
+                    f.write(data)
                 staged.append((tmp, dst))
-        staged.append((stage_manifest(out, manifest, UNCHANGED), manifest_path(out)))
+        staged.append((stage_manifest(out, manifest, UNCHANGED), manifest_path(out).local))
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
@@ -197,10 +250,35 @@ def commit_shards(out: Path, manifest: Manifest, built: Iterable[str], managed: 
     return removed
 
 
-def check_stats_files(processed: Path) -> None:
+def commit_objects(out, manifest: Manifest, previous: Manifest | None, processed, lock,
+                   generation: str, managed: Iterable[str]) -> list[str]:
+    """Publish a bucket shard set: one conditional write of the manifest (stats files inside).
+
+    Returns the shards of ``previous`` the new manifest no longer lists (superseded: left for
+    ``dipro shards gc``).  When the commit is lost to another writer, this build's objects are deleted.
+    """
+    from data_sharding.manifest import ConcurrentCommit
+
+    stats = {name: json.loads(data) for name, data in stats_payload(processed).items()}
+    if previous is not None and previous.records == manifest.records and previous.stats == stats:
+        return []  # nothing changed: the committed manifest stays (no write)
+    try:
+        lock.check()
+        commit_manifest(out, manifest, previous.token if previous is not None else None, stats)
+    except (ConcurrentCommit, UserError):
+        remove_tmp_files(out, managed, generation)
+        raise
+    listed = set(manifest.by_path())
+    return sorted(r.path for r in (previous.records if previous is not None else []) if r.path not in listed)
+
+
+def check_stats_files(processed) -> None:
+    from data_sharding import storage
+
+    root = storage.resolve(processed)
     for name in STATS_FILES:
-        if not (processed / name).is_file():
-            raise DataError(f"processed input missing: {processed / name} (run `dipro prepare` first)")
+        if not (root / name).exists():
+            raise DataError(f"processed input missing: {root / name} (run `dipro prepare` first)")
 
 
 def selected_task_dirs(view, task: str) -> tuple[str, ...]:
@@ -219,15 +297,32 @@ def selected_task_dirs(view, task: str) -> tuple[str, ...]:
     return task_dirs
 
 
-def previous_records(out: Path, keep_tasks: Iterable[str]) -> list[ShardRecord]:
-    """Manifest rows of task dirs this run does not rebuild (kept when their files still exist)."""
-    if not manifest_path(out).exists():
+def previous_manifest(out) -> Manifest | None:
+    """The shard set's current manifest (with its version token), or None when there is none yet."""
+    from data_sharding import storage
+
+    try:
+        return read_manifest(out)
+    except DataError:
+        if not manifest_path(out).exists():
+            return None
+        raise
+
+
+def previous_records(out, keep_tasks: Iterable[str], previous: Manifest | None = None) -> list[ShardRecord]:
+    """Manifest rows of task dirs this run does not rebuild (kept, locally when their files still exist;
+    a bucket's committed objects are never deleted by a commit)."""
+    from data_sharding import storage
+
+    out = storage.resolve(out)
+    previous = previous if previous is not None else previous_manifest(out)
+    if previous is None:
         return []
     keep = set(keep_tasks)
-    return [r for r in read_manifest(out).records if r.task in keep and (out / r.path).exists()]
+    return [r for r in previous.records if r.task in keep and (out.is_remote or (out / r.path).exists())]
 
 
-def _build_job(job: tuple[str, ShardPlan, ShardSettings, str]) -> ShardRecord:
+def _build_job(job: tuple) -> ShardRecord:
     return build_shard(*job)
 
 
@@ -243,33 +338,41 @@ def write_shards(
     """Build every shard of ``task`` (all | disease_progression | mortality_los) from scratch.
 
     Shards are built in parallel over ``workers`` processes (default: all CPU
-    cores; 1 = in this process), all under temp names; only when every one
-    succeeded are they renamed into place and the manifest replaced.  Shard
-    series of other task dirs already in ``out`` are kept.  ``out`` is locked for
-    the whole run (:func:`data_sharding.lock.output_lock`; ``lock_timeout`` seconds
-    of waiting for another writer, 0 = refuse at once).
+    cores; 1 = in this process), all under temp names (generation-named objects on a
+    bucket); only when every one succeeded are they renamed into place and the manifest
+    replaced (one conditional write on a bucket).  Shard series of other task dirs already
+    in ``out`` are kept.  ``out`` is locked for the whole run
+    (:func:`data_sharding.lock.output_lock`; ``lock_timeout`` seconds of waiting for another
+    writer, 0 = refuse at once).
     """
+    from data_sharding import storage
     from data_sharding.lock import output_lock
 
-    processed, out = Path(processed).resolve(), Path(out).resolve()
-    with output_lock(out, "shard directory", lock_timeout):
-        return _write_shards(processed, out, task, settings or ShardSettings(), workers, progress)
+    from data_sharding import atomic
+
+    # the committed processed tables (a bucket's published generation): every task reads the same ones
+    processed, out = atomic.published_root(processed), storage.resolve(out)
+    with output_lock(out, "shard directory", lock_timeout) as lock:
+        return _write_shards(processed, out, task, settings or ShardSettings(), workers, progress, lock)
 
 
-def _write_shards(processed: Path, out: Path, task: str, settings: ShardSettings, workers: int | None,
-                  progress: bool) -> Manifest:
+def _write_shards(processed, out, task: str, settings: ShardSettings, workers: int | None,
+                  progress: bool, lock) -> Manifest:
     from tqdm import tqdm
 
+    from data_sharding import storage
     from data_sharding.samples import TASK_DIRS, open_processed
 
     view = open_processed(processed)
     check_stats_files(processed)
     task_dirs = selected_task_dirs(view, task)
     plans = plan_shards(view, task_dirs, {t: settings for t in task_dirs})
+    generation = storage.new_generation() if out.is_remote else None
     remove_tmp_files(out, task_dirs)
-    kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs])
+    previous = previous_manifest(out)
+    kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs], previous)
 
-    jobs = [(str(processed), plan, settings, str(out)) for plan in plans]
+    jobs = [(processed.uri, plan, settings, out.uri, generation) for plan in plans]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     records: list[ShardRecord] = []
     bar = tqdm(total=sum(len(p.rows) for p in plans), unit="sample", desc="dipro shard", disable=not progress)
@@ -296,12 +399,15 @@ def _write_shards(processed: Path, out: Path, task: str, settings: ShardSettings
                         future.cancel()
                     raise
     except BaseException:
-        remove_tmp_files(out, task_dirs)  # running workers have finished: the pool was joined
+        remove_tmp_files(out, task_dirs, generation)  # running workers have finished: the pool was joined
         raise
     finally:
         bar.close()
     manifest = Manifest(kept + records)
-    commit_shards(out, manifest, [r.path for r in records], task_dirs, processed)
+    if out.is_remote:
+        commit_objects(out, manifest, previous, processed, lock, generation, task_dirs)
+    else:
+        commit_shards(out, manifest, [r.path for r in records], task_dirs, processed)
     return manifest
 
 

@@ -118,6 +118,8 @@ def redact(text: str) -> str:
 
 def scheme_of(location: str | os.PathLike) -> str:
     """``"s3"``, ``"gs"`` or ``""`` (a local path)."""
+    if isinstance(location, Location):
+        return location.scheme
     text = os.fspath(location)
     head, sep, _ = text.partition("://")
     return head.lower() if sep and head.lower() in SCHEMES else ""
@@ -320,9 +322,14 @@ def retrying(op: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> 
 
 
 def access_error(exc: BaseException, uri: str, doing: str = "read") -> StorageAccessError | None:
-    """One line naming ``uri`` for a missing object/bucket, refused credentials or an unreachable endpoint."""
+    """One line naming ``uri`` for a missing object/bucket, refused credentials or an unreachable endpoint.
+
+    For a local path only a missing file is translated (:class:`NotFound`); other OS errors keep their type.
+    """
     if isinstance(exc, StorageAccessError):
         return exc
+    if not scheme_of(uri):
+        return NotFound(f"{uri}: no such file ({doing})") if isinstance(exc, FileNotFoundError) else None
     text, code, status = str(exc), _error_code(exc), _http_status(exc)
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in code or "bucket does not exist" in text.lower():
         return StorageAccessError(f"{uri}: no such bucket ({doing}); create it or fix the location")
@@ -465,6 +472,10 @@ class Location:
             return True
         except NotFound:
             return False
+
+    def is_file(self) -> bool:
+        """A regular file (local) / an object (bucket) is here."""
+        return os.path.isfile(self.key) if not self.scheme else self.exists()
 
     def is_dir(self) -> bool:
         """Locally a directory; on a bucket, a prefix with at least one object under it."""
@@ -639,7 +650,7 @@ class Location:
         stream = None
         try:
             with errors_named(self.uri, "write"):
-                stream = self.fs.open_output_stream(self.fs_path)
+                stream = self.fs.open_output_stream(self.fs_path, compression=None)  # never by file extension
             yield stream
             with errors_named(self.uri, "write"):
                 stream.close()

@@ -17,11 +17,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# No cloud SDK may look for credentials on a metadata server (off this machine).
-os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST", "DIPRO_S3_ENDPOINT",
-              "DIPRO_GCS_ENDPOINT", "AWS_PROFILE"):
+# Object storage: every s3:// and gs:// location of the session goes to the session's own servers on
+# 127.0.0.1 (started on these ports by the s3_server / gcs_server fixtures when a test needs them), with
+# dummy credentials; no cloud SDK may look for credentials on a metadata server (off this machine).
+# Set before anything starts, so local Ray workers and subprocesses inherit the same storage.
+from object_store import SESSION_GCS_PORT, SESSION_S3_PORT, gcs_env, s3_env  # noqa: E402
+
+for _name in ("AWS_ENDPOINT_URL_S3", "DIPRO_S3_ENDPOINT", "DIPRO_GCS_ENDPOINT", "AWS_PROFILE", "AWS_SESSION_TOKEN",
+              "GOOGLE_APPLICATION_CREDENTIALS"):
     os.environ.pop(_name, None)
+os.environ.update(s3_env(f"http://127.0.0.1:{SESSION_S3_PORT}"))
+os.environ.update(gcs_env(f"http://127.0.0.1:{SESSION_GCS_PORT}"))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def s3_server(tmp_path_factory):
     """One moto S3 server on 127.0.0.1 for the session (tests/object_store.py); stopped by pid."""
     from object_store import S3Server
 
-    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log", port=SESSION_S3_PORT)
     try:
         yield server.start()
     finally:
@@ -61,7 +67,7 @@ def gcs_server():
     """One fake-gcs-server on 127.0.0.1 for the session; stopped by pid."""
     from object_store import GCSServer
 
-    server = GCSServer()
+    server = GCSServer(port=SESSION_GCS_PORT)
     try:
         yield server.start()
     finally:

@@ -33,6 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SESSION_S3_PORT = free_port()
+"""The port of the test session's S3 server (conftest points AWS_ENDPOINT_URL at it before anything starts)."""
+SESSION_GCS_PORT = free_port()
+"""The port of the test session's GCS emulator (STORAGE_EMULATOR_HOST)."""
+
+
 def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -134,3 +134,41 @@ def test_prepare_is_deterministic(synth_prepared, tmp_path):
                  "tasks/mortality_los.parquet", "demographics.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(tmp_path / "again" / name)), name
     assert json.loads((out / "ehr_stats.json").read_text()) == json.loads((tmp_path / "again/ehr_stats.json").read_text())
+
+
+def test_prepare_and_shard_with_every_path_in_a_bucket(synth_prepared, s3_bucket, tmp_path):
+    """Raw files in a bucket -> processed tables committed in the bucket -> shards in the bucket: the same
+    tables (image paths aside) and the same shard bytes as the local run; the commit record names the
+    generation; a second prepare without --overwrite is refused, with it a new generation is published."""
+    from data_sharding import atomic, storage
+    from data_sharding.errors import UserError
+    from data_sharding.manifest import ShardSettings, read_manifest
+    from data_sharding.shard_writer import write_shards
+
+    raw, out, _ = synth_prepared
+    storage.resolve(f"{s3_bucket}/raw").upload_dir(raw)
+    processed = f"{s3_bucket}/processed"
+    prepare(resolve_roots(f"{s3_bucket}/raw"), processed, PrepareOptions(progress=False, block_size=1 << 16))
+    root = atomic.published_root(processed)
+    assert root.uri.startswith(f"{processed}/") and (storage.resolve(processed) / atomic.POINTER).exists()
+    local_dir = tmp_path / "copy"
+    root.download_dir(local_dir)
+    for name in ("cohort.parquet", "tasks/disease_progression.parquet", "tasks/mortality_los.parquet",
+                 "demographics.parquet", "cxr.parquet"):
+        a, b = pq.read_table(out / name), pq.read_table(local_dir / name)
+        if name == "cxr.parquet":
+            paths = b.column("image_path").to_pylist()
+            assert all(p.startswith(f"{s3_bucket}/raw/") for p in paths)
+            a, b = a.drop(["image_path"]), b.drop(["image_path"])
+        assert a.equals(b), name
+    for name in ("ehr_stats.json", "label_stats.json"):
+        assert json.loads((out / name).read_text()) == json.loads((local_dir / name).read_text())
+    with pytest.raises(UserError, match="already holds processed tables"):
+        prepare(resolve_roots(f"{s3_bucket}/raw"), processed, PrepareOptions(progress=False))
+
+    settings = ShardSettings(crop_size=16)
+    write_shards(out, tmp_path / "local-shards", settings=settings, workers=1, progress=False)
+    write_shards(processed, f"{s3_bucket}/shards", settings=settings, workers=1, progress=False)
+    local = {(r.task, r.split, r.logical): (r.sha256, r.fingerprint) for r in read_manifest(tmp_path / "local-shards").records}
+    remote = {(r.task, r.split, r.logical): (r.sha256, r.fingerprint) for r in read_manifest(f"{s3_bucket}/shards").records}
+    assert remote == local and len(local) >= 4

@@ -155,3 +155,38 @@ def test_bad_input_in_a_ray_task_is_a_one_line_data_error(built):
         regenerate(fx.root, out, progress=False)
     assert "\n" not in str(info.value)
     assert snapshot(out) == before
+
+
+def test_bucket_regeneration_reads_no_shard_body_and_rebuilds_only_what_changed(tmp_path, s3_server, s3_bucket):
+    """On a bucket a no-op regeneration decides from the manifest and object metadata (no shard GET);
+    one changed stay rebuilds only its shards as new objects, the old ones left for gc."""
+    from data_sharding import storage
+
+    fx = make_processed(tmp_path / "p", n_stays=6)
+    out = f"{s3_bucket}/shards"
+    write_shards(fx.root, out, settings=SETTINGS, workers=1, progress=False)
+    before = read_manifest(out)
+    bucket = s3_bucket.split("://")[1]
+    log_start = s3_server.log.stat().st_size
+
+    report = regenerate(fx.root, out, progress=False)
+
+    assert report.rebuilt == {} and read_manifest(out).token == before.token  # nothing written
+    log = s3_server.log.read_bytes()[log_start:].decode("utf-8", "replace")
+    shard_gets = [line for line in log.splitlines() if f'"GET /{bucket}/shards/' in line and ".tar" in line]
+    assert shard_gets == [] and f'"HEAD /{bucket}/shards/' in log
+
+    stay = fx.stay_ids[1]
+    bump_ehr(fx.root, stay)
+    report = regenerate(fx.root, out, progress=False)
+    after = read_manifest(out)
+    changed = {r.logical for r in after.records if r.path not in before.by_path()}
+    assert set(report.rebuilt) == changed and set(report.rebuilt.values()) == {"inputs changed"}
+    assert 2 <= len(changed) < len(after.records)
+    assert sorted(report.removed) == sorted(r.path for r in before.records if r.logical in changed)
+    assert all((storage.resolve(out) / p).exists() for p in report.removed)  # superseded, not deleted
+    assert verify_shards(out) == []
+    fresh = tmp_path / "fresh"
+    write_shards(fx.root, fresh, settings=SETTINGS, workers=1, progress=False)
+    assert {r.logical: r.sha256 for r in read_manifest(fresh).records} == \
+           {r.logical: r.sha256 for r in after.records}

@@ -110,6 +110,16 @@ def test_missing_object_and_bucket_are_one_line_naming_the_uri(bucket):
     assert "no-such-bucket-here" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_streamed_bytes_are_stored_as_written_whatever_the_extension(bucket):
+    import gzip
+
+    payload = gzip.compress(b"subject_id,hadm_id\n1,2\n")
+    target = storage.resolve(bucket) / "admissions.csv.gz"  # pyarrow would gzip it again by default
+    with target.open_output() as f:
+        f.write(payload)
+    assert target.read_bytes() == payload and target.stat().size == len(payload)
+
+
 def test_failed_stream_publishes_nothing(bucket):
     target = storage.resolve(bucket) / "partial.tar"
     with pytest.raises(RuntimeError):

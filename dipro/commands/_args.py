@@ -53,6 +53,17 @@ def seconds(text: str) -> float:
     return value
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``"90"``, ``"30m"``, ``"12h"``, ``"7d"`` -> seconds (>= 0)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (examples: 3600, 30m, 12h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def add_shard_settings(p: argparse.ArgumentParser, defaults: bool) -> None:
     """Settings that change shard bytes; ``defaults=False``: absent means "as the existing shards were built"."""
     d = data_defaults

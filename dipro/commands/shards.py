@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dipro.commands._args import add_lock_timeout, add_shard_settings, positive_int, print_shard_counts
+from data_sharding import defaults
+from dipro.commands._args import add_lock_timeout, add_shard_settings, duration, positive_int, print_shard_counts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_lock_timeout(r)
     r.set_defaults(func=_run_regenerate)
 
+    g = sub.add_parser("gc", help="remove objects no commit refers to (superseded shard generations)",
+                       description="On a bucket, commits never delete: shard objects a newer manifest no longer "
+                                   "names, and superseded generations of a published directory (dipro prepare "
+                                   "--out s3://...), stay readable for jobs that planned from them. This removes "
+                                   "those older than --min-age (locally: temp files of interrupted builds).")
+    g.add_argument("dir", metavar="DIR", help="shard root (manifest.parquet) or published directory (_published.json)")
+    g.add_argument("--min-age", type=duration, default=defaults.GC_MIN_AGE_S, metavar="AGE",
+                   help="keep what was written less than AGE ago (3600, 30m, 12h, 7d; default 7d: longer than a "
+                        "job that could still be reading a superseded generation)")
+    g.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    add_lock_timeout(g)
+    g.set_defaults(func=_run_gc)
+
 
 def _run_verify(args: argparse.Namespace) -> int:
     from data_sharding.manifest import read_manifest
@@ -65,4 +79,11 @@ def _run_regenerate(args: argparse.Namespace) -> int:
     print(report.table())
     print(report.manifest.summary_table())
     print_shard_counts(report.manifest.records)
+    return 0
+
+
+def _run_gc(args: argparse.Namespace) -> int:
+    from data_sharding.gc import collect
+
+    print(collect(args.dir, args.min_age, args.dry_run, args.lock_timeout).table())
     return 0
