@@ -12,12 +12,7 @@
   file, the reason and that the previous output is unchanged (the CLI prints it, exit 2).
   Other failures keep their type (a bug keeps its traceback).
 
-* :func:`publish_dir`: the same promise for a directory that may live in a bucket
-  (:mod:`data_sharding.storage`): locally it is :func:`atomic_dir`; on a bucket the files go
-  under a new generation prefix (``OUT/{generation}/...``) that nothing refers to yet, and the
-  directory is published by one conditional write of ``OUT/_published.json`` naming that
-  generation (and every file's size and sha256).  :func:`published_root` is where readers find
-  the committed contents.  Superseded generations are left for ``dipro shards gc``.
+* A directory that may live in a bucket: :mod:`data_sharding.publish` (built on :func:`atomic_dir`).
 
 Temp names start with ``.`` and hold ``.tmp-``, so no reader mistakes one for an output.
 A rename is atomic on one POSIX file system (local disks, NFS); object-store mounts
@@ -216,92 +211,3 @@ def copy_dir(src: str | os.PathLike, dst: str | os.PathLike, names: tuple[str, .
             for name in names:
                 shutil.copy2(src / name, tmp / name)
 
-
-POINTER = "_published.json"
-"""The commit point of a directory published on a bucket (:func:`publish_dir`)."""
-
-
-def published_root(out):
-    """Where the committed contents of ``out`` are: ``out`` itself locally (or for a bucket prefix written
-    without :func:`publish_dir`), else the generation that ``out/_published.json`` names."""
-    import json
-
-    from data_sharding import storage
-
-    out = storage.resolve(out)
-    if not out.is_remote:
-        return out
-    try:
-        pointer = json.loads((out / POINTER).read_text())
-    except storage.NotFound:
-        return out
-    except ValueError:
-        raise UserError(f"{out / POINTER}: not valid JSON; the directory's commit record is damaged") from None
-    return out / pointer["generation"]
-
-
-def published_token(out) -> str | None:
-    """The version token of ``out``'s commit record (None: nothing published there yet)."""
-    from data_sharding import storage
-
-    try:
-        return (storage.resolve(out) / POINTER).stat().token
-    except storage.NotFound:
-        return None
-
-
-@contextlib.contextmanager
-def publish_dir(out, *, unchanged: str = "", expect_token: str | None = None) -> Iterator[Path]:
-    """Yield a local temp directory; when the block succeeds it becomes ``out`` (see the module docstring).
-
-    On a bucket, ``expect_token`` is the commit record's version the caller saw before it started
-    (:func:`published_token`; None: nothing there): a directory committed by someone else in between
-    makes this one fail with one line, and the uploaded generation is removed again.
-    """
-    import json
-    import tempfile
-
-    from data_sharding import storage
-
-    out = storage.resolve(out)
-    if not out.is_remote:
-        with atomic_dir(out.local, unchanged=unchanged) as tmp:
-            yield tmp
-        return
-    generation = storage.new_generation()
-    target = out / generation
-    tmp = Path(tempfile.mkdtemp(prefix=".dipro-publish-"))
-    try:
-        yield tmp
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(tmp).as_posix()
-                files[rel] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        target.upload_dir(tmp)
-        record = json.dumps({"generation": generation, "files": files}, indent=1, sort_keys=True).encode()
-        try:
-            if expect_token is None:
-                (out / POINTER).put(record, if_absent=True)
-            else:
-                (out / POINTER).put(record, if_match=expect_token)
-        except storage.PreconditionFailed:
-            keep = unchanged or "the published contents are the other writer's"
-            raise UserError(f"{out} was published by another writer while this one ran; {keep}. "
-                            "Run again") from None
-    except BaseException:
-        with contextlib.suppress(Exception):
-            target.remove_tree()
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

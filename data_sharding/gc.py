@@ -5,7 +5,7 @@ still reading the objects it names), so superseded objects stay until this runs:
 
 * a shard set (``S/manifest.parquet``): every shard object under ``S/{task}/`` with a generation
   name (``{split}-{NNNNNN}-{generation}.tar``) that the current manifest does not name;
-* a directory published with :func:`data_sharding.atomic.publish_dir` (``OUT/_published.json``,
+* a directory published with :func:`data_sharding.publish.publish_dir` (``OUT/_published.json``,
   e.g. ``dipro prepare --out``): every generation prefix except the one the record names;
 * a local shard directory: temp files an interrupted build left (``*.tar.tmp``); its commits
   already delete replaced shards.
@@ -46,7 +46,7 @@ class GcReport:
 def collect(location, min_age_s: float = DEFAULT_MIN_AGE_S, dry_run: bool = False,
             lock_timeout: float = 0.0) -> GcReport:
     """Remove the unreferenced objects of a shard set or published directory (see the module docstring)."""
-    from data_sharding import atomic, storage
+    from data_sharding import publish, storage
     from data_sharding.lock import output_lock
     from data_sharding.manifest import manifest_path
 
@@ -55,7 +55,7 @@ def collect(location, min_age_s: float = DEFAULT_MIN_AGE_S, dry_run: bool = Fals
     cutoff_ns = (time.time() - min_age_s) * 1e9
     if manifest_path(root).exists():
         find = _shard_garbage
-    elif root.is_remote and (root / atomic.POINTER).exists():
+    elif root.is_remote and (root / publish.POINTER).exists():
         find = _generation_garbage
     else:
         raise DataError(f"{root}: no shard manifest and no published directory here: nothing to collect")
@@ -93,9 +93,9 @@ def _shard_garbage(root) -> list:
 def _generation_garbage(root) -> list:
     import json
 
-    from data_sharding import atomic
+    from data_sharding import publish
 
-    current = json.loads((root / atomic.POINTER).read_text())["generation"]
+    current = json.loads((root / publish.POINTER).read_text())["generation"]
     out = []
     for info in root.list():
         head = info.path.split("/", 1)[0]

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_sharding import atomic
+from data_sharding import atomic, publish
 from data_sharding import cohort as C
 from data_sharding import demographics as D
 from data_sharding import ehr as E
@@ -322,7 +322,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
 
     out = storage.resolve(out)
     if out.is_remote:
-        token = atomic.published_token(out)
+        token = publish.published_token(out)
         if token is not None and not opts.overwrite:
             raise UserError(f"output {out} already holds processed tables (pass --overwrite to replace them)")
     else:
@@ -417,7 +417,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
         if count:
             steps.update()
 
-    with atomic.publish_dir(out, unchanged=unchanged, expect_token=token) as tmp:
+    with publish.publish_dir(out, unchanged=unchanged, expect_token=token) as tmp:
         steps = tqdm(total=8, desc="write processed", unit="file", disable=not opts.progress)
         step("cohort.parquet", write_cohort, stays, tmp / "cohort.parquet")
         step("cxr.parquet", write_cxr, cxr, graphs, tmp / "cxr.parquet")

@@ -122,9 +122,9 @@ class ProcessedView:
     """Read access to a processed directory; tables load lazily and are cached per instance."""
 
     def __init__(self, root) -> None:
-        from data_sharding import atomic, storage
+        from data_sharding import publish, storage
 
-        self.root = atomic.published_root(storage.resolve(root))
+        self.root = publish.published_root(storage.resolve(root))
         if not self.root.is_dir():
             raise DataError(f"processed directory not found: {self.root}")
         _require(self.root / "cxr.parquet")
@@ -235,9 +235,9 @@ class ProcessedView:
 
 def open_processed(root) -> ProcessedView:
     """A view of ``root``, reused within a process while the processed files are unchanged."""
-    from data_sharding import atomic, storage
+    from data_sharding import publish, storage
 
-    root = atomic.published_root(storage.resolve(root))
+    root = publish.published_root(storage.resolve(root))
     return _cached_view(root, _stamp(root))
 
 

@@ -348,10 +348,10 @@ def write_shards(
     from data_sharding import storage
     from data_sharding.lock import output_lock
 
-    from data_sharding import atomic
+    from data_sharding import publish
 
     # the committed processed tables (a bucket's published generation): every task reads the same ones
-    processed, out = atomic.published_root(processed), storage.resolve(out)
+    processed, out = publish.published_root(processed), storage.resolve(out)
     with output_lock(out, "shard directory", lock_timeout) as lock:
         return _write_shards(processed, out, task, settings or ShardSettings(), workers, progress, lock)
 

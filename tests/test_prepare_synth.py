@@ -140,7 +140,7 @@ def test_prepare_and_shard_with_every_path_in_a_bucket(synth_prepared, s3_bucket
     """Raw files in a bucket -> processed tables committed in the bucket -> shards in the bucket: the same
     tables (image paths aside) and the same shard bytes as the local run; the commit record names the
     generation; a second prepare without --overwrite is refused, with it a new generation is published."""
-    from data_sharding import atomic, storage
+    from data_sharding import publish, storage
     from data_sharding.errors import UserError
     from data_sharding.manifest import ShardSettings, read_manifest
     from data_sharding.shard_writer import write_shards
@@ -149,8 +149,8 @@ def test_prepare_and_shard_with_every_path_in_a_bucket(synth_prepared, s3_bucket
     storage.resolve(f"{s3_bucket}/raw").upload_dir(raw)
     processed = f"{s3_bucket}/processed"
     prepare(resolve_roots(f"{s3_bucket}/raw"), processed, PrepareOptions(progress=False, block_size=1 << 16))
-    root = atomic.published_root(processed)
-    assert root.uri.startswith(f"{processed}/") and (storage.resolve(processed) / atomic.POINTER).exists()
+    root = publish.published_root(processed)
+    assert root.uri.startswith(f"{processed}/") and (storage.resolve(processed) / publish.POINTER).exists()
     local_dir = tmp_path / "copy"
     root.download_dir(local_dir)
     for name in ("cohort.parquet", "tasks/disease_progression.parquet", "tasks/mortality_los.parquet",
