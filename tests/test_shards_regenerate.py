@@ -155,3 +155,95 @@ def test_bad_input_in_a_ray_task_is_a_one_line_data_error(built):
         regenerate(fx.root, out, progress=False)
     assert "\n" not in str(info.value)
     assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- film fingerprints
+
+def shards_using(out: Path, dicom: str) -> set[str]:
+    """Shards with a sample whose meta.json lists ``dicom``."""
+    import json
+    import tarfile
+
+    found = set()
+    for p in sorted(out.rglob("*.tar")):
+        with tarfile.open(p) as tar:
+            for info in tar:
+                if info.name.endswith(".meta.json") and dicom in json.loads(tar.extractfile(info).read())["dicom_ids"]:
+                    found.add(str(p.relative_to(out)))
+    return found
+
+
+def test_noop_regeneration_reads_no_film_and_rehash_reads_every_one(built):
+    import os
+
+    fx, out = built
+    report = regenerate(fx.root, out, progress=False)
+    n_films = sum(len(d) for d in fx.dicoms_of.values())
+    assert (report.rebuilt, report.films, report.films_hashed, report.films_read) == ({}, n_films, 0, 0)
+    assert report.cache_status == "loaded" and report.cache_saved == ""  # nothing rewritten
+    before = snapshot(out)
+    # change a film's bytes behind the cache's back (same size, same mtime): a film that were opened
+    # would be re-hashed and its shards rebuilt; a no-op regeneration opens none
+    victim = fx.dicoms_of[fx.stay_ids[1]][0]
+    path = fx.images / f"{victim}.jpg"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = regenerate(fx.root, out, progress=False)
+    assert (report.rebuilt, report.films_hashed, report.films_read) == ({}, 0, 0)
+    after = snapshot(out)  # the commit rewrites the manifest with the same bytes; nothing else is touched
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+    assert {k: v for k, v in after.items() if k != "manifest.parquet"} == \
+           {k: v for k, v in before.items() if k != "manifest.parquet"}
+
+    report = regenerate(fx.root, out, progress=False, rehash=True)  # --rehash: the cache is not trusted
+    assert report.cache_status.startswith("ignored (--rehash)") and report.films_hashed == n_films
+    assert set(report.rebuilt) == shards_using(out, victim) and set(report.rebuilt.values()) == {"inputs changed"}
+    assert verify_shards(out) == []
+
+
+def test_one_changed_film_is_rehashed_alone_and_rebuilds_only_its_shards(built, tmp_path):
+    from PIL import Image
+
+    from data_sharding.film_fingerprints import load_cache, stat_film
+
+    fx, out = built
+    victim = fx.dicoms_of[fx.stay_ids[2]][1]
+    holding = shards_using(out, victim)
+    assert 2 <= len(holding) < len(list(out.rglob("*.tar")))  # a progression pair (or two) and a mortality sample
+    before = snapshot(out)
+    path = fx.images / f"{victim}.jpg"
+    Image.open(path).save(path, format="JPEG", quality=60)
+
+    report = regenerate(fx.root, out, progress=False)
+
+    assert report.films_hashed == 1 and set(report.rebuilt) == holding
+    assert report.build.films_read == report.films_read < report.films  # only the rebuilt shards' films
+    after = snapshot(out)
+    for rel, (digest, mtime) in before.items():
+        if rel.endswith(".tar") and rel not in holding:
+            assert after[rel] == (digest, mtime), rel
+    assert load_cache(out).entries[str(path)][0] == stat_film(str(path))
+    fresh = tmp_path / "fresh"
+    write_shards(fx.root, fresh, settings=SETTINGS, workers=1, progress=False)
+    assert {k: v[0] for k, v in snapshot(fresh).items() if k.endswith(".tar")} == \
+           {k: v[0] for k, v in after.items() if k.endswith(".tar")}
+    assert verify_shards(out) == []
+
+
+def test_missing_or_corrupt_film_cache_is_rebuilt_not_trusted(built):
+    from data_sharding.film_fingerprints import cache_path, load_cache
+
+    fx, out = built
+    n_films = sum(len(d) for d in fx.dicoms_of.values())
+    for damage, status in (("corrupt", "corrupt ("), ("delete", "missing: rebuilt")):
+        if damage == "delete":
+            cache_path(out).unlink()
+        else:
+            cache_path(out).write_bytes(cache_path(out).read_bytes()[:100])
+        report = regenerate(fx.root, out, progress=False)
+        assert report.cache_status.startswith(status) and report.films_hashed == n_films
+        assert report.rebuilt == {} and "films" in report.cache_saved
+        assert load_cache(out).status == "loaded" and len(load_cache(out).entries) == n_films
