@@ -244,7 +244,7 @@ def _build_shards(processed: Path, out: Path, task: str, settings: ShardSettings
     workers = max(1, workers or min(os.cpu_count() or 1, BUILD_WORKERS_MAX))
     try:
         report = build_planned(processed, out, plans, {t: settings for t in task_dirs}, workers,
-                               lambda n: InlineRunner() if n == 1 else ProcessRunner(n), progress)
+                               lambda n: InlineRunner() if n <= 1 else ProcessRunner(n), progress)
     except BaseException:
         remove_tmp_files(out, task_dirs)  # running workers have finished: the pool was joined
         raise
