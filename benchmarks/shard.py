@@ -17,7 +17,9 @@ timed, kept under ``--workdir``).  On each cohort, every measurement runs in a f
 
 Rates are *marginal*: films/s = (films of the large cohort - films of the small) / (time of the
 large - time of the small), so start-up (imports, spawning workers, reading the processed
-tables) cancels; the time of each run on the large cohort is printed too.  ``peak RSS/worker``
+tables) cancels; the time of each run on the large cohort is printed too.  ``films/CPU-s`` is
+the same ratio over CPU time (the decode loop's, the build units' summed over workers): on a
+machine shared with other jobs it stays meaningful when wall-clock rates do not.  ``peak RSS/worker``
 is the largest peak RSS of a process that built units (the main process at 1 worker).  The
 error of ``bilinear-fast`` is the mean (and max) absolute difference of its crops from the
 default's, in grey levels, over every region crop of the large cohort.  Speed targets are read
@@ -64,11 +66,12 @@ def measure_decode(processed: Path) -> dict:
     from PIL import Image
 
     films = referenced_films(processed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for path in films:
         with Image.open(path) as img:
             img.load()
-    return {"seconds": time.perf_counter() - t0, "films": len(films), "peak_rss_mb": _rss_mb()}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "films": len(films),
+            "peak_rss_mb": _rss_mb()}
 
 
 def measure_shard(processed: Path, out: Path, workers: int, resample: str) -> dict:
@@ -79,9 +82,11 @@ def measure_shard(processed: Path, out: Path, workers: int, resample: str) -> di
     t0 = time.perf_counter()
     report = build_shards(processed, out, settings=ShardSettings(resample=resample), workers=workers, progress=False)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "films": report.films_read, "shards": len(report.records), "joined": report.joined,
+    return {"seconds": seconds, "cpu_seconds": sum(w.cpu_seconds for w in report.workers),
+            "films": report.films_read, "shards": len(report.records), "joined": report.joined,
             "peak_rss_mb": max(w.peak_rss_mb for w in report.workers),
             "worker_seconds": [round(w.seconds, 2) for w in report.workers],
+            "worker_cpu": [round(w.cpu_seconds, 2) for w in report.workers],
             "bytes": sum(r.bytes for r in report.records)}
 
 
@@ -233,38 +238,42 @@ def main(argv: list[str] | None = None) -> int:
     small, large = args.sizes
     err = child(["error", str(work / f"shards-{large}-bilinear-w1"), str(work / f"shards-{large}-bilinear-fast-w1")])
 
-    def rate(label: str) -> float:
+    def rate(label: str, key: str = "seconds") -> float:
         a, b = res[(label, small)], res[(label, large)]
-        return (b["films"] - a["films"]) / max(1e-9, b["seconds"] - a["seconds"])
+        return (b["films"] - a["films"]) / max(1e-9, b[key] - a[key])
 
-    decode = rate(configs[0][0])
+    decode, decode_cpu = rate(configs[0][0]), rate(configs[0][0], "cpu_seconds")
     one = rate(configs[1][0])
     print(f"films referenced: {res[(configs[0][0], small)]['films']} and {res[(configs[0][0], large)]['films']} "
           f"({small} and {large} patients, {args.image_size}-px films, crop 224, {os.cpu_count()} cores)")
-    head = f"{'':<56} {'films/s':>8} {'vs decode':>9} {'vs w1':>6} {'large s':>8} {'peak RSS/worker MiB':>20}"
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} cores")
+    head = (f"{'':<56} {'films/s':>8} {'vs decode':>9} {'vs w1':>6} {'films/CPU-s':>11} {'vs decode':>9} "
+            f"{'large s':>8} {'peak RSS/worker MiB':>20}")
     print(head)
     print("-" * len(head))
     for label, kind, w, mode in configs:
         r = rate(label)
         big = res[(label, large)]
         vs_w1 = f"{r / one:.2f}x" if kind == "shard" and mode == "bilinear" and w != 1 else ""
-        print(f"{label:<56} {r:>8.1f} {100 * r / decode:>8.0f}% {vs_w1:>6} {big['seconds']:>8.2f} "
-              f"{big['peak_rss_mb']:>20.0f}")
+        rc = rate(label, "cpu_seconds")
+        print(f"{label:<56} {r:>8.1f} {100 * r / decode:>8.0f}% {vs_w1:>6} {rc:>11.1f} {100 * rc / decode_cpu:>8.0f}% "
+              f"{big['seconds']:>8.2f} {big['peak_rss_mb']:>20.0f}")
     full = res[(configs[2][0], large)]
     g = regen[large]
     print(f"{f'dipro shard --workers {n}, shards of <= {args.regen_shard_samples} samples':<56} {'':>8} {'':>9} "
-          f"{'':>6} {g['full_s']:>8.2f} {'':>20}  ({g['one']['shards']} shards)")
-    print(f"{'regenerate, no-op (Ray up)':<56} {'':>8} {'':>9} {'':>6} {g['noop']['seconds']:>8.2f} "
+          f"{'':>6} {'':>11} {'':>9} {g['full_s']:>8.2f} {'':>20}  ({g['one']['shards']} shards)")
+    print(f"{'regenerate, no-op (Ray up)':<56} {'':>8} {'':>9} {'':>6} {'':>11} {'':>9} {g['noop']['seconds']:>8.2f} "
           f"{'':>20}  films hashed {g['noop']['hashed']}, read {g['noop']['read']}, "
           f"rebuilt {g['noop']['rebuilt']} of {g['one']['shards']}")
-    print(f"{'regenerate, one film rewritten (Ray up)':<56} {'':>8} {'':>9} {'':>6} {g['one']['seconds']:>8.2f} "
+    print(f"{'regenerate, one film rewritten (Ray up)':<56} {'':>8} {'':>9} {'':>6} {'':>11} {'':>9} {g['one']['seconds']:>8.2f} "
           f"{g['one']['peak_rss_mb']:>20.0f}  films hashed {g['one']['hashed']}, read {g['one']['read']}, "
           f"rebuilt {g['one']['rebuilt']} of {g['one']['shards']}")
     print(f"local Ray start with {n} worker processes (apart from the rows above): {g['ray_start_s']:.2f} s; no-op / full build of the same "
           f"shards: {g['noop']['seconds'] / g['full_s']:.2f}x ({(g['noop']['seconds'] + g['ray_start_s']) / g['full_s']:.2f}x "
           f"with the Ray start); one film / full: {g['one']['seconds'] / g['full_s']:.2f}x")
-    print(f"--workers {n}: per-worker seconds {full['worker_seconds']}, {full['joined']} of {full['shards']} shards "
-          f"joined from parts")
+    print(f"--workers {n}: per-worker seconds {full['worker_seconds']} (CPU {full['worker_cpu']}), "
+          f"{full['joined']} of {full['shards']} shards joined from parts")
     print(f"bilinear-fast vs bilinear crops: mean |diff| {err['mean']:.3f} grey levels, max {err['max']}")
     if tmp is not None:
         tmp.cleanup()
