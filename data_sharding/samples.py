@@ -3,7 +3,7 @@
 :class:`ProcessedView` reads the processed layout of docs/ARCHITECTURE.md
 section 1 (task tables, ``cxr.parquet``, demographics, the ``ehr/`` parts);
 :class:`SampleBuilder` turns task rows into :class:`Sample` objects holding the
-members of section 2, and :func:`encode_sample` serialises them
+members of section 2, which :class:`data_sharding.shard_format.TarStream` serialises
 (:mod:`data_sharding.shard_format`: ``.npy`` with ``allow_pickle=False`` and
 UTF-8 JSON; no pickle).  EHR rows are read once per shard for the shard's
 stays (row-group filtered), never the whole table per sample.
@@ -38,7 +38,6 @@ from data_sharding.shard_format import (
     ARRAYS,
     LABEL_RANGES,
     MAX_REGION_LABEL,
-    encode_members,
     json_bytes,
     npy_size,
     sample_key,
@@ -300,12 +299,6 @@ class Sample:
     arrays: dict[str, np.ndarray]
     labels: dict[str, Any]
     meta: dict[str, Any]
-
-
-def encode_sample(sample: Sample) -> list[tuple[str, bytes]]:
-    """Tar members ``(f"{key}.{member}", bytes)`` in the format's member order
-    (:func:`data_sharding.shard_format.encode_members`)."""
-    return encode_members(sample.key, sample.arrays, sample.labels, sample.meta)
 
 
 @dataclass
