@@ -109,7 +109,11 @@ class InlineRunner:
 
 
 class ProcessRunner:
-    """A pool of ``workers`` spawned processes; a worker that dies raises ``BrokenProcessPool`` (no hang)."""
+    """A pool of ``workers`` spawned processes; a worker that dies raises ``BrokenProcessPool`` (no hang).
+
+    When one job fails, the others stop at their next stay (a shared event), so the failure is
+    reported after seconds, not after the other workers' whole share of the build.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -118,12 +122,12 @@ class ProcessRunner:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from data_sharding.build_units import _progress_queue_initializer
+        from data_sharding.build_units import _pool_initializer
 
         ctx = mp.get_context("spawn")
-        self._queue = ctx.Queue()
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_progress_queue_initializer,
-                                         initargs=(self._queue,))
+        self._queue, self._stop = ctx.Queue(), ctx.Event()
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_initializer,
+                                         initargs=(self._queue, self._stop))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -153,6 +157,7 @@ class ProcessRunner:
             self._drain(bar)
             return [f.result() for f in futures]
         except BaseException:
+            self._stop.set()
             for f in futures:
                 f.cancel()
             raise

@@ -43,6 +43,11 @@ from data_sharding.shard_format import TarStream
 from data_sharding.shard_writer import TMP_SUFFIX, UNCHANGED, tmp_path
 
 _tick: Callable[[int], object] | None = None
+_stop = None
+
+
+class Cancelled(RuntimeError):
+    """Another unit of the build failed: this one stops at its next stay (its temp files removed)."""
 
 
 def set_progress(tick: Callable[[int], object] | None) -> None:
@@ -51,9 +56,11 @@ def set_progress(tick: Callable[[int], object] | None) -> None:
     _tick = tick
 
 
-def _progress_queue_initializer(queue) -> None:
-    """Process-pool initializer: report films read through ``queue``."""
+def _pool_initializer(queue, stop) -> None:
+    """Process-pool initializer: report films read through ``queue``; stop when the ``stop`` event is set."""
+    global _stop
     set_progress(queue.put)
+    _stop = stop
 
 
 def part_tmp(final: Path, part: int) -> Path:
@@ -183,6 +190,8 @@ def run_unit(processed: str, unit: BuildUnit, settings: dict[str, ShardSettings]
     writers: dict[int, _SegmentWriter] = {}
     try:
         for item in sorted(walk):
+            if _stop is not None and _stop.is_set():
+                raise Cancelled(f"unit {unit.index} stopped: another unit of the build failed")
             stay_crops.clear()  # a stay's films are used by that stay's samples only
             for k, index in walk[item]:
                 writer = writers.get(k)

@@ -192,3 +192,30 @@ def test_film_fingerprint_cache_round_trips_and_is_rebuilt_when_damaged(tmp_path
         assert broken.status.startswith("corrupt (") and broken.status.endswith("): rebuilt") and not broken.entries
     ff.save_cache(out, {path: (key, "not a digest")} | {"b": (key, digest)})
     assert ff.load_cache(out).entries == {"b": (key, digest)}  # nothing but real digests is written
+
+
+def test_a_unit_stops_when_another_failed_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The pool's stop event (set when one unit fails): a unit still running stops at its next stay and
+    removes what it had written."""
+    import threading
+
+    fx = make_processed(tmp_path / "p", n_stays=4)
+    view = open_processed(fx.root)
+    settings = {t: ShardSettings(crop_size=16) for t in TASK_DIRS}
+    plans = plan_shards(view, TASK_DIRS, settings)
+    stop = threading.Event()
+    stays = []
+    real = build_units.read_film
+
+    def read_film(path):  # while the first film is read, another unit "fails"
+        stays.append(path)
+        stop.set()
+        return real(path)
+
+    monkeypatch.setattr(build_units, "_stop", stop)
+    monkeypatch.setattr(build_units, "read_film", read_film)
+    out = tmp_path / "s"
+    with pytest.raises(build_units.Cancelled, match="another unit of the build failed"):
+        build_planned(fx.root, out, plans, settings, 1, lambda n: InlineRunner(), progress=False)
+    assert 1 <= len(stays) <= 4  # the first stay's films, then it stopped
+    assert [p.name for p in out.rglob("*") if p.is_file()] == []
