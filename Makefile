@@ -34,6 +34,7 @@ test-cluster: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/train.py

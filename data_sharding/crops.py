@@ -1,5 +1,8 @@
 """Region crops: one JPEG decode per CXR, ten boxes cut and resized to the crop size.
 
+The one home of the crop code: the shard builder (:mod:`data_sharding.build_units`) calls
+:func:`crop_regions` once per film and build.
+
 The authors decode the full ~2,500 x 3,000 JPEG for every region of every
 sample at every epoch, cut each box with ``PIL.Image.crop`` (integer pixels) and
 resize it to 224 x 224 with NEAREST (github.com/Chenliu-svg/DiPro
@@ -9,7 +12,13 @@ resampled with PIL's bilinear filter (antialiased when shrinking); when every pr
 box is at least ``2**k`` times the crop size the JPEG is decoded at ``1 / 2**k`` scale
 (libjpeg DCT scaling via ``Image.draft``), which loses nothing the final crop could show.
 ``resample="nearest"`` (``dipro shard --crop-resample nearest``) reproduces the authors'
-crops: full decode, box rounded to whole pixels, NEAREST.  Boxes are in full-image pixels
+crops: full decode, box rounded to whole pixels, NEAREST.  ``resample="bilinear-fast"``
+(``--crop-resample bilinear-fast``) is an approximation of the default, never the default:
+the same decode, then PIL's ``reducing_gap`` (:data:`data_sharding.defaults.FAST_REDUCING_GAP`)
+shrinks a large box by whole-pixel averaging before the bilinear filter (its error against
+``bilinear`` is measured by ``benchmarks/shard.py`` and recorded in the README).
+A grayscale JPEG decodes to mode ``L`` already and is used as decoded (no copy); other
+modes are converted to ``L`` once.  Boxes are in full-image pixels
 (``cxr.parquet``, clipped to the image by ``dipro prepare``); a null or invalid box yields
 a zero crop with ``region_present = 0`` -- a missing region is marked, never faked.
 """
@@ -25,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from data_sharding.constants import NUM_REGIONS
-from data_sharding.defaults import RESAMPLE_MODES  # crop resampling modes (re-exported): ours, then the authors'
+from data_sharding.defaults import FAST_REDUCING_GAP
+from data_sharding.defaults import RESAMPLE_MODES  # crop resampling modes (re-exported): ours, the authors', the fast one
 
 # Largest JPEG DCT down-scaling libjpeg offers.
 _DRAFT_REDUCTIONS = (8, 4, 2, 1)
@@ -121,10 +131,13 @@ def crop_regions(
             parsed.append(box)
         if all(b is None for b in parsed):
             return CropResult(crops, present, counts)
-        if img.format == "JPEG" and resample == "bilinear":
+        if img.format == "JPEG" and resample != "nearest":
             r = draft_reduction(parsed, crop_size)
             img.draft("L", (math.ceil(full_w / r), math.ceil(full_h / r)))
-        img = img.convert("L")
+        if img.mode != "L":
+            img = img.convert("L")
+        else:
+            img.load()  # decode now: a damaged file is counted here, not half-way through the boxes
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         counts["images_unreadable"] += 1
         return CropResult(crops, present, counts)
@@ -138,7 +151,8 @@ def crop_regions(
                                                                          Image.Resampling.NEAREST)
         else:
             region = img.resize((crop_size, crop_size), Image.Resampling.BILINEAR,
-                                box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+                                box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy),
+                                reducing_gap=FAST_REDUCING_GAP if resample == "bilinear-fast" else None)
         crops[i] = np.asarray(region, dtype=np.uint8)
         present[i] = 1
     return CropResult(crops, present, counts)

@@ -33,8 +33,14 @@ CROP_SIZE = 224
 """Side of the square region crops (the paper's 224)."""
 MAX_SAMPLES_PER_SHARD = 1000
 MAX_SHARD_BYTES = 512 * 1024 * 1024
-RESAMPLE_MODES = ("bilinear", "nearest")
-"""Crop resampling: antialiased bilinear (default) or the authors' nearest."""
+RESAMPLE_MODES = ("bilinear", "nearest", "bilinear-fast")
+"""Crop resampling: antialiased bilinear (default), the authors' nearest, or bilinear through PIL's
+``reducing_gap`` (an approximation of the default: :data:`FAST_REDUCING_GAP`, error in README "Benchmarks")."""
+FAST_REDUCING_GAP = 2.0
+"""``reducing_gap`` of ``--crop-resample bilinear-fast``: a box is first shrunk by whole-pixel averaging
+(``Image.reduce``) to at most this many times the crop size, then resampled bilinearly."""
+BUILD_WORKERS_MAX = 64
+"""Upper bound of the default worker count of ``dipro shard`` (all cores, at most this many)."""
 
 GC_MIN_AGE_S = 7 * 24 * 3600
 """``dipro shards gc --min-age``: superseded objects younger than this stay (a job may still read them)."""

@@ -3,7 +3,7 @@
 :class:`ProcessedView` reads the processed layout of docs/ARCHITECTURE.md
 section 1 (task tables, ``cxr.parquet``, demographics, the ``ehr/`` parts);
 :class:`SampleBuilder` turns task rows into :class:`Sample` objects holding the
-members of section 2, and :func:`encode_sample` serialises them
+members of section 2, which :class:`data_sharding.shard_format.TarStream` serialises
 (:mod:`data_sharding.shard_format`: ``.npy`` with ``allow_pickle=False`` and
 UTF-8 JSON; no pickle).  EHR rows are read once per shard for the shard's
 stays (row-group filtered), never the whole table per sample.
@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,7 +38,6 @@ from data_sharding.shard_format import (
     ARRAYS,
     LABEL_RANGES,
     MAX_REGION_LABEL,
-    encode_members,
     json_bytes,
     npy_size,
     sample_key,
@@ -314,31 +313,25 @@ class Sample:
     meta: dict[str, Any]
 
 
-def encode_sample(sample: Sample) -> list[tuple[str, bytes]]:
-    """Tar members ``(f"{key}.{member}", bytes)`` in the format's member order
-    (:func:`data_sharding.shard_format.encode_members`)."""
-    return encode_members(sample.key, sample.arrays, sample.labels, sample.meta)
-
-
 @dataclass
 class SampleBuilder:
-    """Builds the samples of one shard; each image is read and decoded once per shard.
+    """Assembles the samples of one shard (or one part of a shard) from crops made elsewhere.
 
-    ``image_digests`` (image path -> sha256 of its bytes, "missing" when the
-    file is absent) and ``counts`` (anomalies, see :class:`CropResult`) are
-    filled as samples are built; the shard fingerprint uses the digests of
-    exactly the bytes that were decoded, and ``ehr`` (stay_id -> StayEHR, read
-    by :meth:`prefetch`) so the EHR parts are read once per shard.
+    ``crops(stay_id, dicom_id, where)`` returns the film's :class:`data_sharding.crops.CropResult`
+    (the shard builder decodes each film once per build and hands the same crops to every sample
+    and series that uses it: :mod:`data_sharding.build_units`).  ``counts`` holds this builder's
+    samples' anomalies, *per sample*: a film's missing box is counted once for every sample that
+    uses the film (the builder counts each film once as well, separately), plus
+    ``samples_without_ehr``.  ``ehr`` (stay_id -> StayEHR) is read by :meth:`prefetch`, so the
+    EHR parts are read once per shard.
     """
 
     view: ProcessedView
     task_dir: str
     crop_size: int
-    resample: str = "bilinear"
-    image_digests: dict[str, str] = field(default_factory=dict)
+    crops: Callable[[int, str, str], Any]
     counts: Counter = field(default_factory=Counter)
     ehr: dict[int, StayEHR] = field(default_factory=dict)
-    _crop_cache: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def prefetch(self, rows: list[int]) -> None:
         """Read the EHR of every stay these rows need in one pass over the parts."""
@@ -355,10 +348,10 @@ class SampleBuilder:
             raise DataError(f"{where}: expected >= 2 CXRs with one hour each, got {t} ids and {len(cxr_hours)} hours")
         crops = np.zeros((t, NUM_REGIONS, self.crop_size, self.crop_size), dtype=np.uint8)
         present = np.zeros((t, NUM_REGIONS), dtype=np.uint8)
-        if self._crop_cache and next(iter(self._crop_cache))[0] != stay_id:
-            self._crop_cache.clear()  # rows are grouped by stay: older stays' CXRs are done
         for j, dicom in enumerate(dicom_ids):
-            crops[j], present[j] = self._crops(stay_id, str(dicom), where)
+            result = self.crops(stay_id, str(dicom), where)
+            crops[j], present[j] = result.crops, result.present
+            self.counts.update(result.counts)
 
         try:
             region_labels = np.asarray(row["region_labels"], dtype=np.int64)
@@ -395,30 +388,6 @@ class SampleBuilder:
         }
         arrays = {m: np.asarray(a, dtype=ARRAYS[m].dtype) for m, a in arrays.items()}  # the format's dtypes
         return Sample(sample_key(stay_id, index), arrays, labels, row_meta(self.task_dir, row, index))
-
-    def _crops(self, stay_id: int, dicom: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-        from data_sharding import storage
-        from data_sharding.crops import crop_regions
-
-        cache_key = (stay_id, dicom)
-        if cache_key not in self._crop_cache:
-            cxr = self.view.cxr_row(stay_id, dicom, where)
-            path = str(cxr["image_path"])
-            try:
-                data: bytes | None = storage.resolve(path).read_bytes()
-            except OSError:  # missing or unreadable film: counted by crop_regions (a bucket outage is not)
-                data = None
-            self.image_digests[path] = image_digest(data)
-            result = crop_regions(data, [cxr[c] for c in BOX_COLUMNS], self.crop_size,
-                                  recorded_size=(cxr["width"], cxr["height"]), resample=self.resample)
-            self.counts.update(result.counts)
-            self._crop_cache[cache_key] = (result.crops, result.present)
-        return self._crop_cache[cache_key]
-
-
-def image_digest(data: bytes | None) -> str:
-    """sha256 of an image file's bytes; "missing" when it could not be read."""
-    return "missing" if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _check_range(where: str, name: str, values: np.ndarray, lo: int, hi: int) -> None:

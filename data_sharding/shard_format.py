@@ -13,8 +13,9 @@ This module owns what every party needs to agree on:
 * dtypes, shapes and value ranges: :data:`ARRAYS` (:class:`ArraySpec`), :data:`MAX_REGION_LABEL`,
   :data:`LABEL_RANGES`;
 * encoding: :func:`npy_bytes`, :func:`json_bytes`, :func:`member_bytes`, :func:`encode_members`,
-  :func:`tar_info`, :func:`write_tar`, and the sizes the shard planner bounds (:func:`npy_size`,
-  :func:`tar_member_size`, :func:`tar_size`);
+  :func:`tar_info`, :func:`write_tar`, :class:`TarStream` (the shard builder's writer: the same
+  bytes as ``tarfile``, streamed, and joinable from parts), and the sizes the shard planner bounds
+  (:func:`npy_size`, :func:`tar_member_size`, :func:`tar_size`);
 * decoding: :func:`load_npy` (zero-copy for the writer's own headers), :func:`load_json`.
 
 Users: the writer (:mod:`data_sharding.samples`, :mod:`data_sharding.shard_writer`), the
@@ -200,6 +201,57 @@ def write_tar(target: str | os.PathLike | IO[bytes], samples: Iterable[tuple[str
     with tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             add_members(tar, tar_members(key, members))
+
+
+class TarStream:
+    """Writes ustar members straight to a binary file, byte for byte what ``tarfile`` writes for
+    :func:`add_members` followed by ``close()``, hashing and counting as it goes.
+
+    Members are whole 512-byte blocks, so the members of one archive may be written in several
+    parts (files) by several processes and joined in order; :meth:`finish` then appends the
+    end-of-archive blocks (two zero blocks, then zeros up to ``tarfile.RECORDSIZE``), given
+    the size of everything before.  ``.npy`` payloads go from the array's buffer to the file
+    without an intermediate ``bytes`` copy.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        import hashlib
+
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.sha.update(data)
+        self._f.write(data)
+        self.size += len(data)
+
+    def _member(self, name: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
+        self.write(tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        for chunk in chunks:
+            self.write(chunk)
+        if size % tarfile.BLOCKSIZE:
+            self.write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+    def add_sample(self, key: str, arrays: dict[str, np.ndarray], labels: Any, meta: Any) -> None:
+        """One sample's members in :data:`MEMBERS` order (the bytes of :func:`encode_members`)."""
+        if not KEY_PATTERN.match(key):
+            raise ValueError(f"sample key {key!r} has characters outside [A-Za-z0-9_-]")
+        for m in NPY_MEMBERS:
+            arr = np.ascontiguousarray(arrays[m])
+            head = io.BytesIO()
+            np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+            header = head.getvalue()
+            self._member(f"{key}.{m}", len(header) + arr.nbytes, (header, memoryview(arr.reshape(-1).view(np.uint8))))
+        for m, obj in zip(JSON_MEMBERS, (labels, meta)):
+            data = json_bytes(obj)
+            self._member(f"{key}.{m}", len(data), (data,))
+
+    def finish(self, offset: int | None = None) -> None:
+        """End the archive; ``offset`` = bytes of the whole archive so far (default: what this stream wrote)."""
+        offset = self.size if offset is None else offset
+        end = 2 * tarfile.BLOCKSIZE
+        self.write(tarfile.NUL * (end + -(offset + end) % tarfile.RECORDSIZE))
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -7,10 +7,12 @@
    decoded: see :func:`data_sharding.samples.estimate_sample_bytes`).  The plan
    depends only on the task tables and the settings, so a change to one stay's
    EHR or images touches only the shards holding that stay's samples.
-2. :func:`build_shard` builds one planned shard in one process and writes it
-   under a temp name: ustar members with fixed mtime/uid/gid/names, members in
-   a fixed order (:mod:`data_sharding.shard_format`) -> the same inputs give the same
-   bytes whatever the worker count.
+2. :func:`data_sharding.build_run.build_planned` builds the planned shards around films
+   (each film read and cropped once for every series, pair and shard that uses it), in
+   balanced units on N worker processes (:mod:`data_sharding.build_plan`,
+   :mod:`data_sharding.build_units`), every shard under a temp name: ustar members with fixed
+   mtime/uid/gid/names, members in a fixed order (:mod:`data_sharding.shard_format`) -> the
+   same inputs give the same bytes whatever the worker count.
 3. :func:`commit_shards` first writes the new manifest and stats files under temp
    names, then renames the temp shards into place, then the manifest (the commit
    point), and removes shards no longer planned.  A write that fails (disk full, a
@@ -19,23 +21,25 @@
    (:class:`data_sharding.atomic.StorageError`).
 
 Writers hold :func:`data_sharding.lock.output_lock` on the shard directory, so two
-jobs never write one directory at once.
+jobs never write one directory at once.  After the commit the sha256 of every film read is
+saved beside the manifest (:mod:`data_sharding.film_fingerprints`), so a regeneration need
+not read the films again.
 
 On a bucket (``--out s3://...`` / ``gs://...``) there is no rename: shards are streamed
 straight to objects named for this build's generation (``{task}/{split}-{NNNNNN}-{generation}.tar``,
-:func:`object_path`), which no committed manifest refers to, and the build is published by
-one conditional write of the manifest (:func:`data_sharding.manifest.commit_manifest`,
-which also carries the stats files).  Readers that planned from the previous manifest keep
-reading the previous generation; superseded objects are removed by ``dipro shards gc``,
-never by a commit.  A build that fails or loses the commit deletes the objects it wrote.
+:func:`object_path`; parts of shards that several workers write as ``....tar.partNNNN.tmp``
+objects, joined into the shard object), which no committed manifest refers to, and the build
+is published by one conditional write of the manifest
+(:func:`data_sharding.manifest.commit_manifest`, which also carries the stats files).
+Readers that planned from the previous manifest keep reading the previous generation;
+superseded objects are removed by ``dipro shards gc``, never by a commit.  A build that fails
+or loses the commit deletes the objects it wrote.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +48,6 @@ from typing import Iterable
 from data_sharding import atomic
 from data_sharding.constants import SPLITS
 from data_sharding.errors import DataError, UserError
-from data_sharding.shard_format import add_members
 from data_sharding.manifest import (
     STATS_FILES,
     Manifest,
@@ -53,7 +56,6 @@ from data_sharding.manifest import (
     commit_manifest,
     manifest_path,
     read_manifest,
-    shard_fingerprint,
     stage_manifest,
 )
 
@@ -62,8 +64,8 @@ UNCHANGED = "the previous shards and manifest are unchanged"
 TMP_SUFFIX = ".tmp"
 SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 """File names of shards (``{split}-{NNNNNN}.tar``): the only files commits delete and verify accounts for."""
-OBJECT_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}-\d{{8}}T\d{{6}}-[0-9a-f]{{6}}\.tar$")
-"""Shard object names on a bucket (``{split}-{NNNNNN}-{generation}.tar``): what ``dipro shards gc`` may delete."""
+OBJECT_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}-\d{{8}}T\d{{6}}-[0-9a-f]{{6}}\.tar(\.part\d{{4}}\.tmp)?$")
+"""Shard (and part) object names on a bucket (``{split}-{NNNNNN}-{generation}.tar``): what gc may delete."""
 
 
 def object_path(plan: "ShardPlan", generation: str | None) -> str:
@@ -120,62 +122,8 @@ def plan_shards(view, task_dirs: Iterable[str], settings: dict[str, ShardSetting
     return plans
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes (one pass, no re-read)."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self._f.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
 def tmp_path(final: Path) -> Path:
     return final.with_name(final.name + TMP_SUFFIX)
-
-
-def build_shard(processed: str | Path, plan: ShardPlan, settings: ShardSettings, out: str | Path,
-                generation: str | None = None) -> ShardRecord:
-    """Build one planned shard; return its manifest row.
-
-    Locally it goes to ``out/{plan.path}.tmp`` (renamed by the commit; the row names the final
-    path); with a ``generation`` (a bucket) straight to the object :func:`object_path`, whose
-    ETag the row records.
-    """
-    from data_sharding import storage
-    from data_sharding.samples import SampleBuilder, encode_sample, open_processed
-
-    view = open_processed(processed)
-    builder = SampleBuilder(view, plan.task, settings.crop_size, settings.resample)
-    builder.prefetch(list(plan.rows))
-    rel = object_path(plan, generation)
-    target = storage.resolve(out) / rel
-    if generation is None:
-        final = target.local
-        final.parent.mkdir(parents=True, exist_ok=True)
-        sink = atomic.open_atomic(final, "wb", tmp=tmp_path(final), replace=False, unchanged=UNCHANGED)
-    else:
-        sink = target.open_output(unchanged=UNCHANGED)
-    with sink as f:
-        writer = _HashingWriter(f)
-        with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in plan.rows:
-                add_members(tar, encode_sample(builder.build(index)))
-    if writer.size > settings.max_shard_bytes:
-        raise RuntimeError(f"{plan.path}: {writer.size} bytes exceed the planned bound {settings.max_shard_bytes}")
-    etag = target.stat().token if generation is not None else ""
-    fingerprint = shard_fingerprint(view, plan.task, plan.rows, settings, builder.image_digests.__getitem__,
-                                    ehr=builder.ehr)
-    return ShardRecord(task=plan.task, split=plan.split, path=rel, samples=len(plan.rows), bytes=writer.size,
-                       sha256=writer.sha.hexdigest(), fingerprint=fingerprint, settings=settings.to_json(),
-                       counts=json.dumps(dict(sorted(builder.counts.items())), separators=(",", ":")), etag=etag)
 
 
 def remove_tmp_files(out, task_dirs: Iterable[str], generation: str | None = None) -> None:
@@ -193,7 +141,7 @@ def remove_tmp_files(out, task_dirs: Iterable[str], generation: str | None = Non
         return
     for task in task_dirs:
         for info in (out / task).list():
-            if info.path.endswith(f"-{generation}.tar"):
+            if f"-{generation}.tar" in info.path:  # shards and parts of this build
                 (out / task / info.path).delete()
 
 
@@ -322,10 +270,6 @@ def previous_records(out, keep_tasks: Iterable[str], previous: Manifest | None =
     return [r for r in previous.records if r.task in keep and (out.is_remote or (out / r.path).exists())]
 
 
-def _build_job(job: tuple) -> ShardRecord:
-    return build_shard(*job)
-
-
 def write_shards(
     processed: str | Path,
     out: str | Path,
@@ -335,32 +279,44 @@ def write_shards(
     progress: bool = True,
     lock_timeout: float = 0.0,
 ) -> Manifest:
-    """Build every shard of ``task`` (all | disease_progression | mortality_los) from scratch.
+    """Build every shard of ``task`` (all | disease_progression | mortality_los) from scratch; the manifest.
+
+    See :func:`build_shards` (which also returns what the build did).
+    """
+    return build_shards(processed, out, task, settings, workers, progress, lock_timeout).manifest
+
+
+def build_shards(
+    processed: str | Path,
+    out: str | Path,
+    task: str = "all",
+    settings: ShardSettings | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    lock_timeout: float = 0.0,
+):
+    """Build every shard of ``task`` from scratch; a :class:`data_sharding.build_run.BuildReport`.
 
     Shards are built in parallel over ``workers`` processes (default: all CPU
-    cores; 1 = in this process), all under temp names (generation-named objects on a
-    bucket); only when every one succeeded are they renamed into place and the manifest
-    replaced (one conditional write on a bucket).  Shard series of other task dirs already
-    in ``out`` are kept.  ``out`` is locked for the whole run
-    (:func:`data_sharding.lock.output_lock`; ``lock_timeout`` seconds of waiting for another
-    writer, 0 = refuse at once).
+    cores; 1 = in this process), all under temp names; only when every one
+    succeeded are they renamed into place and the manifest replaced.  Shard
+    series of other task dirs already in ``out`` are kept.  ``out`` is locked for
+    the whole run (:func:`data_sharding.lock.output_lock`; ``lock_timeout`` seconds
+    of waiting for another writer, 0 = refuse at once).
     """
-    from data_sharding import storage
+    from data_sharding import publish, storage
     from data_sharding.lock import output_lock
 
-    from data_sharding import publish
-
-    # the committed processed tables (a bucket's published generation): every task reads the same ones
+    # the committed processed tables (a bucket's published generation): every worker reads the same ones
     processed, out = publish.published_root(processed), storage.resolve(out)
     with output_lock(out, "shard directory", lock_timeout) as lock:
-        return _write_shards(processed, out, task, settings or ShardSettings(), workers, progress, lock)
+        return _build_shards(processed, out, task, settings or ShardSettings(), workers, progress, lock)
 
 
-def _write_shards(processed, out, task: str, settings: ShardSettings, workers: int | None,
-                  progress: bool, lock) -> Manifest:
-    from tqdm import tqdm
-
+def _build_shards(processed, out, task: str, settings: ShardSettings, workers: int | None, progress: bool, lock):
     from data_sharding import storage
+    from data_sharding.build_run import InlineRunner, ProcessRunner, build_planned
+    from data_sharding.defaults import BUILD_WORKERS_MAX
     from data_sharding.samples import TASK_DIRS, open_processed
 
     view = open_processed(processed)
@@ -372,43 +328,40 @@ def _write_shards(processed, out, task: str, settings: ShardSettings, workers: i
     previous = previous_manifest(out)
     kept = previous_records(out, [t for t in TASK_DIRS if t not in task_dirs], previous)
 
-    jobs = [(processed.uri, plan, settings, out.uri, generation) for plan in plans]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    records: list[ShardRecord] = []
-    bar = tqdm(total=sum(len(p.rows) for p in plans), unit="sample", desc="dipro shard", disable=not progress)
+    workers = max(1, workers or min(os.cpu_count() or 1, BUILD_WORKERS_MAX))
     try:
-        if workers == 1:
-            results: Iterable[ShardRecord] = map(_build_job, jobs)
-            for record in results:
-                records.append(record)
-                bar.update(record.samples)
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            # A pool that raises BrokenProcessPool when a worker dies (instead of hanging).
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_build_job, job) for job in jobs]
-                try:
-                    for future in as_completed(futures):
-                        record = future.result()
-                        records.append(record)
-                        bar.update(record.samples)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+        report = build_planned(processed, out, plans, {t: settings for t in task_dirs}, workers,
+                               lambda n: InlineRunner() if n <= 1 else ProcessRunner(n), progress,
+                               generation=generation)
     except BaseException:
         remove_tmp_files(out, task_dirs, generation)  # running workers have finished: the pool was joined
         raise
-    finally:
-        bar.close()
-    manifest = Manifest(kept + records)
+    report.manifest = Manifest(kept + report.records)
     if out.is_remote:
-        commit_objects(out, manifest, previous, processed, lock, generation, task_dirs)
+        commit_objects(out, report.manifest, previous, processed, lock, generation, task_dirs)
     else:
-        commit_shards(out, manifest, [r.path for r in records], task_dirs, processed)
-    return manifest
+        commit_shards(out, report.manifest, [r.path for r in report.records], task_dirs, processed)
+    report.cache_status = save_film_fingerprints(out, report.films, replace_all=set(task_dirs) == set(TASK_DIRS))
+    return report
+
+
+def save_film_fingerprints(out, films: dict, replace_all: bool, base: dict | None = None) -> str:
+    """Record the (key, sha256) of films beside the committed manifest; a line for the report.
+
+    ``replace_all`` (every task dir was planned): the cache holds exactly ``films``; otherwise
+    entries of films this run did not see (other task dirs') are kept from ``base`` (default:
+    the cache on disk).  A cache that cannot be written is reported, not fatal: the shards are
+    committed, and the next regeneration re-hashes the films it cannot find in it.
+    """
+    from data_sharding.film_fingerprints import CACHE_NAME, load_cache, save_cache
+
+    entries = {} if replace_all else dict(base if base is not None else load_cache(out).entries)
+    entries.update({path: entry for path, entry in films.items() if entry[0] is not None})
+    try:
+        save_cache(out, entries)
+    except UserError as exc:  # a full disk (StorageError) or an unavailable bucket: reported, not fatal
+        return f"{CACHE_NAME} not saved ({getattr(exc, 'reason', '') or exc})"
+    return f"{CACHE_NAME}: {len(entries)} films"
 
 
 def total_counts(records: Iterable[ShardRecord]) -> Counter:

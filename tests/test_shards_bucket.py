@@ -48,7 +48,7 @@ def test_bucket_build_matches_local_and_is_published_by_its_manifest(processed, 
     for name in ("label_stats.json", "ehr_stats.json"):
         assert read_stats(out, name) == json.loads((local / name).read_text())
     objects = {o.path for o in storage.resolve(out).list()}
-    assert objects == {r.path for r in remote.records} | {"manifest.parquet"}  # no stats objects, no lock left
+    assert objects == {r.path for r in remote.records} | {"manifest.parquet", "film_fingerprints.parquet"}  # no stats objects, no lock left
 
     # a second build publishes a new generation; the old objects stay readable (gc removes them)
     first = {r.logical: r.path for r in remote.records}
@@ -63,7 +63,7 @@ def test_bucket_build_matches_local_and_is_published_by_its_manifest(processed, 
     assert collect(out, min_age_s=3600).removed == []  # too young
     report = collect(out, min_age_s=0)
     assert sorted(report.removed) == sorted(first.values())
-    assert {o.path for o in storage.resolve(out).list()} == {r.path for r in second.records} | {"manifest.parquet"}
+    assert {o.path for o in storage.resolve(out).list()} == {r.path for r in second.records} | {"manifest.parquet", "film_fingerprints.parquet"}
     assert verify_shards(out) == []
 
 

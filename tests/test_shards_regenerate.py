@@ -163,6 +163,12 @@ def test_bucket_regeneration_reads_no_shard_body_and_rebuilds_only_what_changed(
     from data_sharding import storage
 
     fx = make_processed(tmp_path / "p", n_stays=6)
+    # the films in the bucket too: cxr.parquet names them by URI
+    storage.resolve(f"{s3_bucket}/films").upload_dir(fx.images)
+    cxr = pq.read_table(fx.root / "cxr.parquet")
+    uris = [f"{s3_bucket}/films/{Path(p).name}" for p in cxr.column("image_path").to_pylist()]
+    pq.write_table(cxr.set_column(cxr.column_names.index("image_path"), "image_path", pa.array(uris)),
+                   fx.root / "cxr.parquet")
     out = f"{s3_bucket}/shards"
     write_shards(fx.root, out, settings=SETTINGS, workers=1, progress=False)
     before = read_manifest(out)
@@ -172,17 +178,20 @@ def test_bucket_regeneration_reads_no_shard_body_and_rebuilds_only_what_changed(
     report = regenerate(fx.root, out, progress=False)
 
     assert report.rebuilt == {} and read_manifest(out).token == before.token  # nothing written
-    log = s3_server.log.read_bytes()[log_start:].decode("utf-8", "replace")
-    shard_gets = [line for line in log.splitlines() if f'"GET /{bucket}/shards/' in line and ".tar" in line]
-    assert shard_gets == [] and f'"HEAD /{bucket}/shards/' in log
+    assert (report.films_hashed, report.films_read) == (0, 0) and report.cache_status == "loaded"
+    log = s3_server.log.read_bytes()[log_start:].decode("utf-8", "replace").splitlines()
+    gets = [line for line in log if f'"GET /{bucket}/' in line and "list-type" not in line]
+    assert [g for g in gets if "/films/" in g or ".tar" in g] == []  # no film, no shard body read
+    assert any(f'"HEAD /{bucket}/shards/' in line for line in log)  # shard objects checked by metadata
 
-    stay = fx.stay_ids[1]
-    bump_ehr(fx.root, stay)
+    victim = fx.dicoms_of[fx.stay_ids[2]][1]  # one film rewritten in the bucket: re-hashed alone
+    film = storage.resolve(f"{s3_bucket}/films/{victim}.jpg")
+    film.write_bytes(film.read_bytes() + b"\0")
     report = regenerate(fx.root, out, progress=False)
     after = read_manifest(out)
     changed = {r.logical for r in after.records if r.path not in before.by_path()}
-    assert set(report.rebuilt) == changed and set(report.rebuilt.values()) == {"inputs changed"}
-    assert 2 <= len(changed) < len(after.records)
+    assert report.films_hashed == 1 and set(report.rebuilt) == changed
+    assert set(report.rebuilt.values()) == {"inputs changed"} and 2 <= len(changed) < len(after.records)
     assert sorted(report.removed) == sorted(r.path for r in before.records if r.logical in changed)
     assert all((storage.resolve(out) / p).exists() for p in report.removed)  # superseded, not deleted
     assert verify_shards(out) == []
@@ -190,3 +199,95 @@ def test_bucket_regeneration_reads_no_shard_body_and_rebuilds_only_what_changed(
     write_shards(fx.root, fresh, settings=SETTINGS, workers=1, progress=False)
     assert {r.logical: r.sha256 for r in read_manifest(fresh).records} == \
            {r.logical: r.sha256 for r in after.records}
+
+
+# ----------------------------------------------------------------------------- film fingerprints
+
+def shards_using(out: Path, dicom: str) -> set[str]:
+    """Shards with a sample whose meta.json lists ``dicom``."""
+    import json
+    import tarfile
+
+    found = set()
+    for p in sorted(out.rglob("*.tar")):
+        with tarfile.open(p) as tar:
+            for info in tar:
+                if info.name.endswith(".meta.json") and dicom in json.loads(tar.extractfile(info).read())["dicom_ids"]:
+                    found.add(str(p.relative_to(out)))
+    return found
+
+
+def test_noop_regeneration_reads_no_film_and_rehash_reads_every_one(built):
+    import os
+
+    fx, out = built
+    report = regenerate(fx.root, out, progress=False)
+    n_films = sum(len(d) for d in fx.dicoms_of.values())
+    assert (report.rebuilt, report.films, report.films_hashed, report.films_read) == ({}, n_films, 0, 0)
+    assert report.cache_status == "loaded" and report.cache_saved == ""  # nothing rewritten
+    before = snapshot(out)
+    # change a film's bytes behind the cache's back (same size, same mtime): a film that were opened
+    # would be re-hashed and its shards rebuilt; a no-op regeneration opens none
+    victim = fx.dicoms_of[fx.stay_ids[1]][0]
+    path = fx.images / f"{victim}.jpg"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = regenerate(fx.root, out, progress=False)
+    assert (report.rebuilt, report.films_hashed, report.films_read) == ({}, 0, 0)
+    after = snapshot(out)  # the commit rewrites the manifest with the same bytes; nothing else is touched
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+    assert {k: v for k, v in after.items() if k != "manifest.parquet"} == \
+           {k: v for k, v in before.items() if k != "manifest.parquet"}
+
+    report = regenerate(fx.root, out, progress=False, rehash=True)  # --rehash: the cache is not trusted
+    assert report.cache_status.startswith("ignored (--rehash)") and report.films_hashed == n_films
+    assert set(report.rebuilt) == shards_using(out, victim) and set(report.rebuilt.values()) == {"inputs changed"}
+    assert verify_shards(out) == []
+
+
+def test_one_changed_film_is_rehashed_alone_and_rebuilds_only_its_shards(built, tmp_path):
+    from PIL import Image
+
+    from data_sharding.film_fingerprints import load_cache, stat_film
+
+    fx, out = built
+    victim = fx.dicoms_of[fx.stay_ids[2]][1]
+    holding = shards_using(out, victim)
+    assert 2 <= len(holding) < len(list(out.rglob("*.tar")))  # a progression pair (or two) and a mortality sample
+    before = snapshot(out)
+    path = fx.images / f"{victim}.jpg"
+    Image.open(path).save(path, format="JPEG", quality=60)
+
+    report = regenerate(fx.root, out, progress=False)
+
+    assert report.films_hashed == 1 and set(report.rebuilt) == holding
+    assert report.build.films_read == report.films_read < report.films  # only the rebuilt shards' films
+    after = snapshot(out)
+    for rel, (digest, mtime) in before.items():
+        if rel.endswith(".tar") and rel not in holding:
+            assert after[rel] == (digest, mtime), rel
+    assert load_cache(out).entries[str(path)][0] == stat_film(str(path))
+    fresh = tmp_path / "fresh"
+    write_shards(fx.root, fresh, settings=SETTINGS, workers=1, progress=False)
+    assert {k: v[0] for k, v in snapshot(fresh).items() if k.endswith(".tar")} == \
+           {k: v[0] for k, v in after.items() if k.endswith(".tar")}
+    assert verify_shards(out) == []
+
+
+def test_missing_or_corrupt_film_cache_is_rebuilt_not_trusted(built):
+    from data_sharding.film_fingerprints import cache_path, load_cache
+
+    fx, out = built
+    n_films = sum(len(d) for d in fx.dicoms_of.values())
+    for damage, status in (("corrupt", "corrupt ("), ("delete", "missing: rebuilt")):
+        if damage == "delete":
+            cache_path(out).unlink()
+        else:
+            cache_path(out).write_bytes(cache_path(out).read_bytes()[:100])
+        report = regenerate(fx.root, out, progress=False)
+        assert report.cache_status.startswith(status) and report.films_hashed == n_films
+        assert report.rebuilt == {} and "films" in report.cache_saved
+        assert load_cache(out).status == "loaded" and len(load_cache(out).entries) == n_films

@@ -83,8 +83,9 @@ def add_shard_settings(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="at most SIZE bytes per shard, e.g. 512M, 1G" + note)
     value, note = default(d.RESAMPLE_MODES[0], d.RESAMPLE_MODES[0])
     p.add_argument("--crop-resample", choices=d.RESAMPLE_MODES, default=value,
-                   help="crop resampling: bilinear (antialiased) or nearest (the authors' crops; docs/FIDELITY.md)"
-                        + note)
+                   help="crop resampling: bilinear (antialiased), nearest (the authors' crops; docs/FIDELITY.md), "
+                        f"or bilinear-fast (an approximation of bilinear through PIL's reducing_gap "
+                        f"{d.FAST_REDUCING_GAP:g}: faster, error in README 'Benchmarks')" + note)
     p.add_argument("--task", choices=SHARD_TASK_CHOICES, default="all",
                    help="which shard series to build (default: every task table in the processed dir)")
 
@@ -103,10 +104,14 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="config overrides, e.g. trainer.num_workers=2 trainer.strategy=deepspeed")
 
 
-def print_shard_counts(records) -> None:
-    """The skipped/missing counts of a set of shards: reported, never silently dropped."""
+def print_shard_counts(records, film_counts=None) -> None:
+    """The skipped/missing counts of a set of shards: reported, never silently dropped.
+
+    ``records``' counts are per sample (a film's anomaly once for every sample that uses it);
+    ``film_counts`` (a build's) once per film read.
+    """
+    from data_sharding.build_run import counts_lines
     from data_sharding.shard_writer import total_counts
 
-    counts = total_counts(records)
-    if counts:
-        print("reported, not dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for line in counts_lines(film_counts, total_counts(records)):
+        print(line)

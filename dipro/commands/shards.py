@@ -27,8 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("regenerate", help="rebuild only shards whose inputs or settings changed (Ray tasks)",
                        description="Recompute input fingerprints, rebuild only the shards whose inputs or "
                                    "settings changed or that fail verification, as Ray tasks on the cluster "
-                                   "given by --ray-address / RAY_ADDRESS (else a local Ray). Other shards keep "
-                                   "their bytes and mtime; the manifest is replaced atomically at the end.")
+                                   "given by --ray-address / RAY_ADDRESS (else a local Ray). Films are stat'ed, "
+                                   "and re-read only when their size or mtime differs from the film fingerprint "
+                                   "cache beside the manifest. Other shards keep their bytes and mtime; the "
+                                   "manifest is replaced atomically at the end.")
     r.add_argument("--processed", required=True, metavar="DIR", help="output of `dipro prepare`")
     r.add_argument("--out", required=True, metavar="DIR", help="shard root to update")
     add_shard_settings(r, defaults=False)
@@ -36,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else start a local Ray)")
     r.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="CPUs of the local Ray when one is started (default: all cores)")
+    r.add_argument("--rehash", action="store_true",
+                   help="re-read and hash every film instead of trusting the film fingerprint cache "
+                        "(S/film_fingerprints.parquet, keyed by path, size and mtime)")
     add_lock_timeout(r)
     r.set_defaults(func=_run_regenerate)
 
@@ -75,10 +80,12 @@ def _run_regenerate(args: argparse.Namespace) -> int:
     overrides = {"crop_size": args.crop_size, "max_samples_per_shard": args.max_samples_per_shard,
                  "max_shard_bytes": args.max_shard_bytes, "resample": args.crop_resample}
     report = regenerate(args.processed, args.out, args.task, overrides, ray_address=args.ray_address,
-                        num_cpus=args.workers, progress=True, lock_timeout=args.lock_timeout)
+                        num_cpus=args.workers, progress=True, lock_timeout=args.lock_timeout, rehash=args.rehash)
     print(report.table())
+    if report.build is not None:
+        print(report.build.worker_table())
     print(report.manifest.summary_table())
-    print_shard_counts(report.manifest.records)
+    print_shard_counts(report.manifest.records, report.build.film_counts if report.build is not None else None)
     return 0
 
 
