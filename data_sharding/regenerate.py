@@ -11,7 +11,9 @@ Runs as Ray tasks on whatever cluster it is given (``RAY_ADDRESS``, which
    (reported), ``--rehash`` ignores it;
 3. inspect (one task per planned shard): recompute the input fingerprint from the processed dir
    and those film digests, and verify the existing file (presence, size, sha256, every sample)
-   -> a reason to rebuild, or none;
+   -> a reason to rebuild, or none.  With no film to hash and at most
+   :data:`INSPECT_INLINE_BYTES` of shards to verify (or a bucket, where verifying is a metadata
+   check) this runs in the driver and Ray is started only if something must be rebuilt;
 4. build: the shards to rebuild, around films as ``dipro shard`` builds them
    (:func:`data_sharding.build_run.build_planned`: each film read once, balanced units), the
    units and the joins of shards written in parts as Ray tasks, under temp names;
@@ -54,6 +56,10 @@ from data_sharding.shard_writer import (
     save_film_fingerprints,
     selected_task_dirs,
 )
+
+
+INSPECT_INLINE_BYTES = 256 << 20
+"""Shard bytes up to which a regeneration with no film to hash inspects in its own process (no Ray start)."""
 
 
 @dataclass
@@ -277,9 +283,14 @@ def _regenerate(processed, out, task: str, overrides: dict[str, Any] | None, ray
             digests[f] = MISSING  # absent: nothing to read
     to_hash = [f for f in films if f not in digests]
 
-    started = _init_ray(ray_address, num_cpus)
+    # Ray only for work worth spreading: films to hash, shards to rebuild, or many shard bytes to verify
+    # (a no-op regeneration of a small or bucket shard set is decided in this process, without a cluster).
+    verify_bytes = 0 if out.is_remote else sum(old[p.path].bytes for p in plans if p.path in old)
+    started, cpus = False, 1
     try:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if to_hash or verify_bytes > INSPECT_INLINE_BYTES:
+            started = _init_ray(ray_address, num_cpus)
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         if to_hash:
             sizes = {f: keys[f].size for f in to_hash}
             batches = _balanced(to_hash, sizes, cpus)
@@ -287,12 +298,18 @@ def _regenerate(processed, out, task: str, overrides: dict[str, Any] | None, ray
                                 [len(b) for b in batches], unit="film"):
                 for f, key, digest in batch:
                     keys[f], digests[f] = key, digest
-        reasons = _tasks(inspect_shard, [(processed.uri, p, settings[p.task], out.uri, old.get(p.path),
-                                          {f: digests[f] for f in films_of[p.path]}) for p in plans],
-                         "inspect", progress)
+        jobs = [(processed.uri, p, settings[p.task], out.uri, old.get(p.path),
+                 {f: digests[f] for f in films_of[p.path]}) for p in plans]
+        if ray.is_initialized():
+            reasons = _tasks(inspect_shard, jobs, "inspect", progress)
+        else:
+            reasons = [inspect_shard(*job) for job in jobs]
         todo = [(p, r) for p, r in zip(plans, reasons) if r is not None]
         build = None
         if todo:
+            if not ray.is_initialized():
+                started = _init_ray(ray_address, num_cpus)
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
             try:
                 build = build_planned(processed, out, [p for p, _ in todo], settings, cpus, RayRunner, progress,
                                       desc="rebuild", generation=generation)
