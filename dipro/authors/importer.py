@@ -114,15 +114,15 @@ def check_shards(cfg, shape: AuthorsShape, where: str) -> tuple[dict, list[str]]
     from dipro.train.preflight import check_ehr_features, check_label_stats
 
     shards = Path(cfg.data.shards)
-    label_stats = check_label_stats(cfg)
-    check_ehr_features(cfg)
     sizes, modes = _shard_crops(shards, cfg.task)
-    notes = []
     if sizes and sizes != {shape.crop_size}:
         raise DataError(
             f"{shards} holds {'/'.join(map(str, sorted(sizes)))}-px crops but {where} was trained on "
             f"{shape.crop_size}-px crops (learnable_pad.pad_value); cut shards for it with `dipro shard "
             f"--crop-size {shape.crop_size} --crop-resample nearest` (the authors' crops)")
+    label_stats = check_label_stats(cfg)
+    check_ehr_features(cfg)
+    notes = []
     if modes - {"nearest"}:
         notes.append(f"the shards' crops are resampled {'/'.join(sorted(modes))}; the authors' are nearest "
                      "(`dipro shard --crop-resample nearest` feeds the model what it was trained on)")
@@ -132,7 +132,10 @@ def check_shards(cfg, shape: AuthorsShape, where: str) -> tuple[dict, list[str]]
 def prepare_one(path: Path, out: Path, task: str, shards: Path, config: Path | None,
                 overrides: list[str]) -> tuple[ImportResult, Any, dict, dict]:
     """Steps 1-4 for one file: (result, model, state dict, label stats); nothing written."""
+    import torch
+
     from dipro.model import build_model
+    from dipro.model.losses import ClassWeights
 
     source = read_authors_file(path)
     shape = describe(source.state_dict, str(path))
@@ -148,13 +151,14 @@ def prepare_one(path: Path, out: Path, task: str, shards: Path, config: Path | N
     if cfg.model.pair_reversal != "interleave":
         notes.append(f"model.pair_reversal={cfg.model.pair_reversal}: fine-tuning this import would use another "
                      "reversed PAE pair than the authors' training (interleave); predictions are the same")
-    model = build_model(cfg, label_stats, load_pretrained=False)
-    state, mapping = to_project_state_dict(source.state_dict, model.state_dict(), str(path))
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # shapes only: every tensor comes from the file (or the label stats) below
+        model = build_model(cfg, None, load_pretrained=False)
+    target = {**model.state_dict(), **{f"class_weights.{k}": v for k, v in
+                                       ClassWeights(task, label_stats).state_dict().items()}}
+    state, mapping = to_project_state_dict(source.state_dict, target, str(path))
+    model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     if shape.pos_weight is not None:
-        from dipro.model.losses import ClassWeights
-
         ours = float(ClassWeights(task, label_stats).mortality_pos_weight)
         notes.append(f"mortality pos_weight {shape.pos_weight:.4g} from the file (the authors' training split; "
                      f"{cfg.data.shards}/label_stats.json gives {ours:.4g})")

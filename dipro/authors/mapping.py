@@ -90,7 +90,7 @@ def _split_in_proj(name: str) -> Callable[[torch.Tensor], dict[str, torch.Tensor
     def split(t: torch.Tensor) -> dict[str, torch.Tensor]:
         if t.shape[0] % 3:
             raise ValueError(f"expected a packed q/k/v projection [3d, ...], got {list(t.shape)}")
-        q, k, v = t.chunk(3, dim=0)
+        q, k, v = (part.clone() for part in t.chunk(3, dim=0))  # own storage, not views of the packed tensor
         base = "mmf.interval_encoder.attn."
         return {f"{base}q_proj.{name}": q, f"{base}k_proj.{name}": k, f"{base}v_proj.{name}": v}
     return split
@@ -233,7 +233,8 @@ def to_project_state_dict(sd: Mapping[str, torch.Tensor], target: Mapping[str, t
 
     Every key of ``sd`` is renamed, transformed or in :data:`UNUSED`; the result has every key of
     ``target`` (class weights the file lacks taken from ``target``, i.e. from ``label_stats.json``)
-    with ``target``'s shape and dtype.  Anything else is a one-line DataError naming the key.
+    with ``target``'s shape and dtype (``target`` may be on the meta device: only its names, shapes and
+dtypes are read, except the class weights it supplies).  Anything else is a one-line DataError naming the key.
     """
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
@@ -267,7 +268,7 @@ def to_project_state_dict(sd: Mapping[str, torch.Tensor], target: Mapping[str, t
         if tuple(value.shape) != tuple(want.shape):
             raise DataError(f"{where}: {origin[ours]} has shape {list(value.shape)} but this project's {ours} has "
                             f"{list(want.shape)}")
-        out[ours] = value.to(want.dtype).clone()
+        out[ours] = value.to(want.dtype)
     for ours in target:
         if ours in out:
             continue

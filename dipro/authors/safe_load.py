@@ -17,7 +17,8 @@ and calls nothing else, with exactly the two Lightning classes above allowed as 
 (:class:`LightningStub`: no methods, never instantiated -- the pickle only uses them as dict
 keys).  Before that, every global the pickle names is listed statically
 (``torch.serialization.get_unsafe_globals_in_checkpoint``); any other global (``posix.system``,
-a model class, ...) is refused with one line naming it, before a single opcode runs.
+a model class, ...) is refused with one line naming it, before a single opcode runs (a file that is
+not a zip archive -- torch's legacy format or a bare pickle -- is disassembled with :mod:`pickletools`).
 
 Every failure is one :class:`~data_sharding.errors.DataError` line naming the file: missing,
 truncated (a zip archive without its central directory), not a torch checkpoint, a refused
@@ -106,6 +107,38 @@ def _unreadable(p: Path, size: int, is_zip: bool, exc: BaseException) -> DataErr
                      "Lightning .ckpt file (torch.save of a dict with 'state_dict')")
 
 
+_LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, sys info, the object, storage keys
+
+
+def _legacy_globals(p: Path) -> set[str]:
+    """The globals named by the pickles at the start of a non-zip file (torch's legacy format is a few
+    pickles followed by raw storage bytes; any other pickle file is one pickle), read statically with
+    :mod:`pickletools` (nothing is executed); stops at the first thing that is not a pickle."""
+    import pickletools
+
+    names: set[str] = set()
+    with open(p, "rb") as f:
+        for _ in range(_LEGACY_PICKLES):
+            strings: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        names.add(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.add(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - raw storage bytes or garbage: no more pickles to read
+                break
+    return names
+
+
+def _foreign(names: set[str]) -> list[str]:
+    """Globals a legacy torch checkpoint of the authors' would not name (torch's own rebuild functions and
+    storage types, OrderedDict and the Lightning stubs are left to the weights-only unpickler to judge)."""
+    return sorted(n for n in names if not n.startswith("torch.") and n not in ("collections.OrderedDict", *STUBS))
+
+
 def _torch_load(p: Path, size: int, is_zip: bool) -> Any:
     allowed = [(stub, name) for name, stub in STUBS.items()]
     with torch.serialization.safe_globals(allowed):
@@ -114,8 +147,10 @@ def _torch_load(p: Path, size: int, is_zip: bool) -> Any:
                 unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
             except Exception as exc:  # noqa: BLE001 - any zip/record error means the archive is damaged
                 raise _unreadable(p, size, True, exc) from None
-            if unsafe:
-                raise _refuse(p, unsafe)
+        else:
+            unsafe = _foreign(_legacy_globals(p))
+        if unsafe:
+            raise _refuse(p, unsafe)
         try:
             return torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

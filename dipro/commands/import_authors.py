@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from dipro.commands._args import allow_intermixed_positionals
 from dipro.defaults import TASKS
 
 
@@ -18,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--checkpoint, dipro predict --model, model.init_from=DIR and the registry accept. CKPT may "
                     "be the release's folder: every <task>/seed_N.ckpt is imported to OUT/seed_N.",
     )
+    allow_intermixed_positionals(p)  # CKPT --task T --shards S --out D key=value ...
     p.add_argument("ckpt", metavar="CKPT", help="an authors' .ckpt file, or the folder holding <task>/seed_N.ckpt")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--shards", required=True, metavar="SHARDS",
