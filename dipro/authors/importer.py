@@ -218,9 +218,11 @@ def import_authors(ckpt: str | Path, task: str, shards: str | Path, out: str | P
         for path, target in sources:
             prepared.append(prepare_one(path, target, task, Path(shards), Path(config) if config else None,
                                         overrides))
-        if register:
+        if register:  # the server first: an unreachable one is one line before anything is written
+            from dipro.tracking.uri import check_reachable, resolve_tracking_uri
             from dipro.train.evaluate import evaluate_model
 
+            check_reachable(resolve_tracking_uri(prepared[0][0].cfg))
             for result, model, _, _ in prepared:
                 ev = evaluate_model(model, result.cfg, "val", progress=progress)
                 result.val_metrics = {k: float(v) for k, v in ev.metrics.items()}

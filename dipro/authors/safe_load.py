@@ -145,6 +145,8 @@ def _torch_load(p: Path, size: int, is_zip: bool) -> Any:
         if is_zip:
             try:
                 unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+            except ValueError as exc:  # a zip that torch.save did not write (a TorchScript archive, ...)
+                raise _unreadable(p, size, False, exc) from None
             except Exception as exc:  # noqa: BLE001 - any zip/record error means the archive is damaged
                 raise _unreadable(p, size, True, exc) from None
         else:
