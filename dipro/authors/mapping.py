@@ -38,7 +38,7 @@ from typing import Callable, Mapping
 import torch
 
 from data_sharding.constants import NUM_DEMOGRAPHICS, NUM_EHR_VARIABLES, NUM_REGIONS
-from data_sharding.errors import DataError
+from data_sharding.errors import ConfigError, DataError
 
 _A_CXR = "long_cxr_encoder."
 _A_MMF = "long_multi_modal_fuison."  # sic: the authors' attribute name
@@ -178,8 +178,6 @@ def describe(sd: Mapping[str, torch.Tensor], where: str) -> AuthorsShape:
 
 def check_against_config(shape: AuthorsShape, model_cfg, where: str) -> None:
     """The shapes agree with ``model_cfg`` (a :class:`dipro.config.ModelConfig`); else one line naming the key."""
-    from data_sharding.errors import ConfigError
-
     if model_cfg.backbone != "resnet50":
         raise ConfigError(f"the authors' region encoder is a ResNet-50 (models/Component.py: LongitudinalCXRModel); "
                           f"the config says model.backbone={model_cfg.backbone}: set model.backbone=resnet50")
