@@ -1,6 +1,6 @@
 """The ``dipro`` console script: one entry point, one subcommand per job.
 
-Each subcommand ``NAME`` lives in ``dipro/commands/NAME.py``, which exposes
+Each subcommand ``NAME`` lives in ``dipro/commands/NAME.py`` (``-`` spelled ``_``), which exposes
 ``register(subparsers)``: it adds the parser ``NAME`` (nothing else) and sets
 ``func`` (a callable taking the parsed args and returning an exit code).
 Command modules import only argparse and the dependency-free defaults
@@ -31,8 +31,10 @@ COMMAND_MODULES = (
     "experiment",
     "registry",
     "predict",
+    "import_authors",
     "demo",
 )
+"""Module names under ``dipro/commands/``; the command is the name with ``-`` for ``_`` (``import-authors``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         before = set(sub.choices)
         module.register(sub)
         added = set(sub.choices) - before
-        if added != {name}:
+        command = name.replace("_", "-")
+        if added != {command}:
             raise RuntimeError(f"dipro/commands/{name}.py registered {sorted(added)}; it must register "
-                               f"exactly the command {name!r}")
+                               f"exactly the command {command!r}")
     return parser
 
 

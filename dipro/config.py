@@ -106,9 +106,16 @@ class ModelConfig:
     dropout: float = 0.1
     group_k: int = 8
     """K of the group embedding of static features with demographics."""
-    pair_reversal: str = "swap"
-    """PAE's reversed pair: swap = [F_{t+1} || F_t] (the paper's equation) | interleave = the authors'
-    code, which stacks the two halves feature by feature (F_{t+1,1}, F_{t,1}, F_{t+1,2}, ...)."""
+    pair_reversal: str = "interleave"
+    """PAE's reversed pair: interleave = the authors' code (their released weights were trained so), which
+    stacks the two halves feature by feature (F_{t+1,1}, F_{t,1}, F_{t+1,2}, ...) | swap = [F_{t+1} || F_t]
+    (the paper's equation and the code's stated intent). Logits are the same either way; the static-order
+    and reversed PAE loss terms differ."""
+    init_from: str | None = None
+    """Fine-tuning: a checkpoint directory (a run's ``best/``, a ``dipro import-authors`` output, holding
+    model.pt and config.yaml) whose weights initialise the network before training; optimizer, schedule,
+    step and early stopping start fresh (unlike ``--resume``), class weights come from this run's shards.
+    Its task and sizes must match this config; model.backbone_weights is then not read."""
     channels_last: bool | str = "auto"
     """Region encoder tensors in channels-last memory format: auto = on where the process has CUDA
     (faster convolutions on tensor cores), off on CPU | true | false. Same weights either way."""
@@ -159,6 +166,8 @@ class ModelConfig:
                f"model.compile_backend must be inductor|aot_eager|eager, got {self.compile_backend!r}")
         _check(self.crop_size >= 16, "model.crop_size must be >= 16")
         _check(self.group_k >= 1, "model.group_k must be >= 1")
+        _check(self.init_from is None or str(self.init_from).strip() != "",
+               "model.init_from must be a checkpoint directory or null")
         _check(isinstance(self.encoder_chunk, int) and not isinstance(self.encoder_chunk, bool)
                and (self.encoder_chunk == 0 or self.encoder_chunk >= 2),
                f"model.encoder_chunk must be 0 (all crops at once) or an integer >= 2, got {self.encoder_chunk!r}")

@@ -7,6 +7,8 @@ live in :mod:`data_sharding.defaults` (the lower layer; it never imports ``dipro
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from data_sharding.constants import SPLITS, TASKS  # noqa: F401 (re-exported for the parsers)
 
 ALIASES = ("champion", "challenger", "staging")
@@ -25,3 +27,8 @@ DEMO_PATIENTS = 300
 well under 15 minutes on 2 cores (synth, prepare and shard take under a minute of it)."""
 DEMO_OUT = "demo_output"
 """``dipro demo``'s folder for everything it writes."""
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+"""This checkout's ``configs/`` (one YAML per task): ``dipro import-authors``' default ``--config`` is
+``CONFIG_DIR/<task>.yaml``."""
+AUTHORS_SOURCE = "authors' release"
+"""The ``source`` tag of a registry version imported from the authors' released checkpoints."""

@@ -239,13 +239,13 @@ def _write(path: Path, data: dict[str, list], types: dict[str, pa.DataType]) -> 
     pq.write_table(table, path)
 
 
-def make_training_shards(root: Path) -> Path:
-    """The training tests' cohort under ``root``: 24 stays of 96 x 80 px films, 32-px crops,
-    at most 4 samples per shard (uneven shards for the distributed plans); returns the shard dir."""
+def make_training_shards(root: Path, crop_size: int = 32) -> Path:
+    """The training tests' cohort under ``root``: 24 stays of 96 x 80 px films, 32-px crops (or
+    ``crop_size``), at most 4 samples per shard (uneven shards for the distributed plans); returns the shard dir."""
     from data_sharding.manifest import ShardSettings
     from data_sharding.shard_writer import write_shards
 
     make_processed(root / "processed", n_stays=24, image_size=(96, 80), seed=5)
     write_shards(root / "processed", root / "shards",
-                 settings=ShardSettings(crop_size=32, max_samples_per_shard=4), workers=1, progress=False)
+                 settings=ShardSettings(crop_size=crop_size, max_samples_per_shard=4), workers=1, progress=False)
     return root / "shards"

@@ -9,7 +9,8 @@ from helpers import repo_env
 
 from dipro import cli
 
-EXPECTED = ["synth", "prepare", "shard", "shards", "train", "evaluate", "experiment", "registry", "predict", "demo"]
+EXPECTED = ["synth", "prepare", "shard", "shards", "train", "evaluate", "experiment", "registry", "predict",
+            "import-authors", "demo"]
 
 
 def test_every_command_module_is_present():
@@ -61,8 +62,8 @@ def test_each_command_lives_in_its_own_module():
     for name in cli.COMMAND_MODULES:
         sub = argparse.ArgumentParser().add_subparsers()
         importlib.import_module(f"dipro.commands.{name}").register(sub)
-        assert set(sub.choices) == {name}, (name, set(sub.choices))
-    assert set(cli.COMMAND_MODULES) == set(EXPECTED)
+        assert set(sub.choices) == {name.replace("_", "-")}, (name, set(sub.choices))  # import_authors: import-authors
+    assert {name.replace("_", "-") for name in cli.COMMAND_MODULES} == set(EXPECTED)
 
 
 def test_a_missing_command_module_is_an_error(monkeypatch):

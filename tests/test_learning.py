@@ -31,6 +31,8 @@ pytestmark = pytest.mark.slow
 # mortality -Brier 0.066 / 0.080 / 0.103, LOS kappa 0.349 / 0.263 / 0.419, progression AUROC
 # 0.150 / 0.145 / 0.173 (2 threads); in the suite (OMP_NUM_THREADS=1 from conftest, where a run is
 # bit-for-bit repeatable) seed 23 gives 0.046 / 0.349 / 0.169: each at least 1.4x its margin.
+# With the authors' interleaved reversed pair (model.pair_reversal=interleave, the task configs' since
+# 2026-12-02) seed 23 in the suite's setting gives 0.060 / 0.332 / 0.193: at least 1.9x.
 METRIC = {"mortality": ("-brier", 0.03), "length_of_stay": ("kappa", 0.10), "disease_progression": ("auroc", 0.10)}
 
 

@@ -115,3 +115,27 @@ def print_shard_counts(records, film_counts=None) -> None:
 
     for line in counts_lines(film_counts, total_counts(records)):
         print(line)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A parser whose positionals may sit on both sides of its options (``CKPT --task T key=value``):
+    plain argparse gives the first run of positionals to every positional argument at once and calls
+    the later ones unrecognized. Parsing goes through ``parse_known_intermixed_args``, which itself
+    calls ``parse_known_args`` (hence the guard)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def allow_intermixed_positionals(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let ``p`` (a sub-command parser) take positionals before and after its options."""
+    p.__class__ = _IntermixedParser
+    return p

@@ -1,4 +1,5 @@
-"""``dipro evaluate``: a checkpoint's or registered model's metrics on one split.
+"""``dipro evaluate``: a checkpoint's or registered model's metrics on one split (several checkpoints:
+each one's metrics and the paper's mean ± std table over them).
 
 Only argparse and the dependency-free defaults at module level; torch and mlflow are
 imported by the handler.
@@ -14,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint or registered model on a split",
                               description="Print and write the task's metrics (metrics.json and metrics.txt).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory (e.g. runs/RUN/best) or its model.pt")
+    src.add_argument("--checkpoint", metavar="PATH", nargs="+",
+                     help="checkpoint directory (e.g. runs/RUN/best, a dipro import-authors output) or its model.pt; "
+                          "several (e.g. the three seeds' imports) print the paper's mean ± std table over them")
     src.add_argument("--model", metavar="URI", help="MLflow model URI, e.g. models:/dipro-mortality@champion")
     p.add_argument("--split", default=defaults.EVAL_SPLIT, choices=defaults.SPLITS)
     p.add_argument("--shards", metavar="DIR", help="shard directory (default: the checkpoint config's data.shards)")
@@ -34,16 +37,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    source = args.checkpoint or args.model
-    path = Path(args.checkpoint) if args.checkpoint else checkpoint_from_model_uri(args.model)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.precision == "fp16" and not device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
-    result = evaluate_checkpoint(path, args.split, shard_dir=args.shards, device=device, precision=args.precision,
-                                 batch_size=args.batch_size, progress=True)
     out = Path(args.out or f"eval-{args.split}")
+    kwargs = dict(shard_dir=args.shards, device=device, precision=args.precision, batch_size=args.batch_size,
+                  progress=True)
+    if args.checkpoint and len(args.checkpoint) > 1:
+        from dipro.train.evaluate import evaluate_over_checkpoints
+
+        summary = evaluate_over_checkpoints([Path(c) for c in args.checkpoint], args.split, out, **kwargs)
+        print(summary.table)
+        print(f"wrote {summary.json_path} and {summary.json_path.with_suffix('.txt')}")
+        return 0
+    source = args.checkpoint[0] if args.checkpoint else args.model
+    path = Path(source) if args.checkpoint else checkpoint_from_model_uri(args.model)
+    result = evaluate_checkpoint(path, args.split, **kwargs)
     jpath, _ = write_eval_outputs(result, out, source)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))
     print(f"wrote {jpath} and {jpath.with_suffix('.txt')}")

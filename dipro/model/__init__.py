@@ -17,6 +17,15 @@ __all__ = ["DiPro", "build_model"]
 def build_model(cfg: Config, label_stats: Mapping[str, Any] | None, load_pretrained: bool = True) -> DiPro:
     """DiPro for ``cfg.task`` with ``cfg.model`` / ``cfg.loss``; class weights from ``label_stats``.
 
-    ``load_pretrained=False`` skips ``model.backbone_weights`` (when a state dict follows).
+    ``load_pretrained=False`` skips ``model.backbone_weights`` and ``model.init_from`` (when a state dict
+    follows). With ``model.init_from`` the network starts from that checkpoint's weights (fine-tuning;
+    :func:`dipro.train.checkpoint.init_from_checkpoint`) and ``model.backbone_weights`` is not read.
     """
-    return DiPro(cfg.model, cfg.task, label_stats=label_stats, loss_cfg=cfg.loss, load_pretrained=load_pretrained)
+    init_from = cfg.model.init_from if load_pretrained else None
+    model = DiPro(cfg.model, cfg.task, label_stats=label_stats, loss_cfg=cfg.loss,
+                  load_pretrained=load_pretrained and not init_from)
+    if init_from:
+        from dipro.train.checkpoint import init_from_checkpoint
+
+        init_from_checkpoint(model, cfg)
+    return model

@@ -103,7 +103,7 @@ def _pip_requirements() -> list[str]:
 
 def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_metrics: dict[str, float],
                         data_fingerprint: str | None, *, val_metric: float | None = None,
-                        await_registration_for: int = 300) -> int:
+                        await_registration_for: int = 300, extra_tags: dict[str, str] | None = None) -> int:
     """Log ``checkpoint_dir`` as a pyfunc model in run ``run_id``; register it as ``dipro-{task}``.
 
     Returns the new version number.  ``val_metric`` overrides the validation monitor value read
@@ -148,6 +148,7 @@ def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_
         "checkpoint": str(ckpt.resolve()),
     }
     tags.update({f"test.{k}": repr(float(v)) for k, v in test_metrics.items()})
+    tags.update(extra_tags or {})
 
     status_before = client.get_run(run_id).info.status
     with tempfile.TemporaryDirectory(prefix="dipro-register-") as tmp, _tracking_uri(uri):
@@ -169,6 +170,31 @@ def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_
     client.set_registered_model_tag(name, "task", cfg.task)
     client.set_registered_model_tag(name, "monitor", f"val/{monitor}")
     return int(mv.version)
+
+
+def register_imported(cfg: Any, checkpoint_dir: str | Path, val_metrics: dict[str, float],
+                      source_tags: dict[str, str], run_name: str) -> int:
+    """Register a checkpoint directory that no training run produced (``dipro import-authors``) as a new
+    version of ``dipro-{task}``.
+
+    An MLflow run ``run_name`` (provenance tags of ``cfg``, its shards' data fingerprint, ``source_tags``)
+    holds ``val_metrics`` as ``val/<metric>`` and the model; the version carries the usual tags, its
+    ``val.<monitor>`` from ``val_metrics`` and ``source_tags``, so :func:`promote` weighs it against
+    trained versions on the same evidence (validation monitor on the same data fingerprint)."""
+    from dipro.tracking.tracker import Tracker
+
+    tracker = Tracker.create_in_driver(cfg, run_name, extra_tags=source_tags)
+    try:
+        tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if math.isfinite(v)}, step=0)
+        tracker.flush()
+        version = register_checkpoint(cfg, checkpoint_dir, tracker.run_id, {}, tracker.data_fingerprint,
+                                      val_metric=val_metrics.get(cfg.monitor, float("nan")),
+                                      extra_tags=source_tags)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return version
 
 
 # ----------------------------------------------------------------------------- list

@@ -330,6 +330,57 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model, cfg
 
 
+# ----------------------------------------------------------------------------- fine-tuning (model.init_from)
+
+INIT_FROM_KEYS = ("backbone", "crop_size", "d_model", "num_layers", "num_heads", "group_k",
+                  "use_ehr", "use_pae", "local_fusion", "global_fusion")
+"""``model.*`` keys that decide the network's parameters: a ``model.init_from`` checkpoint must agree on them."""
+
+
+def check_init_from(cfg: Config) -> Path:
+    """The directory ``model.init_from`` names, checked against ``cfg`` (task and the sizes of
+    :data:`INIT_FROM_KEYS`); a one-line UserError naming the key otherwise. Cheap: no weights are read."""
+    from data_sharding.errors import ConfigError
+
+    p = Path(str(cfg.model.init_from))
+    if p.is_file() and p.name == MODEL_FILE:
+        p = p.parent
+    if not (p / MODEL_FILE).is_file():
+        raise UserError(f"model.init_from={cfg.model.init_from}: no {MODEL_FILE} there; expected a checkpoint "
+                        "directory (a run's best/, a dipro import-authors output)")
+    src = load_config_from_checkpoint(p)
+    if src.task != cfg.task:
+        raise ConfigError(f"model.init_from={p} holds a {src.task} model but this run's task is {cfg.task}")
+    for key in INIT_FROM_KEYS:
+        theirs, ours = getattr(src.model, key), getattr(cfg.model, key)
+        if theirs != ours:
+            raise ConfigError(f"model.init_from={p} was built with model.{key}={theirs} but this config has "
+                              f"model.{key}={ours}; set model.{key}={theirs}")
+    return p
+
+
+def init_from_checkpoint(model: torch.nn.Module, cfg: Config) -> Path:
+    """Load ``model.init_from``'s weights into ``model`` (every parameter and BatchNorm statistic) except its
+    class weights, which stay those of this run's ``label_stats.json``; returns the directory."""
+    p = check_init_from(cfg)
+    try:
+        state = torch.load(p / MODEL_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign file: the file's fault
+        raise UserError(f"model.init_from: cannot read {p / MODEL_FILE} ({' '.join(str(exc).split())[:160]})") from None
+    own = model.state_dict()
+    weights = {k: v for k, v in state.items() if not k.startswith("class_weights.")}
+    missing = sorted(k for k in own if k not in weights and not k.startswith("class_weights."))
+    unexpected = sorted(k for k in weights if k not in own)
+    shape = sorted(k for k in weights if k in own and tuple(own[k].shape) != tuple(weights[k].shape))
+    if missing or unexpected or shape:
+        what = (f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model does not"
+                if unexpected else f"{shape[0]} has shape {list(weights[shape[0]].shape)}, this model "
+                f"{list(own[shape[0]].shape)}")
+        raise UserError(f"model.init_from: {p / MODEL_FILE} does not fit the model this config builds: {what}")
+    model.load_state_dict(weights, strict=False)
+    return p
+
+
 # ----------------------------------------------------------------------------- finding runs
 
 def split_resume(run: str) -> tuple[str, str | None]:

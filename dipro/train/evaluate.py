@@ -183,6 +183,60 @@ def evaluate_checkpoint(path: str | Path, split: str, **kwargs: Any) -> EvalResu
     return evaluate_model(model, cfg, split, **kwargs)
 
 
+@dataclass
+class SeedSummary:
+    """:func:`evaluate_over_checkpoints`' result."""
+
+    results: dict[str, EvalResult]
+    summary: dict[str, tuple[float, float]]
+    """metric -> (mean, std) over the checkpoints."""
+    table: str
+    json_path: Path
+
+
+def evaluate_over_checkpoints(paths: list[Path], split: str, out_dir: str | Path, **kwargs: Any) -> SeedSummary:
+    """Evaluate several checkpoints of one task (e.g. the three seeds' ``dipro import-authors`` outputs) on
+    ``split``; write each one's ``metrics.json`` under ``out_dir/<name>/`` and ``summary.json`` /
+    ``summary.txt`` (the paper's table: one row per checkpoint, then mean ± std, as ``dipro experiment``)."""
+    from data_sharding.atomic import write_text
+    from dipro.metrics import aggregate_seeds, format_table
+    from dipro.train.checkpoint import load_config_from_checkpoint
+
+    out = Path(out_dir)
+    names: list[str] = []
+    subdirs: list[str] = []
+    tasks = {}
+    for i, p in enumerate(paths):
+        d = p.parent if p.is_file() else p
+        cfg = load_config_from_checkpoint(d)
+        tasks[str(p)] = cfg.task
+        unique = d.name not in subdirs
+        subdirs.append(d.name if unique else f"{d.name}-{i + 1}")
+        names.append(f"{subdirs[-1]} (seed {cfg.seed})")
+    if len(set(tasks.values())) > 1:
+        raise UserError("--checkpoint: the checkpoints are of different tasks ("
+                        + ", ".join(f"{p}: {t}" for p, t in tasks.items()) + "); one table is for one task")
+    results: dict[str, EvalResult] = {}
+    for name, sub, p in zip(names, subdirs, paths):
+        results[name] = evaluate_checkpoint(p, split, **kwargs)
+        write_eval_outputs(results[name], out / sub, str(p))
+    task = next(iter(tasks.values()))
+    per = {name: {k: v for k, v in r.metrics.items() if k != "loss"} for name, r in results.items()}
+    summary = aggregate_seeds(list(per.values()))
+    rows = dict(per)
+    rows[f"mean ± std ({len(paths)} checkpoints)"] = summary
+    table = f"{task} / {split}\n" + format_table(rows, task)
+    jpath = out / "summary.json"
+    write_text(jpath, json.dumps({"task": task, "split": split,
+                                  "checkpoints": {n: str(p) for n, p in zip(names, paths)},
+                                  "metrics": {n: {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                  for k, v in m.items()} for n, m in per.items()},
+                                  "summary": {k: {"mean": v[0], "std": v[1]} for k, v in summary.items()}},
+                                 indent=1, default=float))
+    write_text(jpath.with_suffix(".txt"), table + "\n")
+    return SeedSummary(results=results, summary=summary, table=table, json_path=jpath)
+
+
 def checkpoint_from_model_uri(uri: str) -> Path:
     """Download an MLflow model (``models:/dipro-mortality@champion``, ``runs:/...``) and return
     the directory inside it that holds ``model.pt`` + ``config.yaml``."""

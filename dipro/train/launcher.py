@@ -184,7 +184,9 @@ def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Path | None]:
     """Everything checkable before Ray starts: ``(precision, micro batches per rank, checkpoint to resume)``."""
     precision = validate_config(cfg)
     micro = check_data(cfg)
-    if cfg.model.backbone_weights == "imagenet":  # fetched (or a one-line error) before any worker starts
+    if cfg.model.init_from:  # the weights come from there (checked against the config before any worker starts)
+        ck.check_init_from(cfg)
+    elif cfg.model.backbone_weights == "imagenet":  # fetched (or a one-line error) before any worker starts
         from dipro.model.region_encoder import resolve_backbone_weights
 
         resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights)
@@ -236,6 +238,9 @@ def claim(plan: RunPlan) -> tuple[Path, rundir.RunLog]:
     _say(cfg.describe_lr() + f", cosine to {cfg.optim.min_lr:g} per {cfg.optim.schedule_interval}")
     if plan.resume_from is not None:
         _say(f"resuming {plan.resume} from {plan.resume_from}")
+    if cfg.model.init_from:
+        _say(f"network initialised from {cfg.model.init_from} (model.init_from); optimizer, schedule and "
+             "early stopping start fresh")
     _say(f"run directory {run_dir}; Ray, DeepSpeed and MLflow messages go to its log: {log.path}")
     return run_dir, log
 
