@@ -286,13 +286,10 @@ def commit_manifest(shard_dir, manifest: Manifest, previous_token: str | None, s
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """sha256 of a shard's bytes (:func:`data_sharding.storage.sha256_file`)."""
     from data_sharding import storage
 
-    h = hashlib.sha256()
-    with storage.resolve(path).open_input() as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return storage.sha256_file(path, chunk)
 
 
 def _canon(value: Any) -> Any:

@@ -14,7 +14,6 @@ never mixes files of two writes; superseded generations are left for ``dipro sha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
@@ -73,7 +72,7 @@ def publish_dir(out, *, unchanged: str = "", expect_token: str | None = None) ->
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(tmp).as_posix()
-                files[rel] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                files[rel] = {"bytes": p.stat().st_size, "sha256": storage.sha256_file(p)}
         target.upload_dir(tmp)
         record = json.dumps({"generation": generation, "files": files}, indent=1, sort_keys=True).encode()
         try:
@@ -92,10 +91,3 @@ def publish_dir(out, *, unchanged: str = "", expect_token: str | None = None) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -825,6 +825,17 @@ class _RangeReader(io.RawIOBase):
         super().close()
 
 
+def sha256_file(location, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's or object's bytes, read in ``chunk``-byte blocks (through the ranged reader on a bucket)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with resolve(location).open_input() as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- WebDataset
 
 def register_webdataset_schemes() -> None:

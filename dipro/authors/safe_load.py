@@ -26,7 +26,6 @@ global, no ``state_dict``, or a ``state_dict`` that is not a mapping of names to
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -79,11 +78,9 @@ class AuthorsFile:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from data_sharding.storage import sha256_file
+
+    return sha256_file(path)
 
 
 def _one_line(exc: BaseException) -> str:
