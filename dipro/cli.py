@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "experiment",
     "registry",
     "predict",
+    "harmonize",
     "demo",
 )
 

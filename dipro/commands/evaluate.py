@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--precision", default=defaults.PRECISIONS[0], choices=defaults.PRECISIONS)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--remove-acquisition", metavar="DIR", default=None,
+                   help="a `dipro harmonize` output (rotation.pt + rotation.json): project its technical "
+                        "coordinates out of the region features before STD")
     p.set_defaults(func=run)
 
 
@@ -35,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     source = args.checkpoint or args.model
+    if args.remove_acquisition:
+        source += f" (acquisition removed: {args.remove_acquisition})"
     path = Path(args.checkpoint) if args.checkpoint else checkpoint_from_model_uri(args.model)
     import torch
 
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.precision == "fp16" and not device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
     result = evaluate_checkpoint(path, args.split, shard_dir=args.shards, device=device, precision=args.precision,
-                                 batch_size=args.batch_size, progress=True)
+                                 batch_size=args.batch_size, progress=True,
+                                 remove_acquisition=args.remove_acquisition)
     out = Path(args.out or f"eval-{args.split}")
     jpath, _ = write_eval_outputs(result, out, source)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))
