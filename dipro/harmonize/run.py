@@ -173,7 +173,7 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
                "task_metrics": {"own": own.metrics, "projected": projected.metrics}}
     from data_sharding.atomic import write_text
 
-    write_text(out / "harmonize.json", json.dumps(details, indent=1, default=_nan_none))
+    write_text(out / "harmonize.json", json.dumps(_finite(details), indent=1, default=_nan_none, allow_nan=False))
     write_text(out / "harmonize.txt", table + "\n")
     figure = projection_figure(feats.F[known], rot, s_known, out / "projection.png", seed)
     return HarmonizeResult(rows=rows, counts=counts, rotation_files=files, table=table, monitor=monitor, out=out,
@@ -189,6 +189,17 @@ def region_centred(x: np.ndarray, region: np.ndarray) -> np.ndarray:
         m = region == r
         out[m] -= out[m].mean(axis=0)
     return out
+
+
+def _finite(o):
+    """NaN (an undefined value) -> None, so the JSON is strict."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return o
 
 
 def _nan_none(o):
