@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/harmonize.py
 
 # One GPU, < 6 minutes, shards made on the fly (benchmarks/gpu.py; --smoke runs it on a CPU).
 bench-gpu: $(STAMP)

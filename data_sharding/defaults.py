@@ -13,6 +13,8 @@ SYNTH_PATIENTS = 120
 SYNTH_SEED = 0
 SYNTH_IMAGE_SIZE = 256
 """Film height in pixels (MIMIC-sized films are ~2500-3000 px; 256 keeps the demo quick)."""
+SYNTH_ACQUISITION_SHIFT = 0.0
+"""Strength of the planted erect/recumbent factor (:mod:`data_sharding.synth.acquisition`); 0 = none."""
 
 # ----------------------------------------------------------------------------- dipro prepare
 SPLIT_SEED = 0

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from data_sharding import acquisition as A
 from data_sharding import atomic, publish
 from data_sharding import cohort as C
 from data_sharding import demographics as D
@@ -343,6 +344,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
     stays, cxr = C.apply_cxr_rules(stays, cxr, report)
     if stays.empty:
         raise DataError("no ICU stay passes the cohort rules; see the counts above:\n" + report.summary())
+    acquisition = A.read_acquisition(paths["mimic-cxr-2.0.0-metadata"], cxr["dicom_id"])
 
     gold_counts: Counter = Counter()
     gold = read_gold(roots.gold_file, gold_counts)
@@ -418,7 +420,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
             steps.update()
 
     with publish.publish_dir(out, unchanged=unchanged, expect_token=token) as tmp:
-        steps = tqdm(total=8, desc="write processed", unit="file", disable=not opts.progress)
+        steps = tqdm(total=9, desc="write processed", unit="file", disable=not opts.progress)
         step("cohort.parquet", write_cohort, stays, tmp / "cohort.parquet")
         step("cxr.parquet", write_cxr, cxr, graphs, tmp / "cxr.parquet")
         step("tasks/disease_progression.parquet", write_progression, progression,
@@ -429,6 +431,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
         step("ehr/", lambda: parts.extend(E.write_parts(
             tmp / "ehr", stays["stay_id"].to_numpy(), values, masks, offsets, opts.ehr_rows_per_part)))
         step("demographics.parquet", write_demographics, demo, tmp / "demographics.parquet")
+        step(A.FILE, A.write_acquisition, acquisition, tmp / A.FILE)
         step("ehr_stats.json", _write_json, {
             "mean": dict(zip(EHR_VALUE_COLUMNS, map(float, mean))),
             "std": dict(zip(EHR_VALUE_COLUMNS, map(float, std))),
@@ -453,7 +456,7 @@ def prepare(roots: RawRoots, out: str | Path, opts: PrepareOptions | None = None
                     "normalisation": {"population": opts.norm_stats, "n_stays": int(population["stay_id"].nunique()),
                                       "statistic": "hourly rows" if opts.norm_stats == "train" else "events",
                                       "n": int(n_stat.sum())},
-                    "demographics": demographics_report,
+                    "demographics": demographics_report, "acquisition": A.acquisition_counts(acquisition),
                     "inputs": {"cxr": str(roots.cxr), "mimiciv": str(roots.mimiciv),
                                "imagenome": str(roots.imagenome)},
                     "options": opts.fidelity(), "split_seed": opts.split_seed})
@@ -483,5 +486,8 @@ def format_summary(result: PrepareResult) -> str:
                  f"outliers out of the statistics, kept)" for v in D.CONTINUOUS)
              + "; imputed: " + (", ".join(f"{k} {n}" for k, n in demo["imputed_in_cohort"].items() if n) or "none")
              + f"; race not in the authors' table: {demo['race_not_in_the_authors_table']}",
+             "acquisition (" + A.FILE + "): " + "; ".join(
+                 f + " " + ", ".join(f"{k} {n}" for k, n in list(result.report["acquisition"][f].items())[:4])
+                 for f in A.FACTORS),
              f"wrote {result.out} in {result.seconds:.1f} s"]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "registry",
     "predict",
     "import_authors",
+    "harmonize",
     "demo",
 )
 """Module names under ``dipro/commands/``; the command is the name with ``-`` for ``_`` (``import-authors``)."""

@@ -10,7 +10,7 @@ from helpers import repo_env
 from dipro import cli
 
 EXPECTED = ["synth", "prepare", "shard", "shards", "train", "evaluate", "experiment", "registry", "predict",
-            "import-authors", "demo"]
+            "import-authors", "harmonize", "demo"]
 
 
 def test_every_command_module_is_present():

@@ -10,7 +10,12 @@
     DIR/chest-imagenome/1.0.0/gold_dataset/gold_object_comparison_with_coordinates.txt
     DIR/SYNTH.json   (generator settings and counts; not part of the real datasets)
 
-Same (patients, seed, image_size) -> byte-identical files.
+Same (patients, seed, image_size, acquisition_shift) -> byte-identical files.
+
+``acquisition_shift=S > 0`` plants a technical factor (:mod:`.acquisition`): each AP film is
+taken erect or recumbent (recumbent more often for sicker stays), written to
+``PatientOrientationCodeSequence_CodeMeaning`` and applied to the pixels as a gamma plus noise.
+``S = 0`` (the default) writes exactly the files the generator wrote before the factor existed.
 
 Planted signal
 --------------
@@ -92,6 +97,7 @@ class SynthSummary:
     image_size: int
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    acquisition_shift: float = 0.0
 
 
 def image_relpath(subject_id: int, study_id: int, dicom_id: str) -> str:
@@ -106,9 +112,13 @@ def generate(
     image_size: int = DEFAULT_IMAGE_SIZE,
     overwrite: bool = False,
     progress: bool = True,
+    acquisition_shift: float = 0.0,
 ) -> SynthSummary:
-    """Write a synthetic raw cohort of ``patients`` subjects under ``out_dir`` (atomically)."""
+    """Write a synthetic raw cohort of ``patients`` subjects under ``out_dir`` (atomically).
+
+    ``acquisition_shift`` > 0 plants the erect/recumbent factor (:mod:`.acquisition`)."""
     from data_sharding.errors import UserError
+    from data_sharding.synth import acquisition as acq
 
     if patients < 1:
         raise UserError(f"--patients must be >= 1, got {patients}")
@@ -116,6 +126,8 @@ def generate(
         raise UserError(f"--image-size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
+    if not 0.0 <= acquisition_shift <= acq.MAX_SHIFT:
+        raise UserError(f"--acquisition-shift must be in [0, {acq.MAX_SHIFT:g}], got {acquisition_shift}")
 
     import pandas as pd
     from tqdm import tqdm
@@ -128,6 +140,7 @@ def generate(
     start = time.perf_counter()
     cohort = build_cohort(patients, seed, image_size)
     plan = imagenome.plan_annotations(cohort)
+    settings = acq.draw_settings(cohort, seed) if acquisition_shift > 0 else None
     counts: dict[str, int] = {}
     with atomic_directory(Path(out_dir), overwrite) as tmp:
         cxr = tmp / CXR_ROOT
@@ -145,6 +158,8 @@ def generate(
             else:
                 patterns = cohort.stays[film.stay_index].patterns if film.stay_index is not None else StayPatterns.sample(rng)
                 pixels, boxes[film.index] = render_frontal(anatomy, cohort.film_severity(film), patterns, film.width, film.height, rng)
+                if settings is not None:
+                    pixels = acq.apply_setting(pixels, settings[film.index], acquisition_shift, seed, film.index)
                 graph = imagenome.scene_graph(cohort, film, boxes[film.index], plan)
                 n_rel += len(graph["relationships"])
                 write_json(sg_dir / f"{film.dicom_id}_SceneGraph.json", graph)
@@ -153,7 +168,7 @@ def generate(
             path.write_bytes(encode_jpeg(pixels))
 
         steps = tqdm(total=10, desc="synth tables", unit="file", disable=not progress)
-        write_csv_gz(cxr / "mimic-cxr-2.0.0-metadata.csv.gz", tables.cxr_metadata(cohort)); steps.update()
+        write_csv_gz(cxr / "mimic-cxr-2.0.0-metadata.csv.gz", tables.cxr_metadata(cohort, settings)); steps.update()
         write_csv_gz(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz", tables.chexpert(cohort)); steps.update()
         write_csv_gz(hosp / "patients.csv.gz", tables.patients(cohort)); steps.update()
         write_csv_gz(hosp / "admissions.csv.gz", tables.admissions(cohort)); steps.update()
@@ -190,8 +205,13 @@ def generate(
             "outputevents_rows": len(output),
             "labevents_rows": len(labs),
         }
-        summary = SynthSummary(str(Path(out_dir).resolve()), patients, seed, image_size, counts)
-        write_json(tmp / "SYNTH.json", {k: v for k, v in asdict(summary).items() if k not in ("out_dir", "seconds")})
+        if settings is not None:
+            counts["images_recumbent"] = sum(settings[f.index] == acq.RECUMBENT for f in cohort.films)
+        summary = SynthSummary(str(Path(out_dir).resolve()), patients, seed, image_size, counts,
+                               acquisition_shift=float(acquisition_shift))
+        # the shift is recorded only when planted: a default cohort's SYNTH.json keeps its bytes
+        hidden = ("out_dir", "seconds") + (() if settings is not None else ("acquisition_shift",))
+        write_json(tmp / "SYNTH.json", {k: v for k, v in asdict(summary).items() if k not in hidden})
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -73,7 +73,15 @@ def study_date_time(film: Film) -> tuple[int, str]:
 _VIEW_CODE = {"AP": "antero-posterior", "PA": "postero-anterior", "LATERAL": "lateral"}
 
 
-def cxr_metadata(c: Cohort) -> pd.DataFrame:
+def _orientation(f: Film, settings: dict[int, str] | None) -> str:
+    """PatientOrientationCodeSequence_CodeMeaning: the planted setting when there is one
+    (:mod:`.acquisition`), else erect for PA/lateral and recumbent or blank for AP films."""
+    if settings is not None:
+        return settings[f.index]
+    return "Erect" if f.view != "AP" else ("Recumbent" if f.index % 3 else "")
+
+
+def cxr_metadata(c: Cohort, settings: dict[int, str] | None = None) -> pd.DataFrame:
     pa_studies = {f.study_id for f in c.films if f.view == "PA"}
     rows = []
     for f in c.films:
@@ -84,7 +92,7 @@ def cxr_metadata(c: Cohort) -> pd.DataFrame:
             "PerformedProcedureStepDescription": procedure, "ViewPosition": f.view,
             "Rows": f.height, "Columns": f.width, "StudyDate": d, "StudyTime": t,
             "ProcedureCodeSequence_CodeMeaning": procedure, "ViewCodeSequence_CodeMeaning": _VIEW_CODE[f.view],
-            "PatientOrientationCodeSequence_CodeMeaning": "Erect" if f.view != "AP" else ("Recumbent" if f.index % 3 else ""),
+            "PatientOrientationCodeSequence_CodeMeaning": _orientation(f, settings),
             "_t": f.time * 1000 + f.millis,
         })
     df = pd.DataFrame(rows).sort_values(["subject_id", "study_id", "_t"], kind="stable")

@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--precision", default=defaults.PRECISIONS[0], choices=defaults.PRECISIONS)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--remove-acquisition", metavar="DIR", default=None,
+                   help="a `dipro harmonize` output (rotation.pt + rotation.json): project its technical "
+                        "coordinates out of the region features before STD")
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--precision fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
     out = Path(args.out or f"eval-{args.split}")
     kwargs = dict(shard_dir=args.shards, device=device, precision=args.precision, batch_size=args.batch_size,
-                  progress=True)
+                  progress=True, remove_acquisition=args.remove_acquisition)
     if args.checkpoint and len(args.checkpoint) > 1:
         from dipro.train.evaluate import evaluate_over_checkpoints
 
@@ -52,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
         print(summary.table)
         print(f"wrote {summary.json_path} and {summary.json_path.with_suffix('.txt')}")
         return 0
+    path = Path(args.checkpoint[0]) if args.checkpoint else checkpoint_from_model_uri(args.model)
     source = args.checkpoint[0] if args.checkpoint else args.model
-    path = Path(source) if args.checkpoint else checkpoint_from_model_uri(args.model)
+    if args.remove_acquisition:
+        source += f" (acquisition removed: {args.remove_acquisition})"
     result = evaluate_checkpoint(path, args.split, **kwargs)
     jpath, _ = write_eval_outputs(result, out, source)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))

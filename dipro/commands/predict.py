@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", dest="use_ray", action="store_const", const=False, help="always in-process")
     p.add_argument("--batch-size", type=int, default=defaults.PREDICT_BATCH_SIZE)
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+    p.add_argument("--remove-acquisition", metavar="DIR", default=None,
+                   help="a `dipro harmonize` output (rotation.pt + rotation.json): project its technical "
+                        "coordinates out of the region features before STD")
     p.set_defaults(func=run)
 
 
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from dipro.tracking.predict import run_predict
 
     report = run_predict(args.model, args.shards, args.split, args.out, use_ray=args.use_ray,
-                         batch_size=args.batch_size, tracking_uri=args.tracking_uri)
+                         batch_size=args.batch_size, tracking_uri=args.tracking_uri,
+                         remove_acquisition=args.remove_acquisition)
     how = "Ray tasks" if report.used_ray else "in-process"
     print(f"wrote {report.rows} predictions from {report.shards} shard(s) ({how}) to {report.out}"
           + (f"; skipped {report.skipped} corrupt sample(s)" if report.skipped else ""))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from data_sharding.defaults import SYNTH_ACQUISITION_SHIFT as DEFAULT_ACQUISITION_SHIFT
 from data_sharding.defaults import SYNTH_IMAGE_SIZE as DEFAULT_IMAGE_SIZE
 from data_sharding.defaults import SYNTH_PATIENTS as DEFAULT_PATIENTS
 from data_sharding.defaults import SYNTH_SEED as DEFAULT_SEED
@@ -30,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, metavar="PIXELS",
                    help=f"image height in pixels; width is 82-92%% of it (default {DEFAULT_IMAGE_SIZE}; "
                         "2560 gives MIMIC-sized images for benchmarks)")
+    p.add_argument("--acquisition-shift", type=float, default=DEFAULT_ACQUISITION_SHIFT, metavar="S",
+                   help="plant a technical factor: each AP film erect or recumbent (recumbent more often for "
+                        "sicker stays), written to PatientOrientationCodeSequence_CodeMeaning and applied to the "
+                        "pixels as gamma 1 + 0.5 S plus noise sd 3 S (default 0: none, the files are byte-identical "
+                        "to a cohort without the factor)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -45,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        acquisition_shift=args.acquisition_shift,
     )
     c = summary.counts
     print(
@@ -54,5 +61,7 @@ def run(args: argparse.Namespace) -> int:
         f"{c['images']} images ({c['images_ap']} AP, {c['images_pa']} PA, {c['images_lateral']} lateral), "
         f"{c['scene_graphs']} scene graphs, {c['relationships']} relationships, {c['gold_rows']} gold rows, "
         f"{c['chartevents_rows']} chartevents rows"
+        + (f"; acquisition shift {summary.acquisition_shift:g}: {c['images_recumbent']} recumbent films"
+           if summary.acquisition_shift > 0 else "")
     )
     return 0

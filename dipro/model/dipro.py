@@ -16,6 +16,13 @@ reaches an output or a loss; docs/FIDELITY.md lists every item.
   ``region_labels`` row, each pair is; it differs from 0..P-1 only with ``last_cxr_only``).
 
 ``loss, terms = model.compute_loss(batch, out)``; ``model.predict_proba(out)``.
+
+Feature-extraction hook: ``model.region_features(batch)`` runs the region encoder and STD only
+(the first half of ``forward``, the same code) and returns ``F`` [B,T,R,d] (the region encoder's
+output per CXR and region) with ``S``, ``D``, the masks and ``pair_index``.  ``model.feature_edit``
+(default None; a plain callable, not a submodule, so it is never in the state dict) maps ``F`` to
+an edited ``F`` before STD in both: ``dipro harmonize`` sets it to project acquisition coordinates
+out (:class:`dipro.harmonize.rotation.AcquisitionRemoval`), with no retraining.
 """
 from __future__ import annotations
 
@@ -86,6 +93,8 @@ class DiPro(nn.Module):
         self.mmf = MultiscaleMultimodalFusion(model_cfg, num_tokens)
         self.heads = TaskHeads(task, d, model_cfg.dropout)
         self.class_weights = L.ClassWeights(task, label_stats)
+        self.feature_edit = None
+        """Optional ``f(F [B,T,R,d], region_mask [B,T,R]) -> F`` applied to the region features before STD."""
 
     # ------------------------------------------------------------------ inputs
     def _check_batch(self, batch: Mapping[str, Any]) -> None:
@@ -147,14 +156,25 @@ class DiPro(nn.Module):
                 shift[:, None].expand(b, t, NUM_REGIONS, 2))
 
     # ----------------------------------------------------------------- forward
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def region_features(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Region encoder + STD: ``F`` [B,T,R,d] (after ``feature_edit``), ``S``, ``D`` [B,P,R,d],
+        ``cxr_mask``, ``region_mask``, ``cxr_hours`` (of the CXRs used), ``pair_valid``, ``pair_index``."""
         self._check_batch(batch)
         crops, region_mask, cxr_mask, hours, pair_index = self._select_cxrs(batch)
         augment = self._augmentation(batch, crops.shape[1]) if self.training else None
         features = self.region_encoder(crops, region_mask, cxr_mask, augment)  # F [B,T,R,d]
+        if self.feature_edit is not None:
+            features = self.feature_edit(features, region_mask & cxr_mask[..., None])
         valid = pair_validity(cxr_mask)
         static, dynamic = self.std(features, valid)  # S, D (STD)
-        out: dict[str, torch.Tensor] = {"S": static, "D": dynamic, "pair_valid": valid, "pair_index": pair_index}
+        return {"F": features, "S": static, "D": dynamic, "cxr_mask": cxr_mask, "region_mask": region_mask,
+                "cxr_hours": hours, "pair_valid": valid, "pair_index": pair_index}
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        feats = self.region_features(batch)
+        features, static, dynamic, valid = feats["F"], feats["S"], feats["D"], feats["pair_valid"]
+        hours = feats["cxr_hours"]
+        out: dict[str, torch.Tensor] = {"S": static, "D": dynamic, "pair_valid": valid, "pair_index": feats["pair_index"]}
         if self.region_head is not None:
             static_rev, dynamic_rev = self.std(features, valid, reverse=True)  # S~, D~ (PAE)
             out.update(

@@ -116,21 +116,31 @@ def predict_shard(model: Any, cfg: Any, shard: Any, task_dir: str, crop_size: in
 
 
 def _shard_task(kind: str, location: str, model_ref: str, tracking_uri: str | None, shard: Any, task_dir: str,
-                crop_size: int | None, batch_size: int) -> tuple[Any, list[str], int]:
+                crop_size: int | None, batch_size: int, rotation: Any = None) -> tuple[Any, list[str], int]:
     """Ray task body: load the model (downloading it on a node that lacks the driver's copy)."""
     import torch
+
+    from dipro.harmonize.rotation import AcquisitionRemoval
 
     if kind == "mlflow" and not Path(location).is_dir():
         kind, location = resolve_model(model_ref, tracking_uri)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_model_for_inference(kind, location, device)
+    if rotation is not None:  # the driver's loaded rotation travels with the task (no shared disk needed)
+        model.feature_edit = AcquisitionRemoval(rotation, device)
     return predict_shard(model, cfg, shard, task_dir, crop_size, batch_size, device)
 
 
 # ----------------------------------------------------------------------------- driver
 def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool | None = None,
-                batch_size: int = PREDICT_BATCH_SIZE, tracking_uri: str | None = None, progress: bool = True) -> PredictReport:
-    """Predict every sample of ``split`` and write ``out`` atomically (see module doc)."""
+                batch_size: int = PREDICT_BATCH_SIZE, tracking_uri: str | None = None, progress: bool = True,
+                remove_acquisition: str | None = None) -> PredictReport:
+    """Predict every sample of ``split`` and write ``out`` atomically (see module doc).
+
+    ``remove_acquisition``: a ``dipro harmonize`` output directory; its technical coordinates are
+    projected out of the region features (``DiPro.feature_edit``) in every forward pass."""
+    from dipro.harmonize.rotation import attach_removal
+
     import pandas as pd
     import torch
     from tqdm import tqdm
@@ -145,6 +155,7 @@ def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool 
     kind, location = resolve_model(model, tracking_uri)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net, cfg = load_model_for_inference(kind, location, device)
+    rotation = attach_removal(net, remove_acquisition)
     shard_set = read_manifest(shards, cfg.task, split)
     crop_size = shard_set.settings.get("crop_size")
     if crop_size is not None and crop_size != cfg.model.crop_size:
@@ -155,7 +166,7 @@ def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool 
 
     results: list[tuple[Any, list[str], int]] = []
     if use_ray:
-        results = _run_ray(kind, location, model, tracking_uri, shard_set, crop_size, batch_size, progress)
+        results = _run_ray(kind, location, model, tracking_uri, shard_set, crop_size, batch_size, progress, rotation)
     else:
         for shard in tqdm(shard_set.shards, desc=f"predict {split}", unit="shard", disable=not progress):
             results.append(predict_shard(net, cfg, shard, shard_set.task_dir, crop_size, batch_size, device))
@@ -174,7 +185,7 @@ def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool 
     return PredictReport(str(out_path), len(table), skipped, len(shard_set.shards), bool(use_ray), notes[:20])
 
 
-def _run_ray(kind, location, model_ref, tracking_uri, shard_set, crop_size, batch_size, progress):
+def _run_ray(kind, location, model_ref, tracking_uri, shard_set, crop_size, batch_size, progress, rotation=None):
     import ray
     from tqdm import tqdm
 
@@ -183,7 +194,8 @@ def _run_ray(kind, location, model_ref, tracking_uri, shard_set, crop_size, batc
     started = init_ray(log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1)(_shard_task)
-        refs = [task.remote(kind, location, model_ref, tracking_uri, shard, shard_set.task_dir, crop_size, batch_size)
+        refs = [task.remote(kind, location, model_ref, tracking_uri, shard, shard_set.task_dir, crop_size, batch_size,
+                            rotation)
                 for shard in shard_set.shards]
         order = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)

@@ -175,11 +175,15 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, *, shard_dir: str | 
     return finalize([preds.arrays()], cfg.task, split)
 
 
-def evaluate_checkpoint(path: str | Path, split: str, **kwargs: Any) -> EvalResult:
-    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`) and evaluate it."""
+def evaluate_checkpoint(path: str | Path, split: str, *, remove_acquisition: str | Path | None = None,
+                        **kwargs: Any) -> EvalResult:
+    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`) and evaluate it; ``remove_acquisition``:
+    a ``dipro harmonize`` output directory whose technical coordinates are projected out of the region features."""
+    from dipro.harmonize.rotation import attach_removal
     from dipro.train.checkpoint import load_model
 
     model, cfg = load_model(path, device=kwargs.get("device", "cpu"))
+    attach_removal(model, remove_acquisition)
     return evaluate_model(model, cfg, split, **kwargs)
 
 

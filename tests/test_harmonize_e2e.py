@@ -1,0 +1,131 @@
+"""``dipro harmonize`` end to end on a small planted cohort, through the CLI, MLflow and --remove-acquisition.
+
+One cohort shared by every assertion: ``dipro synth --acquisition-shift 1`` (80 patients, 64-px films),
+prepare, shard (32-px crops), a demo-sized DiPro trained 2 epochs on disease progression as
+tests/test_learning.py trains it; the rotation is fitted on the train split (54 proxy-twin film pairs),
+k=3, K=4.  Calibrated over cohort/model seeds 0 / 1 / 2 (2026-12-03; MEASURED): the probe AUROC of the
+setting from the region features falls from ~0.8 to <= 0.6 on every seed, which is asserted.  The
+cluster-consistency gain is NOT asserted: ARI went 0.056 -> 0.205 on seed 0, 0.027 -> 0.058 on seed 2
+but 0.069 -> 0.029 on seed 1, so the issue's ">= +0.15 ARI" does not hold on a cohort of this size (54 film pairs); the
+values are recorded here and printed by the test, and README (Benchmarks) has the 300-patient table.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+SEED = 0
+K_TECH, CLUSTERS = 3, 4
+# seed: (probe entangled, probe rotated, ARI entangled, ARI rotated)
+MEASURED = {0: (0.810, 0.569, 0.056, 0.205), 1: (0.799, 0.527, 0.069, 0.029), 2: (0.821, 0.505, 0.027, 0.058)}
+PROBE_ENTANGLED_MIN, PROBE_ROTATED_MAX = 0.7, 0.6
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from data_sharding import synth
+    from data_sharding.manifest import ShardSettings
+    from data_sharding.prepare import PrepareOptions, prepare
+    from data_sharding.readers import resolve_roots
+    from data_sharding.shard_writer import write_shards
+    from dipro.config import load_config
+    from dipro.model import build_model
+    from dipro.train.checkpoint import write_model_files
+    from dipro.train.data import read_label_stats, train_loader
+    from dipro.train.optim import build_optimizer, build_scheduler
+    from helpers import config_path
+
+    root = tmp_path_factory.mktemp("harmonize")
+    synth.generate(root / "raw", patients=80, seed=SEED, image_size=64, progress=False, acquisition_shift=1.0)
+    prepare(resolve_roots(str(root / "raw")), root / "processed", PrepareOptions(progress=False))
+    write_shards(root / "processed", root / "shards", settings=ShardSettings(crop_size=32), progress=False)
+    cfg = load_config(str(config_path("demo")), [
+        "task=disease_progression", f"data.shards={root / 'shards'}", "trainer.max_epochs=2",
+        "data.num_loader_workers=0", "data.batch_size=8", "optim.base_lr=2.5e-4", "data.augment=false",
+        f"seed={SEED}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=harmonize-test"])
+    stats = read_label_stats(root / "shards")
+    torch.manual_seed(SEED)
+    model = build_model(cfg, stats)
+    steps = len(train_loader(cfg, rank=0, world_size=1, epoch=0))
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps * cfg.trainer.max_epochs)
+    for epoch in range(cfg.trainer.max_epochs):
+        model.train()
+        for batch in train_loader(cfg, rank=0, world_size=1, epoch=epoch):
+            loss, _ = model.compute_loss(batch, model(batch))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    best = root / "runs" / "RUN" / "best"
+    write_model_files(best, model.state_dict(), cfg, stats, {"best_value": 0.0, "best_epoch": 2})
+    return root, best, cfg
+
+
+def test_harmonize_cli_table_rotation_mlflow_and_removal(planted, capsys):
+    from mlflow import MlflowClient
+
+    from dipro.cli import main
+
+    root, best, cfg = planted
+    uri = cfg.tracking.uri
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(client.create_experiment("harmonize-test"), run_name="RUN").info.run_id
+    out = root / "h"
+    rc = main(["harmonize", "--checkpoint", str(best), "--processed", str(root / "processed"), "--split", "train",
+               "--k", str(K_TECH), "--clusters", str(CLUSTERS), "--out", str(out), "--tracking-uri", uri, "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "film pairs of one stay in two orientation settings" in printed
+    rows = json.loads((out / "harmonize.json").read_text())["rows"]
+    ent, rot, cb = rows["entangled"], rows["rotated-biological"], rows["combat"]
+    print(f"probe {ent['probe_auroc_F']:.3f} -> {rot['probe_auroc_F']:.3f} (combat {cb['probe_auroc_F']:.3f}); "
+          f"ARI {ent['ari']:.3f} -> {rot['ari']:.3f} (combat {cb['ari']:.3f})")
+    assert ent["probe_auroc_F"] >= PROBE_ENTANGLED_MIN
+    assert rot["probe_auroc_F"] <= PROBE_ROTATED_MAX
+    assert all(0.0 <= r["dice"] <= 1.0 and -1.0 <= r["ari"] <= 1.0 for r in (ent, rot, cb))
+    assert math.isfinite(ent["task_metric"]) and math.isfinite(rot["task_metric"]) and cb["task_metric"] is None
+    for name in ("rotation.pt", "rotation.json", "harmonize.txt", "projection.png"):
+        assert (out / name).is_file(), name
+
+    # the MLflow run is nested under the training run and holds the table, figure and rotation
+    child = [r for r in client.search_runs([client.get_run(parent).info.experiment_id])
+             if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(child) == 1
+    arts = {a.path for a in client.list_artifacts(child[0].info.run_id, "harmonize")}
+    assert {"harmonize/harmonize.txt", "harmonize/projection.png", "harmonize/rotation.pt"} <= arts
+    assert child[0].data.metrics["rotated-biological/probe_auroc_F"] == pytest.approx(rot["probe_auroc_F"])
+
+    # --remove-acquisition: evaluation reproduces the table's projected task metric (same batches as
+    # harmonize's, --batch-size 16: a 2-epoch model has near-ties that float noise could flip); predictions change
+    assert main(["evaluate", "--checkpoint", str(best), "--split", "train", "--out", str(root / "ev"),
+                 "--remove-acquisition", str(out), "--device", "cpu", "--batch-size", "16"]) == 0
+    ev = json.loads((root / "ev" / "metrics.json").read_text())["metrics"]
+    assert ev[cfg.monitor] == pytest.approx(rot["task_metric"], abs=1e-9)
+    preds = {}
+    for name, extra in (("plain", []), ("removed", ["--remove-acquisition", str(out)])):
+        assert main(["predict", "--model", str(best), "--shards", str(root / "shards"), "--split", "val",
+                     "--out", str(root / f"{name}.parquet"), "--no-ray", *extra]) == 0
+        preds[name] = pd.read_parquet(root / f"{name}.parquet")
+    assert preds["plain"]["sample_key"].tolist() == preds["removed"]["sample_key"].tolist()
+    prob = [c for c in preds["plain"].columns if c.startswith("p_") or "prob" in c]
+    assert prob and not np.allclose(preds["plain"][prob].to_numpy(float), preds["removed"][prob].to_numpy(float))
+
+
+def test_too_few_pairs_is_one_line_refusal(planted, capsys):
+    from dipro.cli import main
+
+    root, best, _ = planted
+    rc = main(["harmonize", "--checkpoint", str(best), "--processed", str(root / "processed"), "--split", "val",
+               "--min-pairs", "100000", "--out", str(root / "h2"), "--no-tracking", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "too few contrasts" in err and "--min-pairs 100000" in err and "Traceback" not in err
+    assert not (root / "h2" / "rotation.pt").exists()
