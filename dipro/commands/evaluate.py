@@ -43,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--precision fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
     result = evaluate_checkpoint(path, args.split, shard_dir=args.shards, device=device, precision=args.precision,
                                  batch_size=args.batch_size, progress=True)
+    from dipro.bootstrap import bootstrap_run, format_intervals
+
     out = Path(args.out or f"eval-{args.split}")
-    jpath, _ = write_eval_outputs(result, out, source)
+    intervals = bootstrap_run(result.task, result.y_true, result.y_prob)
+    jpath, _ = write_eval_outputs(result, out, source, intervals=intervals)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))
+    print(format_intervals({source: intervals}, result.task))
     print(f"wrote {jpath} and {jpath.with_suffix('.txt')}")
     return 0
