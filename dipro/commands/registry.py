@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Move --alias to --version only if that version beats the alias's current holder on the "
                     "task's validation monitor (f1_macro / auprc / accuracy): both trained on the same data "
                     "fingerprint, both evaluated here on the same validation samples, and the lower bound of the "
-                    "95%% paired bootstrap interval of the difference above --min-delta; otherwise explain why "
+                    "95% paired bootstrap interval of the difference above --min-delta; otherwise explain why "
                     "and exit non-zero. The difference, its interval and the sample count are recorded as version "
                     "tags. --force skips the check and records who and why in the version's tags.",
     )

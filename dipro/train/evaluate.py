@@ -247,3 +247,28 @@ def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str,
     write_text(jpath, json.dumps(payload, indent=1))
     write_text(tpath, text + "\n")
     return jpath, tpath
+
+
+def save_predictions(path: str | Path, result: EvalResult) -> None:
+    """A result's arrays as one ``.npz`` (no pickle), written atomically."""
+    from data_sharding.atomic import open_atomic
+
+    with open_atomic(path, "wb") as f:
+        np.savez(f, y_true=result.y_true, y_prob=result.y_prob, sample_keys=np.asarray(result.sample_keys, dtype=str),
+                 stay_ids=result.stay_ids, task=np.asarray(result.task), split=np.asarray(result.split),
+                 metric_names=np.asarray(list(result.metrics), dtype=str),
+                 metric_values=np.asarray(list(result.metrics.values()), dtype=np.float64))
+
+
+def load_predictions(path: str | Path) -> EvalResult:
+    """The :class:`EvalResult` saved by :func:`save_predictions` (region attention is not kept)."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            n = len(z["sample_keys"])
+            return EvalResult(metrics=dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist())),
+                              y_true=z["y_true"], y_prob=z["y_prob"], sample_keys=z["sample_keys"].tolist(),
+                              stay_ids=z["stay_ids"], region_attention=np.zeros((n, 0), np.float32),
+                              task=str(z["task"]), split=str(z["split"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(f"cannot read predictions {p}: {exc}") from None

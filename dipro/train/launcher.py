@@ -157,10 +157,13 @@ class RunPlan:
         return self.cfg.trainer.run_name
 
 
-def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> TrainResult:
-    """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed."""
+def launch(cfg: Config, resume: str | None = None, tracker: Any = None, owner: str | None = None) -> TrainResult:
+    """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed.
+
+    ``owner``: the sweep trial this run is (``dipro.sweep``): its run directory, left by an earlier
+    attempt of the same trial, is reclaimed and Ray Train continues from its last checkpoint."""
     plan = resolve_run(cfg, resume, *preflight(cfg, resume))
-    run_dir, log = claim(plan)
+    run_dir, log = claim(plan, owner)
     with ray_session(plan, run_dir, log) as session:
         try:
             check_resources(plan.cfg, session.started_here)
@@ -218,10 +221,11 @@ def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, res
                    resume_from=resume_from)
 
 
-def claim(plan: RunPlan) -> tuple[Path, rundir.RunLog]:
-    """Claim the run directory (refuses a name in use, naming who uses it), open its log, say what will run."""
+def claim(plan: RunPlan, owner: str | None = None) -> tuple[Path, rundir.RunLog]:
+    """Claim the run directory (refuses a name in use, naming who uses it; a sweep trial reclaims its own),
+    open its log, say what will run."""
     global _run_log
-    run_dir = rundir.claim(plan.storage, plan.run_name)
+    run_dir = rundir.claim(plan.storage, plan.run_name, owner)
     _run_log = log = rundir.RunLog(run_dir)
     cfg, t = plan.cfg, plan.cfg.trainer
     workers, accum = t.num_workers, cfg.optim.grad_accum
@@ -350,6 +354,8 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
     """Evaluate the best checkpoint on test (as a Ray task), write ``summary.json``, finish the MLflow run."""
     import ray
 
+    from dipro.train.evaluate import save_predictions
+
     cfg = plan.cfg
     summary = result.return_value or {}
     best_dir = run_dir / ck.BEST_DIR
@@ -357,9 +363,12 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
     best_meta = ck.read_meta(best_dir)
     metrics = {k: v for k, v in (best_meta.get("metrics") or {}).items() if k.startswith("val/")}
     device = "cuda" if cfg.trainer.use_gpu else "cpu"
-    evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker,
-                          num_gpus=1 if cfg.trainer.use_gpu else 0)(_evaluate_task)
+    # DEFAULT scheduling: inside a sweep trial a task would otherwise be placed in the trial's own
+    # placement group (capture_child_tasks), which holds no CPU for it, and be refused.
+    evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker, num_gpus=1 if cfg.trainer.use_gpu else 0,
+                          scheduling_strategy="DEFAULT")(_evaluate_task)
     test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision))
+    save_predictions(run_dir / rundir.TEST_PREDICTIONS, test)  # for sweeps' bootstrap (never logged to MLflow)
     metrics.update({f"test/{k}": float(v) for k, v in test.metrics.items()})
     _say(f"best epoch {best_meta.get('best_epoch')} ({cfg.monitor} {best_meta.get('best_value')}); test: "
          + " ".join(f"{k}={v:.4f}" for k, v in test.metrics.items() if "/" not in k and not math.isnan(v)))
