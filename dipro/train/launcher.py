@@ -161,7 +161,11 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None, owner: s
     """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed.
 
     ``owner``: the sweep trial this run is (``dipro.sweep``): its run directory, left by an earlier
-    attempt of the same trial, is reclaimed and Ray Train continues from its last checkpoint."""
+    attempt of the same trial, is reclaimed and the run continues from its last complete checkpoint
+    (Ray Train's own record of it, else the newest complete one found there: a driver killed right after
+    a checkpoint was written may leave it unrecorded)."""
+    if owner is not None and resume is None and ck.list_checkpoints(_storage(cfg) / (cfg.trainer.run_name or "")):
+        resume = cfg.trainer.run_name  # the trial's own run: same name, same directory
     plan = resolve_run(cfg, resume, *preflight(cfg, resume))
     run_dir, log = claim(plan, owner)
     with ray_session(plan, run_dir, log) as session:
@@ -171,7 +175,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None, owner: s
                 from dipro.tracking.tracker import Tracker
 
                 tracker = Tracker.create_in_driver(plan.cfg, plan.run_name)
-            _log_run_params(plan, tracker)
+            _log_run_params(plan, tracker, restarted=owner is not None)
             trainer = build_trainer(plan, run_dir, tracker)
         except BaseException as exc:
             if tracker is not None:  # the MLflow run exists but training never started
@@ -280,10 +284,15 @@ def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[Ra
             ray.shutdown()
 
 
-def _log_run_params(plan: RunPlan, tracker: Any) -> None:
+def _log_run_params(plan: RunPlan, tracker: Any, restarted: bool = False) -> None:
+    """``restarted``: a sweep trial, whose MLflow run may be logged into again by a later attempt; MLflow
+    params cannot change, so where it resumed from is a tag there."""
     if tracker is not None:
+        resumed = str(plan.resume_from) if plan.resume_from else "none"
         tracker.log_params({"effective_batch_size": plan.cfg.effective_batch_size, "precision_used": plan.precision,
-                            "resumed_from": str(plan.resume_from) if plan.resume_from else "none"})
+                            **({} if restarted else {"resumed_from": resumed})})
+        if restarted:
+            tracker.set_tags({"resumed_from": resumed})
 
 
 def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
@@ -297,8 +306,9 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
     cfg = plan.cfg
     if plan.resume_from is not None:
         old_best = ck.resolve_run_dir(plan.storage, plan.resume) / ck.BEST_DIR
-        if (old_best / ck.MODEL_FILE).is_file():
-            ck.replace_dir_atomically(old_best, run_dir / ck.BEST_DIR)
+        new_best = run_dir / ck.BEST_DIR
+        if (old_best / ck.MODEL_FILE).is_file() and old_best.resolve() != new_best.resolve():  # not a reclaimed dir
+            ck.replace_dir_atomically(old_best, new_best)
     loop_config = {"cfg": to_dict(cfg), "precision": plan.precision, "run_name": plan.run_name,
                    "run_dir": str(run_dir), "resume_from": str(plan.resume_from) if plan.resume_from else None,
                    "tracker": tracker, "faults": os.environ.get("DIPRO_FAULT_INJECT")}
