@@ -272,7 +272,8 @@ def _run_tune(name: str, root: Path, todo: list[Trial], cfgs: dict[str, Config],
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([t.key for t in todo])},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
+                # reuse_actors: a finished trial's actor takes the next queued trial (no new process, no imports)
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
                 run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(root), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0),
                                           callbacks=[SweepProgress(root, {t.key: t for t in todo}, _say)]))

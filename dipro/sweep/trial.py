@@ -1,7 +1,9 @@
 """One sweep trial: a Ray Tune function trainable that runs one full ``dipro train`` (its own TorchTrainer).
 
 Tune runs :func:`run_trial` in a trial actor that holds a token 0.01 CPU (the worker group's CPUs
-and GPUs are reserved by Ray Train V2's own placement group, not twice by Tune).  The trial
+and GPUs are reserved by Ray Train V2's own placement group, not twice by Tune); the actor is reused
+for the next queued trial (``reuse_actors``), so a freed slot is busy again without a new process
+and its imports.  The trial
 
 1. returns at once if its record says FINISHED (a trial whose end Tune did not record before its
    driver died is not trained again);
@@ -29,9 +31,10 @@ STATUS_CODES = {rec.FINISHED: 1.0, rec.FAILED: 0.0}
 
 def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
     """Ray Tune entry point: ``config["trial"]`` is the trial key; ``specs`` come from the driver."""
+    t0 = time.time()  # the slot is this trial's from here (the imports below are part of its work)
     from ray import tune
 
-    outcome = execute(specs[config["trial"]])
+    outcome = execute(specs[config["trial"]], started=t0)
     tune.report({"finished": STATUS_CODES[outcome.status],
                  **{k: float(v) for k, v in outcome.metrics.items() if k.startswith("test/")}})
 
@@ -44,8 +47,9 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text[:300]}"
 
 
-def execute(spec: dict[str, Any]) -> rec.TrialRecord:
+def execute(spec: dict[str, Any], started: float | None = None) -> rec.TrialRecord:
     """Run (or skip, when already finished) the trial ``spec`` describes; returns its final record."""
+    now = started or time.time()
     from dipro.config import from_dict
     from dipro.train import faults
     from dipro.train.launcher import launch
@@ -55,7 +59,6 @@ def execute(spec: dict[str, Any]) -> rec.TrialRecord:
         key=spec["key"], arm=spec["arm"], seed=spec["seed"], run_name=spec["run_name"])
     if record.status == rec.FINISHED:
         return record
-    now = time.time()
     record.status, record.reason, record.ended = rec.RUNNING, None, None
     record.attempts += 1
     record.started = now
