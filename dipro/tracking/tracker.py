@@ -239,14 +239,6 @@ class Tracker:
             log.warning("tracking: figures for split %s failed: %s", split, exc)
             self.set_tags({f"tracking.figures_error.{split}": str(exc)[:500]})
 
-    def log_summary(self, summary: dict[str, tuple[float, float]]) -> None:
-        """Mean ± std over seeds on an experiment's parent run: ``{m}_mean`` and ``{m}_std``."""
-        flat = {}
-        for k, (mean, std) in summary.items():
-            flat[f"{k}_mean"] = mean
-            flat[f"{k}_std"] = std
-        self.log_metrics(flat, step=0)
-
     def mark_running(self) -> None:
         """Set the run's status back to RUNNING: a sweep trial restarted after its driver died (the run was
         left RUNNING, or FAILED by an earlier attempt) continues in the same run, never a second one."""
