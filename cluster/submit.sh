@@ -4,7 +4,7 @@
 #   cluster/submit.sh train      --config configs/mortality.yaml [key=value ...] [--resume RUN]
 #   cluster/submit.sh regenerate --processed /mnt/dipro/processed --out /mnt/dipro/shards
 #   cluster/submit.sh shard      --processed /mnt/dipro/processed --out /mnt/dipro/shards
-#   cluster/submit.sh evaluate|experiment|predict|dipro ARGS...   (any other dipro command)
+#   cluster/submit.sh evaluate|experiment|sweep|predict|dipro ARGS...   (any other dipro command)
 #
 # Environment:
 #   RAY_ADDRESS          the cluster's dashboard/jobs address, e.g. http://127.0.0.1:8265 (required)
@@ -35,9 +35,9 @@ kind="$1"; shift
 case "$kind" in
   regenerate) cmd=(python -m dipro shards regenerate "$@") ;;
   dipro)      cmd=(python -m dipro "$@") ;;
-  synth|prepare|shard|shards|train|evaluate|experiment|registry|predict)
+  synth|prepare|shard|shards|train|evaluate|experiment|sweep|registry|predict)
               cmd=(python -m dipro "$kind" "$@") ;;
-  *) echo "submit.sh: error: unknown job kind '$kind' (train, regenerate, shard, evaluate, experiment, predict, dipro)" >&2
+  *) echo "submit.sh: error: unknown job kind '$kind' (train, regenerate, shard, evaluate, experiment, sweep, predict, dipro)" >&2
      exit 2 ;;
 esac
 

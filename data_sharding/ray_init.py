@@ -3,8 +3,9 @@
 :func:`init_ray`: under ``ray job submit`` the job's environment carries ``RAY_ADDRESS``
 and ``ray.init(address=...)`` joins that cluster (its token auth comes from the same
 environment: ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN``).  Otherwise a local Ray starts,
-pinned to the loopback address (by default Ray advertises the machine's own IP) and
-without the dashboard.  Every job (``dipro train``, ``dipro predict``, ``dipro shards
+asked for the loopback address (``_node_ip_address="127.0.0.1"``) and without the dashboard.
+Ray 2.60 still advertises the machine's own address and its GCS and raylet listen on every
+interface whatever it is told (README, Tests: what listens where); token auth guards them.  Every job (``dipro train``, ``dipro predict``, ``dipro shards
 regenerate``) starts Ray through it.
 
 :func:`loggers_to_file` and :func:`worker_lines_to`: while a job runs, what Ray prints

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "train",
     "evaluate",
     "experiment",
+    "sweep",
     "registry",
     "predict",
     "import_authors",

@@ -364,6 +364,15 @@ class TrackingConfig:
     register: bool = True
     """Register the best checkpoint as a new version of dipro-{task}."""
     enabled: bool = True
+    system_metrics: bool | None = None
+    """MLflow system metrics of training runs (``system/...``: CPU, memory, disk, network, and GPU utilisation
+    and memory through nvidia-ml-py where the node has a GPU), sampled on rank 0's node; None = on when the
+    tracking server is remote (http/https), off for a local sqlite store."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metrics samples."""
+
+    def __post_init__(self) -> None:
+        _check(self.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s must be > 0")
 
 
 @dataclass

@@ -13,6 +13,9 @@ from data_sharding.constants import SPLITS, TASKS  # noqa: F401 (re-exported for
 
 ALIASES = ("champion", "challenger", "staging")
 """Registry aliases ``dipro registry promote`` may move."""
+PROMOTE_MIN_DELTA = 0.0
+"""``dipro registry promote --min-delta``: the lower bound of the candidate's paired-bootstrap
+difference over the alias's holder must be above this."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 """Numeric precisions of training and evaluation; the first is ``dipro evaluate``'s default."""
 EVAL_SPLIT = "test"

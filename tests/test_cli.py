@@ -9,7 +9,7 @@ from helpers import repo_env
 
 from dipro import cli
 
-EXPECTED = ["synth", "prepare", "shard", "shards", "train", "evaluate", "experiment", "registry", "predict",
+EXPECTED = ["synth", "prepare", "shard", "shards", "train", "evaluate", "experiment", "sweep", "registry", "predict",
             "import-authors", "harmonize", "demo"]
 
 

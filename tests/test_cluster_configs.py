@@ -56,13 +56,18 @@ def check_dipro_command(command: str) -> None:
     argv = dipro_argv(command)
     parser = cli.build_parser()
     try:
-        parser.parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on unknown commands / flags
         raise AssertionError(f"`dipro {' '.join(argv)}` is rejected by dipro's parser") from exc
     if "--config" in argv:
         cfg_path = argv[argv.index("--config") + 1].replace(IMAGE_PROJECT_DIR + "/", "")
         assert (REPO / cfg_path).is_file(), f"{command!r}: config {cfg_path} does not exist"
-        overrides = [t for t in argv if "=" in t and not t.startswith("-")]
+        overrides = list(getattr(args, "overrides", None) or [])  # the key=value positionals, not flag values
+        if getattr(args, "grid", None):  # dipro sweep: every grid key with each of its values
+            from dipro.sweep.grid import expand, parse_grid
+
+            for arm in expand(parse_grid(args.grid)):
+                load_config(REPO / cfg_path, overrides + arm.overrides)
         load_config(REPO / cfg_path, overrides)  # raises ConfigError naming a bad key
 
 

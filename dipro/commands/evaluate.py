@@ -60,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if args.remove_acquisition:
         source += f" (acquisition removed: {args.remove_acquisition})"
     result = evaluate_checkpoint(path, args.split, **kwargs)
-    jpath, _ = write_eval_outputs(result, out, source)
+    from dipro.bootstrap import bootstrap_run, format_intervals
+
+    intervals = bootstrap_run(result.task, result.y_true, result.y_prob)
+    jpath, _ = write_eval_outputs(result, out, source, intervals=intervals)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))
+    print(format_intervals({source: intervals}, result.task))
     print(f"wrote {jpath} and {jpath.with_suffix('.txt')}")
     return 0

@@ -8,6 +8,8 @@
 * Region attention: the paper's figure of the model's average attention over the
   10 anatomical regions (``data_sharding.constants.REGIONS``) as a labelled bar
   chart; ``[N, K, 10]`` attention (one row per disease) becomes a K x 10 heat map.
+* A sweep's comparison of arms: per metric, each arm's seed-mean with its 95 % bootstrap
+  interval (pooled over seeds) and every seed's value as a dot.
 
 Only aggregates are drawn, never an individual record's image.
 """
@@ -162,3 +164,27 @@ def evaluation_figures(task: str, y_true: Any, y_prob: Any, region_attention: An
     if region_attention is not None and np.asarray(region_attention).size:
         out["region_attention"] = region_attention_figure(region_attention, title)
     return out
+
+
+def comparison_figure(arms: list[tuple[str, dict[str, Any], dict[str, list[float]]]], metrics: list[str],
+                      titles: dict[str, str] | None = None, title: str = "") -> Any:
+    """``arms``: (label, {metric: Interval (value, low, high)}, {metric: per-seed values}); one panel per metric,
+    arms on the y axis, the interval as a horizontal error bar around the seed-mean."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 0.5 * len(arms) + 1.6), squeeze=False,
+                             sharey=True)
+    ys = np.arange(len(arms))[::-1]
+    for ax, metric in zip(axes[0], metrics):
+        for y, (label, intervals, seeds) in zip(ys, arms):
+            iv = intervals.get(metric)
+            if iv is not None and np.isfinite(iv.value):
+                low = iv.value - iv.low if np.isfinite(iv.low) else 0.0
+                high = iv.high - iv.value if np.isfinite(iv.high) else 0.0
+                ax.errorbar([iv.value], [y], xerr=[[low], [high]], fmt="o", color="tab:blue", capsize=4)
+            values = [v for v in seeds.get(metric, []) if np.isfinite(v)]
+            ax.scatter(values, [y] * len(values), marker="x", color="tab:gray", zorder=3)
+        ax.set_title((titles or {}).get(metric, metric))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(ys, [label for label, _, _ in arms])
+    fig.suptitle(title or "test metrics: seed mean and 95 % bootstrap interval (x: single seeds)")
+    fig.tight_layout()
+    return fig

@@ -6,9 +6,14 @@
   metrics), ``data.fingerprint``, ``config`` (JSON), ``monitor`` and
   ``val.<monitor>`` (the checkpoint's validation value), ``run_id``.
 * :func:`promote` moves an alias (champion | challenger | staging) to a version
-  only if it beats the alias's current holder on the task's validation monitor
-  computed on the *same* data fingerprint.  ``force=True`` skips the gate and
-  records who (``getpass.getuser()``), why and what the gate said in version tags.
+  only if it beats the alias's current holder on the task's validation monitor, by
+  evidence: both versions trained on the *same* data fingerprint, both evaluated on
+  the same validation samples, and the lower bound of the 95 % paired bootstrap
+  interval of the difference above ``min_delta`` (:mod:`dipro.tracking.evidence`);
+  the difference, its interval and the sample count become version tags
+  (``promotion.<alias>.delta``, ``.delta_low``, ``.delta_high``, ``.samples``).
+  ``force=True`` skips the gate and records who (``getpass.getuser()``), why and
+  what the gate said in version tags.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_sharding.errors import DataError, UserError
-from dipro.defaults import ALIASES  # re-exported: one source
+from dipro.defaults import ALIASES, PROMOTE_MIN_DELTA  # re-exported: one source
 from dipro.tracking.uri import check_reachable, resolve_tracking_uri
 
 CHECKPOINT_FILES = {"weights": "model.pt", "config": "config.yaml", "label_stats": "label_stats.json"}
@@ -280,25 +285,34 @@ class Promotion:
     message: str
 
 
-def _gate(candidate: VersionRow, holder: VersionRow, alias: str) -> str | None:
-    """None if ``candidate`` may take ``alias`` from ``holder``, else why not."""
+def _gate(task: str, candidate: VersionRow, holder: VersionRow, alias: str, uri: str, *, min_delta: float,
+          shards: str | None, device: str, progress: bool = False) -> tuple[str | None, Any]:
+    """``(None, evidence)`` if ``candidate`` may take ``alias`` from ``holder``, else ``(why not, evidence or None)``.
+
+    The evidence is a paired bootstrap of the monitor on the same validation samples
+    (:mod:`dipro.tracking.evidence`): the candidate must beat the holder with the lower bound of the
+    95 % interval of the difference above ``min_delta``.
+    """
+    from dipro.tracking.evidence import compare_versions
+
     if candidate.fingerprint == "unknown" or candidate.fingerprint != holder.fingerprint:
         return (f"version {candidate.version} was validated on data {candidate.fingerprint[:12]} but {alias} "
                 f"version {holder.version} on data {holder.fingerprint[:12]}: their validation metrics are not "
-                "comparable (re-train on the same shards, or --force with --reason)")
+                "comparable (re-train on the same shards, or --force with --reason)"), None
     if candidate.monitor != holder.monitor:
         return (f"version {candidate.version} monitors {candidate.monitor}, {alias} version {holder.version} "
-                f"monitors {holder.monitor}")
-    if not math.isfinite(candidate.val):
-        return f"version {candidate.version} has no finite {candidate.monitor} recorded"
-    if math.isfinite(holder.val) and not candidate.val > holder.val:
-        return (f"version {candidate.version} {candidate.monitor} {candidate.val:.4f} does not beat {alias} "
-                f"version {holder.version} ({holder.val:.4f}) on the same data")
-    return None
+                f"monitors {holder.monitor}"), None
+    evidence = compare_versions(task, candidate, holder, uri, shards=shards, device=device, progress=progress)
+    if not evidence.beats(min_delta):
+        return (f"version {candidate.version} does not beat {alias} version {holder.version} on the same "
+                f"validation samples: {evidence.describe()}; the lower bound is not above --min-delta "
+                f"{min_delta:g}"), evidence
+    return None, evidence
 
 
 def promote(task: str, version: int, alias: str, *, force: bool = False, reason: str | None = None,
-            uri: str | None = None) -> Promotion:
+            uri: str | None = None, min_delta: float = PROMOTE_MIN_DELTA, shards: str | None = None,
+            device: str = "cpu", progress: bool = False) -> Promotion:
     """Move ``alias`` of ``dipro-{task}`` to ``version`` if the evidence allows it (see module doc).
 
     Raises :class:`UserError` with the reason when the promotion is refused.
@@ -318,20 +332,30 @@ def promote(task: str, version: int, alias: str, *, force: bool = False, reason:
     if holder is not None and holder.version == cand.version:
         return Promotion(task, cand.version, alias, holder.version, False,
                          f"{name} version {cand.version} already holds @{alias}")
-    refusal = _gate(cand, holder, alias) if holder is not None else None
+    refusal, evidence = None, None
+    if holder is not None:
+        try:
+            refusal, evidence = _gate(task, cand, holder, alias, uri, min_delta=min_delta, shards=shards,
+                                      device=device, progress=progress)
+        except UserError as exc:  # the comparison itself was impossible (shards gone, other samples)
+            if not force:
+                raise UserError(f"not promoted: {exc}") from None
+            refusal = f"not evaluated: {exc}"
     if refusal is not None and not force:
         raise UserError(f"not promoted: {refusal}")
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     prefix = f"promotion.{alias}"
     record = {f"{prefix}.by": getpass.getuser(), f"{prefix}.at": now,
               f"{prefix}.replaced_version": str(holder.version) if holder else "none"}
+    if evidence is not None:
+        record.update(evidence.tags(prefix, min_delta))
     if force:
         record.update({f"{prefix}.forced": "true", f"{prefix}.reason": reason.strip(),
                        f"{prefix}.gate": refusal or "passed"})
     else:
         record[f"{prefix}.evidence"] = (
-            f"{cand.monitor} {cand.val:.4f} > {holder.val:.4f} of version {holder.version} on data "
-            f"{cand.fingerprint[:12]}" if holder else "first holder of the alias")
+            f"{evidence.describe()} over version {holder.version} on data {cand.fingerprint[:12]}, lower bound "
+            f"above --min-delta {min_delta:g}" if holder else "first holder of the alias")
     for k, v in record.items():
         client.set_model_version_tag(name, str(cand.version), k, v)
     client.set_registered_model_alias(name, alias, str(cand.version))

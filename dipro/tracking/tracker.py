@@ -47,7 +47,7 @@ MAX_TAGS_PER_BATCH = 100
 
 @dataclass
 class _Op:
-    """One outbox entry: ``kind`` in metrics | tags | artifact."""
+    """One outbox entry: ``kind`` in metrics | params | tags | status | artifact."""
     kind: str
     payload: Any
 
@@ -137,6 +137,7 @@ class Tracker:
         self._outage_reason = ""
         self.gaps: list[dict[str, Any]] = []
         self._staging = None  # local dir holding artifacts until they are sent
+        self._system = None  # MLflow's SystemMetricsMonitor while it samples (start_system_metrics)
 
     # ------------------------------------------------------------------ rank
     @property
@@ -238,13 +239,38 @@ class Tracker:
             log.warning("tracking: figures for split %s failed: %s", split, exc)
             self.set_tags({f"tracking.figures_error.{split}": str(exc)[:500]})
 
-    def log_summary(self, summary: dict[str, tuple[float, float]]) -> None:
-        """Mean ± std over seeds on an experiment's parent run: ``{m}_mean`` and ``{m}_std``."""
-        flat = {}
-        for k, (mean, std) in summary.items():
-            flat[f"{k}_mean"] = mean
-            flat[f"{k}_std"] = std
-        self.log_metrics(flat, step=0)
+    def mark_running(self) -> None:
+        """Set the run's status back to RUNNING: a sweep trial restarted after its driver died (the run was
+        left RUNNING, or FAILED by an earlier attempt) continues in the same run, never a second one."""
+        if self.active:
+            self._submit(_Op("status", "RUNNING"))  # through the outbox: never blocks, sent in order
+
+    # ------------------------------------------------------------------ system metrics
+    def start_system_metrics(self, interval_s: float = 10.0, node: str | None = None) -> bool:
+        """Start MLflow's system-metrics sampler for this run (rank 0 only; ``system/...`` metrics:
+        CPU, memory, disk, network, and GPU utilisation / memory through nvidia-ml-py when a GPU is
+        visible). A restarted group continues the run's step axis. False when it could not start."""
+        if not self.active or getattr(self, "_system", None) is not None:
+            return False
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                                resume_logging=True, node_id=node, tracking_uri=self.uri)
+            self._system.start()
+        except Exception as exc:  # tracking must never be why a run fails
+            log.warning("tracking: system metrics could not start: %s", exc)
+            self._system = None
+            return False
+        return True
+
+    def stop_system_metrics(self) -> None:
+        system, self._system = getattr(self, "_system", None), None
+        if system is not None:
+            try:
+                system.finish()
+            except Exception as exc:
+                log.warning("tracking: system metrics did not stop cleanly: %s", exc)
 
     # ------------------------------------------------------------------ flushing
     def flush(self, timeout: float | None = 60.0) -> bool:
@@ -266,6 +292,7 @@ class Tracker:
         """Flush, report gaps, mark the run terminated; unsent data is saved locally and reported."""
         if not self.active:
             return
+        self.stop_system_metrics()
         if self.gaps:
             self.set_tags({"tracking.gaps": json.dumps(self.gaps)})
         ok = self.flush(timeout)
@@ -384,6 +411,8 @@ class Tracker:
             for i in range(0, len(items), MAX_TAGS_PER_BATCH):
                 client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items[i:i + MAX_TAGS_PER_BATCH]],
                                  synchronous=True)
+        elif batch.kind == "status":
+            client.update_run(self.run_id, status=batch.values)
         else:
             local, artifact_path = batch.values
             if Path(local).is_dir():
@@ -459,6 +488,12 @@ def _coalesce(ops: list[_Op]) -> list[_Batch]:
                 dict(op.payload) if op.kind in ("params", "tags") else op.payload)
             out.append(_Batch(op.kind, values, 1))
     return out
+
+
+def system_metrics_wanted(cfg: Any, uri: str) -> bool:
+    """``tracking.system_metrics``, where None means: on for a remote (http/https) tracking server."""
+    chosen = getattr(cfg.tracking, "system_metrics", None)
+    return is_http(uri) if chosen is None else bool(chosen)
 
 
 def _get_or_create_experiment(client, name: str) -> str:

@@ -5,8 +5,9 @@
     result.best_checkpoint        # run_dir/best: model.pt (float32), config.yaml, label_stats.json
 
 Modules: ``launcher`` (driver), ``loop`` (per-worker loop), ``strategies`` (DDP / DeepSpeed),
-``checkpoint`` (format, ``load_model``), ``evaluate`` (``EvalResult``), ``experiment`` (seeds),
-``optim`` (AdamW + cosine schedule), ``precision``, ``data`` (loader calls), ``faults`` (test hooks).
+``checkpoint`` (format, ``load_model``), ``evaluate`` (``EvalResult``), ``experiment`` (seeds: a one-arm
+``dipro.sweep``), ``optim`` (AdamW + cosine schedule), ``precision``, ``data`` (loader calls), ``faults``
+(test hooks), ``rundir`` (a run's directory: claim, reclaim, log).
 """
 from __future__ import annotations
 

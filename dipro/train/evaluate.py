@@ -241,9 +241,12 @@ def evaluate_over_checkpoints(paths: list[Path], split: str, out_dir: str | Path
     return SeedSummary(results=results, summary=summary, table=table, json_path=jpath)
 
 
-def checkpoint_from_model_uri(uri: str) -> Path:
+def checkpoint_from_model_uri(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """Download an MLflow model (``models:/dipro-mortality@champion``, ``runs:/...``) and return
-    the directory inside it that holds ``model.pt`` + ``config.yaml``."""
+    the directory inside it that holds ``model.pt`` + ``config.yaml``.
+
+    ``tracking_uri``: the tracking/registry server (default ``$MLFLOW_TRACKING_URI`` or the local
+    sqlite); ``dst``: where to download to (default: a fresh temporary directory)."""
     import mlflow
 
     from dipro.train.checkpoint import CONFIG_FILE, MODEL_FILE
@@ -251,10 +254,11 @@ def checkpoint_from_model_uri(uri: str) -> Path:
     from dipro.tracking.registry import _tracking_uri
     from dipro.tracking.uri import redact_uri, resolve_tracking_uri
 
-    tracking = resolve_tracking_uri()  # credentials out of the URI, into MLflow's environment
+    tracking = resolve_tracking_uri(explicit=tracking_uri)  # credentials out of the URI, into MLflow's environment
     try:
         with _tracking_uri(tracking):
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                             dst_path=str(dst) if dst is not None else None))
     except Exception as exc:  # MLflow raises several types for unknown names/aliases/servers
         raise UserError(f"cannot download model {uri!r} from MLflow ({redact_uri(tracking)}): {exc}") from None
     for weights in sorted(local.rglob(MODEL_FILE)):
@@ -277,15 +281,52 @@ def format_metrics(metrics: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str) -> tuple[Path, Path]:
-    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir``, written atomically."""
+def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str,
+                       intervals: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir``, written atomically.
+
+    ``intervals``: :func:`dipro.bootstrap.bootstrap_run` output, saved under ``"intervals"`` and
+    printed under the table."""
     from data_sharding.atomic import write_text
+
+    def clean(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
 
     out = Path(out_dir)
     payload = {"task": result.task, "split": result.split, "source": source, "num_samples": result.num_samples,
-               "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                           for k, v in result.metrics.items()}}
+               "metrics": {k: clean(v) for k, v in result.metrics.items()}}
+    text = format_metrics(result.metrics, f"{result.task} / {result.split} / {source}")
+    if intervals:
+        from dipro.bootstrap import format_intervals
+
+        payload["intervals"] = {k: {f: clean(x) for f, x in iv.as_dict().items()} for k, iv in intervals.items()}
+        text += "\n\n" + format_intervals({source: intervals}, result.task)
     jpath, tpath = out / "metrics.json", out / "metrics.txt"
     write_text(jpath, json.dumps(payload, indent=1))
-    write_text(tpath, format_metrics(result.metrics, f"{result.task} / {result.split} / {source}") + "\n")
+    write_text(tpath, text + "\n")
     return jpath, tpath
+
+
+def save_predictions(path: str | Path, result: EvalResult) -> None:
+    """A result's arrays as one ``.npz`` (no pickle), written atomically."""
+    from data_sharding.atomic import open_atomic
+
+    with open_atomic(path, "wb") as f:
+        np.savez(f, y_true=result.y_true, y_prob=result.y_prob, sample_keys=np.asarray(result.sample_keys, dtype=str),
+                 stay_ids=result.stay_ids, task=np.asarray(result.task), split=np.asarray(result.split),
+                 metric_names=np.asarray(list(result.metrics), dtype=str),
+                 metric_values=np.asarray(list(result.metrics.values()), dtype=np.float64))
+
+
+def load_predictions(path: str | Path) -> EvalResult:
+    """The :class:`EvalResult` saved by :func:`save_predictions` (region attention is not kept)."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            n = len(z["sample_keys"])
+            return EvalResult(metrics=dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist())),
+                              y_true=z["y_true"], y_prob=z["y_prob"], sample_keys=z["sample_keys"].tolist(),
+                              stay_ids=z["stay_ids"], region_attention=np.zeros((n, 0), np.float32),
+                              task=str(z["task"]), split=str(z["split"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(f"cannot read predictions {p}: {exc}") from None

@@ -1,26 +1,37 @@
-"""``dipro experiment``: one training + test evaluation per seed, reported as mean ± std (the paper's format).
+"""``dipro experiment``: one training + test evaluation per seed, the paper's mean ± std, with bootstrap intervals.
 
-With tracking enabled, an MLflow parent run holds the summary (``{metric}_mean``,
-``{metric}_std``) and each seed's run is its child (``mlflow.parentRunId``).
+The one-arm case of ``dipro sweep`` (:func:`dipro.sweep.driver.run_sweep` with no grid): the seeds
+run concurrently on Ray Tune as far as the cluster places them, the sweep directory
+``{storage}/{name}/`` holds every seed's run, and ``dipro sweep --resume NAME`` continues an
+interrupted experiment.  With tracking, an MLflow parent run holds the summary and each seed's
+run is its child (``mlflow.parentRunId``).
 """
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dipro.config import Config, replace
-from data_sharding.errors import ConfigError
-from dipro.train import TrainResult, run_training
+from dipro.config import Config
+from data_sharding.errors import ConfigError, UserError
+from dipro.train import TrainResult
 
 
 @dataclass
 class ExperimentResult:
     runs: dict[int, TrainResult]
+    """The finished seeds' runs (``test``: the best checkpoint's test predictions)."""
     summary: dict[str, tuple[float, float]]
     """test metric -> (mean, std) over seeds."""
     table: str
+    """The mean ± std table, FAILED rows, and the bootstrap intervals per seed and pooled over seeds."""
     parent_run_id: str | None = None
+    name: str = ""
+    """The sweep's name (``dipro sweep --resume NAME`` continues it)."""
+    report: object = None
+    """:class:`dipro.sweep.report.Report`."""
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -33,53 +44,48 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = None) -> ExperimentResult:
-    """Train and test ``cfg`` once per seed; returns per-seed results and the mean ± std table."""
-    from dipro.metrics import aggregate_seeds, format_table
+def experiment_name(cfg: Config, seeds: list[int]) -> str:
+    """``{trainer.run_name or task}-seeds-23-29-66-{time}-{hex}``: a new sweep name every time."""
+    return (f"{cfg.trainer.run_name or cfg.task}-seeds-{'-'.join(map(str, seeds))}-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
 
-    base_name = cfg.trainer.run_name
-    parent = None
-    if cfg.tracking.enabled:
-        from dipro.tracking.tracker import Tracker
 
-        name = f"{base_name or cfg.task}-seeds-{'-'.join(map(str, seeds))}"
-        parent = Tracker.create_in_driver(cfg, name, extra_tags={"dipro.experiment.seeds": ",".join(map(str, seeds))})
-    runs: dict[int, TrainResult] = {}
-    try:
-        for seed in seeds:
-            overrides = [f"seed={seed}"]
-            if base_name:
-                overrides.append(f"trainer.run_name={base_name}-seed{seed}")
-            seed_cfg = replace(cfg, overrides)
-            child = None
-            if parent is not None:
-                from dipro.tracking.tracker import Tracker
-                from dipro.train.launcher import make_run_name
+def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = None, *,
+                   max_concurrent: int | None = None, name: str | None = None) -> ExperimentResult:
+    """Train and test ``cfg`` once per seed (a one-arm sweep); per-seed results, mean ± std and intervals.
 
-                seed_cfg.trainer.run_name = seed_cfg.trainer.run_name or f"{make_run_name(seed_cfg)}-seed{seed}"
-                child = Tracker.create_in_driver(seed_cfg, seed_cfg.trainer.run_name, parent_run_id=parent.run_id)
-            runs[seed] = run_training(seed_cfg, tracker=child)
-    except BaseException:
-        if parent is not None:
-            parent.finish("FAILED")
-        raise
-    per_seed = [{k[len("test/"):]: v for k, v in r.metrics.items() if k.startswith("test/")} for r in runs.values()]
-    summary = aggregate_seeds(per_seed)
-    rows = {f"seed {s}": m for s, m in zip(runs, per_seed)}
-    rows[f"mean ± std ({len(seeds)} seeds)"] = summary
-    table = format_table(rows, cfg.task)
-    if parent is not None:
-        parent.log_summary(summary)
-        parent.log_text(table + "\n", "experiment_table.txt")
-        parent.finish("FINISHED")
+    Raises :class:`UserError` with the reasons when no seed finished."""
+    from dipro.sweep.driver import run_sweep
+    from dipro.train.evaluate import load_predictions
+    from dipro.train import rundir
+
+    result = run_sweep(cfg, grid={}, seeds=seeds, name=name or experiment_name(cfg, seeds),
+                       max_concurrent=max_concurrent)
+    arm = result.report.arms[0]
+    if not arm.finished:
+        reasons = "; ".join(f"seed {t.seed}: {t.reason}" for t in arm.failed)
+        raise UserError(f"no seed of experiment {result.name} finished ({reasons})")
+    runs = {}
+    for t in arm.finished:
+        run_dir = Path(t.run_dir)
+        runs[t.seed] = TrainResult(
+            run_name=t.run_name, run_dir=run_dir, best_checkpoint=Path(t.best_checkpoint), last_checkpoint=None,
+            metrics=dict(t.metrics), mlflow_run_id=t.mlflow_run_id, epochs_completed=t.epochs_completed,
+            global_step=t.global_step, test=load_predictions(run_dir / rundir.TEST_PREDICTIONS))
+    out = ExperimentResult(runs=runs, summary=arm.summary, table=result.report.table,
+                           parent_run_id=result.parent_run_id, name=result.name, report=result.report)
     if out_dir is not None:
         from data_sharding.atomic import write_text
 
-        out = Path(out_dir)
-        write_text(out / "experiment.json", json.dumps(
-            {"seeds": seeds, "runs": {str(s): {"run_name": r.run_name, "best_checkpoint": str(r.best_checkpoint),
-                                               "test": m} for (s, r), m in zip(runs.items(), per_seed)},
-             "summary": {k: {"mean": v[0], "std": v[1]} for k, v in summary.items()}}, indent=1, default=float))
-        write_text(out / "experiment.txt", table + "\n")
-    return ExperimentResult(runs=runs, summary=summary, table=table,
-                            parent_run_id=parent.run_id if parent is not None else None)
+        per_seed = {t.seed: {k[5:]: v for k, v in t.metrics.items() if k.startswith("test/")} for t in arm.finished}
+        d = Path(out_dir)
+        write_text(d / "experiment.json", json.dumps(
+            {"name": result.name, "seeds": seeds,
+             "runs": {str(s): {"run_name": r.run_name, "best_checkpoint": str(r.best_checkpoint), "test": per_seed[s],
+                               "intervals": {k: iv.as_dict() for k, iv in arm.per_run[f"s{s}"].items()}}
+                      for s, r in runs.items()},
+             "failed": {str(t.seed): t.reason for t in arm.failed},
+             "summary": {k: {"mean": v[0], "std": v[1]} for k, v in arm.summary.items()},
+             "pooled": {k: iv.as_dict() for k, iv in arm.pooled.items()}}, indent=1, default=float))
+        write_text(d / "experiment.txt", out.table + "\n")
+    return out

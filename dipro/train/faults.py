@@ -5,9 +5,11 @@
     {"kill_rank": 1, "kill_at_step": 3, "marker": "/tmp/killed"}   # SIGKILL rank 1 once after step 3
     {"nan_at_step": 2}                                              # make the loss of step 2 NaN
     {"hold_at_step": 3, "hold_file": "/tmp/held", "hold_s": 300}    # every rank waits after step 3, once
+    {"hold_at_step": 2, "hold_file": "/tmp/held", "hold_per_run": true}  # once per rank of every run (sweeps)
 
 ``hold_at_step`` lets a test act on a run at a known point (kill a node while
-training is in flight): each rank writes ``{hold_file}.rank{R}`` and sleeps up to
+training is in flight): each rank writes ``{hold_file}.rank{R}`` (with ``hold_per_run``:
+``{hold_file}.{run_name}.rank{R}``, so the concurrent runs of a sweep each hold) and sleeps up to
 ``hold_s`` seconds (then carries on); a restarted worker group finds the files and
 does not wait again.
 
@@ -56,12 +58,13 @@ def maybe_nan(loss: torch.Tensor, global_step: int) -> torch.Tensor:
     return loss
 
 
-def maybe_hold(rank: int, global_step: int) -> None:
-    """Wait here once per rank if the spec asks to hold at this step (see the module docstring)."""
+def maybe_hold(rank: int, global_step: int, run_name: str = "") -> None:
+    """Wait here once per rank (and run, with ``hold_per_run``) if the spec asks to hold at this step."""
     spec = _spec()
     if not spec or spec.get("hold_at_step") != global_step:
         return
-    mine = Path(f"{spec['hold_file']}.rank{rank}")
+    per_run = f".{run_name}" if spec.get("hold_per_run") else ""
+    mine = Path(f"{spec['hold_file']}{per_run}.rank{rank}")
     if mine.exists():
         return
     mine.write_text(f"rank {rank} held at step {global_step} (pid {os.getpid()})\n")

@@ -157,10 +157,17 @@ class RunPlan:
         return self.cfg.trainer.run_name
 
 
-def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> TrainResult:
-    """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed."""
+def launch(cfg: Config, resume: str | None = None, tracker: Any = None, owner: str | None = None) -> TrainResult:
+    """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed.
+
+    ``owner``: the sweep trial this run is (``dipro.sweep``): its run directory, left by an earlier
+    attempt of the same trial, is reclaimed and the run continues from its last complete checkpoint
+    (Ray Train's own record of it, else the newest complete one found there: a driver killed right after
+    a checkpoint was written may leave it unrecorded)."""
+    if owner is not None and resume is None and ck.list_checkpoints(_storage(cfg) / (cfg.trainer.run_name or "")):
+        resume = cfg.trainer.run_name  # the trial's own run: same name, same directory
     plan = resolve_run(cfg, resume, *preflight(cfg, resume))
-    run_dir, log = claim(plan)
+    run_dir, log = claim(plan, owner)
     with ray_session(plan, run_dir, log) as session:
         try:
             check_resources(plan.cfg, session.started_here)
@@ -168,7 +175,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
                 from dipro.tracking.tracker import Tracker
 
                 tracker = Tracker.create_in_driver(plan.cfg, plan.run_name)
-            _log_run_params(plan, tracker)
+            _log_run_params(plan, tracker, restarted=owner is not None)
             trainer = build_trainer(plan, run_dir, tracker)
         except BaseException as exc:
             if tracker is not None:  # the MLflow run exists but training never started
@@ -220,10 +227,11 @@ def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, res
                    resume_from=resume_from)
 
 
-def claim(plan: RunPlan) -> tuple[Path, rundir.RunLog]:
-    """Claim the run directory (refuses a name in use, naming who uses it), open its log, say what will run."""
+def claim(plan: RunPlan, owner: str | None = None) -> tuple[Path, rundir.RunLog]:
+    """Claim the run directory (refuses a name in use, naming who uses it; a sweep trial reclaims its own),
+    open its log, say what will run."""
     global _run_log
-    run_dir = rundir.claim(plan.storage, plan.run_name)
+    run_dir = rundir.claim(plan.storage, plan.run_name, owner)
     _run_log = log = rundir.RunLog(run_dir)
     cfg, t = plan.cfg, plan.cfg.trainer
     workers, accum = t.num_workers, cfg.optim.grad_accum
@@ -281,10 +289,15 @@ def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[Ra
             ray.shutdown()
 
 
-def _log_run_params(plan: RunPlan, tracker: Any) -> None:
+def _log_run_params(plan: RunPlan, tracker: Any, restarted: bool = False) -> None:
+    """``restarted``: a sweep trial, whose MLflow run may be logged into again by a later attempt; MLflow
+    params cannot change, so where it resumed from is a tag there."""
     if tracker is not None:
+        resumed = str(plan.resume_from) if plan.resume_from else "none"
         tracker.log_params({"effective_batch_size": plan.cfg.effective_batch_size, "precision_used": plan.precision,
-                            "resumed_from": str(plan.resume_from) if plan.resume_from else "none"})
+                            **({} if restarted else {"resumed_from": resumed})})
+        if restarted:
+            tracker.set_tags({"resumed_from": resumed})
 
 
 def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
@@ -298,8 +311,9 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
     cfg = plan.cfg
     if plan.resume_from is not None:
         old_best = ck.resolve_run_dir(plan.storage, plan.resume) / ck.BEST_DIR
-        if (old_best / ck.MODEL_FILE).is_file():
-            ck.replace_dir_atomically(old_best, run_dir / ck.BEST_DIR)
+        new_best = run_dir / ck.BEST_DIR
+        if (old_best / ck.MODEL_FILE).is_file() and old_best.resolve() != new_best.resolve():  # not a reclaimed dir
+            ck.replace_dir_atomically(old_best, new_best)
     loop_config = {"cfg": to_dict(cfg), "precision": plan.precision, "run_name": plan.run_name,
                    "run_dir": str(run_dir), "resume_from": str(plan.resume_from) if plan.resume_from else None,
                    "tracker": tracker, "faults": os.environ.get("DIPRO_FAULT_INJECT")}
@@ -355,6 +369,8 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
     """Evaluate the best checkpoint on test (as a Ray task), write ``summary.json``, finish the MLflow run."""
     import ray
 
+    from dipro.train.evaluate import save_predictions
+
     cfg = plan.cfg
     summary = result.return_value or {}
     best_dir = run_dir / ck.BEST_DIR
@@ -362,9 +378,12 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
     best_meta = ck.read_meta(best_dir)
     metrics = {k: v for k, v in (best_meta.get("metrics") or {}).items() if k.startswith("val/")}
     device = "cuda" if cfg.trainer.use_gpu else "cpu"
-    evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker,
-                          num_gpus=1 if cfg.trainer.use_gpu else 0)(_evaluate_task)
+    # DEFAULT scheduling: inside a sweep trial a task would otherwise be placed in the trial's own
+    # placement group (capture_child_tasks), which holds no CPU for it, and be refused.
+    evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker, num_gpus=1 if cfg.trainer.use_gpu else 0,
+                          scheduling_strategy="DEFAULT")(_evaluate_task)
     test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision))
+    save_predictions(run_dir / rundir.TEST_PREDICTIONS, test)  # for sweeps' bootstrap (never logged to MLflow)
     metrics.update({f"test/{k}": float(v) for k, v in test.metrics.items()})
     _say(f"best epoch {best_meta.get('best_epoch')} ({cfg.monitor} {best_meta.get('best_value')}); test: "
          + " ".join(f"{k}={v:.4f}" for k, v in test.metrics.items() if "/" not in k and not math.isnan(v)))

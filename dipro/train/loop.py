@@ -227,6 +227,11 @@ class Worker:
         self.fallback_batch: dict[str, Any] | None = None
         seed_everything(cfg.seed + 1000 * (self.rank + 1))
         self._restore(config.get("resume_from"))
+        if self.rank == 0 and self.tracker is not None:
+            from dipro.tracking.tracker import system_metrics_wanted
+
+            if system_metrics_wanted(cfg, self.tracker.uri):
+                self.tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s)
         if self.rank == 0:
             unused = self.micro_per_epoch - self.used_micro
             self._say(f"{self.world} worker(s), {self.strategy.name}, {self.precision} on {self.device}; "
@@ -392,7 +397,7 @@ class Worker:
                             self.tracker.log_metrics(logm, step=s.global_step)
                     window_terms, t_window, steps_in_window = _Running(), time.perf_counter(), 0
                 faults.maybe_kill(self.rank, s.global_step)
-                faults.maybe_hold(self.rank, s.global_step)
+                faults.maybe_hold(self.rank, s.global_step, self.run_name)
                 if every and s.global_step % every == 0 and s.batches_in_epoch < self.used_micro:
                     self._save_and_report("step", {"epoch": epoch, "global_step": s.global_step,
                                                    **epoch_terms.global_means(self.device)}, None, improved=False)
@@ -403,6 +408,7 @@ class Worker:
             if stop:
                 break
         if self.tracker is not None and self.rank == 0:
+            self.tracker.stop_system_metrics()
             self.tracker.flush()
         return {"best_value": s.best_value, "best_epoch": s.best_epoch, "epochs_completed": s.epoch,
                 "global_step": s.global_step, "history": s.history}

@@ -23,10 +23,18 @@ from data_sharding.lock import describe_holder, holder_info, read_holder
 
 MARKER = "run.json"
 LOG = "train.log"
+TEST_PREDICTIONS = "test_predictions.npz"
+"""The best checkpoint's test predictions (labels, probabilities, sample keys): what a sweep's bootstrap
+and paired comparisons read back. Kept on the storage path only, never logged to MLflow (stay ids)."""
 
 
-def claim(storage: str | Path, run_name: str) -> Path:
-    """Create ``storage/run_name`` (exclusively) with its ``run.json``; ConfigError naming the claimant if taken."""
+def claim(storage: str | Path, run_name: str, owner: str | None = None) -> Path:
+    """Create ``storage/run_name`` (exclusively) with its ``run.json``; ConfigError naming the claimant if taken.
+
+    ``owner`` (a sweep trial: ``sweep:NAME/TRIAL``): a directory whose ``run.json`` names the same owner
+    is that trial's own, left by an earlier attempt (a killed sweep driver), and is reclaimed as it is,
+    checkpoints included: Ray Train resumes the run of the same name from its last checkpoint.
+    """
     storage = Path(storage)
     run_dir = storage / run_name
     storage.mkdir(parents=True, exist_ok=True)
@@ -34,10 +42,15 @@ def claim(storage: str | Path, run_name: str) -> Path:
         run_dir.mkdir()
     except FileExistsError:
         info = read_holder(run_dir / MARKER)
+        if owner is not None and info is not None and info.get("owner") == owner:
+            atomic.write_text(run_dir / MARKER, json.dumps({**holder_info(), "run_name": run_name, "owner": owner,
+                                                           "reclaimed_from": {k: v for k, v in info.items() if k != "reclaimed_from"}}) + "\n")
+            return run_dir
         who = f"started by {describe_holder(info)}" if info else "written by an earlier run"
         raise ConfigError(f"run {run_name!r} already exists under {storage} ({who}): Ray would silently resume it. "
                           f"Choose another trainer.run_name, or continue it with --resume {run_name}") from None
-    atomic.write_text(run_dir / MARKER, json.dumps({**holder_info(), "run_name": run_name}) + "\n")
+    atomic.write_text(run_dir / MARKER, json.dumps({**holder_info(), "run_name": run_name,
+                                                   **({"owner": owner} if owner else {})}) + "\n")
     return run_dir
 
 
@@ -49,10 +62,10 @@ def release(run_dir: str | Path) -> None:
 
 
 class RunLog:
-    """Append-only ``{run_dir}/train.log``: time-stamped lines, and failures with their full traces."""
+    """Append-only ``{run_dir}/train.log`` (or ``name``): time-stamped lines, and failures with their full traces."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOG
+    def __init__(self, run_dir: str | Path, name: str = LOG) -> None:
+        self.path = Path(run_dir) / name
 
     def write(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
