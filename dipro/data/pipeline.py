@@ -10,7 +10,8 @@ Modelled on open_clip's ``src/open_clip_train/data.py``::
   rank ("node") and by loader worker -- the split is explicit, so nothing
   depends on WebDataset's default node splitter.  Training repeats the pass
   (``with_epoch`` semantics); evaluation reads it once.
-* ``read``: tar members grouped into samples (:mod:`dipro.data.reader`).
+* ``read``: tar members grouped into samples (:mod:`dipro.data.reader`), each shard opened
+  through the storage layer (a local file, a bucket stream, or the node's shard cache).
 * ``shuffle``: a sample shuffle buffer bounded in samples and bytes, each loader worker
   holding its share of the rank's budget, seeded per (seed, epoch, rank, worker)
   (:mod:`dipro.data.shuffle`).
@@ -22,7 +23,9 @@ Modelled on open_clip's ``src/open_clip_train/data.py``::
   its number (:mod:`dipro.data.transport`), the rest as small numpy arrays
   that the main process turns into tensors; each batch carries
   ``num_corrupt``, the samples skipped since the previous batch of the stream,
-  so the main process can count them across workers.
+  and ``io_counts``, this process's storage and cache counters since then
+  (:func:`io_snapshot`: retries, requests, bytes, cache hits ...), so the main
+  process can count both across worker processes.
 * ``with_epoch``: exactly this worker's share of the rank's steps.
 
 The epoch lives on the dataset object (``set_epoch`` before each ``iter``);
@@ -73,6 +76,9 @@ class LoaderSpec:
     max_cxrs: int = 14
     last_cxr_only: bool = False
     crop_size: int | None = None
+    cache_dir: str | None = None
+    """Local shard cache of bucket shards (:mod:`dipro.data.shard_cache`); None = stream only."""
+    cache_max_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,19 @@ class StreamContext:
 Stage = Callable[[Iterator[Any] | None, StreamContext], Iterator[Any]]
 
 
+def io_snapshot() -> dict[str, int]:
+    """This process's storage-layer counters (``storage_retries``, ``storage_requests``,
+    ``storage_bytes_read``) and shard-cache counters (``cache_hits`` ...): batches carry their
+    deltas, since a loader worker's counters live in its own process (a forked worker starts
+    with a copy of its parent's)."""
+    from data_sharding import storage
+    from dipro.data import shard_cache
+
+    out = {f"storage_{k}": v for k, v in storage.counters().items()}
+    out.update(shard_cache.counters())
+    return out
+
+
 # ----------------------------------------------------------------------------- stages
 
 def plan_stage(_: None, ctx: StreamContext) -> Iterator[Any]:
@@ -114,8 +133,14 @@ def plan_stage(_: None, ctx: StreamContext) -> Iterator[Any]:
 
 
 def read_stage(segments: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    spec = ctx.spec
+    cache = None
+    if spec.cache_dir:
+        from dipro.data.shard_cache import ShardCache
+
+        cache = ShardCache(spec.cache_dir, spec.cache_max_bytes)
     for segment in segments:
-        yield from read_segment(segment)
+        yield from read_segment(segment, cache)
 
 
 def shuffle_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
@@ -198,11 +223,15 @@ def batch_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[dict[str
     produced = 0
     last_skip: Skipped | None = None
 
+    io_base = io_snapshot()
+
     def attach(batch: dict[str, Any]) -> dict[str, Any]:
-        nonlocal pending, notes
+        nonlocal pending, notes, io_base
         batch["num_corrupt"] = pending
         batch["corrupt_samples"] = notes[:MAX_NOTES_PER_BATCH]
-        pending, notes = 0, []
+        now = io_snapshot()
+        batch["io_counts"] = {k: v - io_base.get(k, 0) for k, v in now.items() if v != io_base.get(k, 0)}
+        pending, notes, io_base = 0, [], now
         return batch
 
     for item in samples:
