@@ -105,20 +105,19 @@ def read_segment(segment: Segment, cache=None) -> Iterator[dict[str, Any] | Skip
     cur: dict[str, Any] | None = None
     failure = None
     try:
-        offset = 0
-        if segment.start > 0:
-            if _probe_remote(segment.shard, cache):
-                probe = storage.resolve(segment.shard.path).open_input(chunk_bytes=SKIP_PROBE_BYTES, readahead=0)
-            else:
-                probe = open_shard(segment.shard, cache)
-            with probe:
-                found, passed = _first_offset(probe, segment.start)
-            if found is None:
-                ordinal = passed - 1
-                raise EOFError(f"shard ends after {passed} samples; the manifest says at least {segment.stop}")
-            offset, ordinal = found, segment.start - 1
         with open_shard(segment.shard, cache) as f:
-            f.seek(offset)
+            if segment.start > 0:
+                if _probe_remote(segment.shard, cache):
+                    with storage.resolve(segment.shard.path).open_input(chunk_bytes=SKIP_PROBE_BYTES,
+                                                                        readahead=0) as probe:
+                        found, passed = _first_offset(probe, segment.start)
+                else:  # the same reader: what it fetched on the way is not fetched again
+                    found, passed = _first_offset(f, segment.start)
+                if found is None:
+                    ordinal = passed - 1
+                    raise EOFError(f"shard ends after {passed} samples; the manifest says at least {segment.stop}")
+                f.seek(found)
+                ordinal = segment.start - 1
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 while True:
                     member = tar.next()
