@@ -9,13 +9,15 @@ or on a bucket one sequential stream of 8 MiB ranged reads with the next range i
 (transient failures retried and counted there), or the node's local copy when
 ``data.cache_dir`` is set (:mod:`dipro.data.shard_cache`).
 
-The samples before ``start`` are skipped without reading their bytes (ranks and loader
-workers start mid-shard): the tar is opened seekable and only member headers are read
-on the way to the first sample (:func:`_first_offset`).  On a bucket that walk uses small
-ranged reads of :data:`SKIP_PROBE_BYTES` (about one request per skipped sample) when the
-shard's samples are large, and the stream's own ranges when they are smaller than
-:data:`SKIP_STREAM_BELOW_BYTES`, where one request per sample would cost more time than reading
-through them (a request's latency is worth ~2 MB of one stream's bandwidth on S3/GCS).
+The samples before ``start`` are skipped, not parsed (ranks and loader workers start
+mid-shard): the tar is opened seekable and only member headers are read on the way to
+the first sample (:func:`_first_offset`); a local file or cached copy seeks over their
+bytes.  On a bucket the walk uses small ranged reads of :data:`SKIP_PROBE_BYTES` (about
+one request per skipped sample, no sample payload fetched) when the shard's samples
+average :data:`SKIP_STREAM_BELOW_BYTES` or more; below that the stream's own 8 MiB ranges
+read through them, because one request per sample would cost more time than the bytes
+(a request's latency is worth ~2 MB of one stream's bandwidth on S3/GCS).  The main
+stream's ranges begin at the segment's first sample either way.
 
 A shard that is truncated, has a damaged header or holds fewer samples than the manifest
 says does not stop the stream: the samples it cannot deliver come out as one
