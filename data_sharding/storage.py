@@ -784,6 +784,13 @@ class _RangeReader(io.RawIOBase):
         return data
 
     def _get(self, index: int) -> bytes:
+        for old in [k for k in self._chunks if k < index]:
+            del self._chunks[old]
+        # the chunks after this one go out first, so they travel while this one is awaited
+        last = (self.size - 1 - self.base) // self.chunk
+        for ahead in range(index + 1, min(last, index + self.readahead) + 1):
+            if ahead not in self._chunks:
+                self._chunks[ahead] = _pool().submit(self._fetch, ahead)
         item = self._chunks.get(index)
         if item is None:
             with errors_named(self.loc.uri):
@@ -794,13 +801,7 @@ class _RangeReader(io.RawIOBase):
             except BaseException:
                 with errors_named(self.loc.uri):
                     item = self._fetch(index)  # the background fetch gave up: once more, in the foreground
-        for old in [k for k in self._chunks if k < index]:
-            del self._chunks[old]
         self._chunks[index] = item
-        last = (self.size - 1 - self.base) // self.chunk
-        for ahead in range(index + 1, min(last, index + self.readahead) + 1):
-            if ahead not in self._chunks:
-                self._chunks[ahead] = _pool().submit(self._fetch, ahead)
         return item
 
     def readinto(self, buf) -> int:
@@ -812,7 +813,7 @@ class _RangeReader(io.RawIOBase):
         data = self._get(index)
         offset = self.pos - self._span(index)[0]
         n = min(len(buf), len(data) - offset)
-        buf[:n] = data[offset:offset + n]
+        buf[:n] = memoryview(data)[offset:offset + n]  # one copy, no intermediate slice
         self.pos += n
         return n
 

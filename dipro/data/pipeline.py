@@ -33,6 +33,7 @@ the loader does not use persistent workers, so every epoch's workers receive it.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -44,7 +45,7 @@ from dipro.data.augment import AugmentConfig, draw_augmentation
 from dipro.data.collate import collate_arrays
 from dipro.data.decode import CorruptSample, decode_sample, select_cxrs
 from dipro.data.plan import ShardSet, eval_segments, stream_seed, train_segments, worker_share
-from dipro.data.reader import Skipped, read_segment
+from dipro.data.reader import Skipped, open_segment, read_segment
 from dipro.data.shuffle import bounded_shuffle, worker_budget
 from dipro.data.transport import CropSlots, WorkerCropPool, new_shared_uint8
 from data_sharding.errors import DataError
@@ -133,14 +134,33 @@ def plan_stage(_: None, ctx: StreamContext) -> Iterator[Any]:
 
 
 def read_stage(segments: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
+    """Samples of each segment in turn; the next segment's shard is opened, walked to its first
+    sample and its first range fetched in a background thread while this one is read, so the
+    stream does not stop at shard boundaries to wait on storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
     spec = ctx.spec
     cache = None
     if spec.cache_dir:
         from dipro.data.shard_cache import ShardCache
 
         cache = ShardCache(spec.cache_dir, spec.cache_max_bytes)
-    for segment in segments:
-        yield from read_segment(segment, cache)
+    it = iter(segments)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dipro-shard-open")
+    nxt = next(it, None)
+    pending = pool.submit(open_segment, nxt, cache) if nxt is not None else None
+    try:
+        while pending is not None:
+            segment, opened = nxt, pending.result()
+            nxt = next(it, None)
+            pending = pool.submit(open_segment, nxt, cache) if nxt is not None else None
+            yield from read_segment(segment, cache, opened)
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                pending.result().close()
+        pool.shutdown(wait=False)
 
 
 def shuffle_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:

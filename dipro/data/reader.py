@@ -39,6 +39,8 @@ from dipro.data.plan import Segment, ShardInfo
 SKIP_PROBE_BYTES = 64 << 10
 """Range size of the header walk to a segment's first sample on a bucket (tar headers of a
 sample's small members and of the next sample's crops fit in one)."""
+STREAM_READAHEAD = 2
+"""Ranges a bucket stream keeps in flight ahead of the one being read (8 MiB each)."""
 SKIP_STREAM_BELOW_BYTES = 2 << 20
 """Mean sample size (manifest bytes / samples) below which a bucket shard's skipped samples are
 read through by the stream instead of probed one request each."""
@@ -65,11 +67,12 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 def open_shard(shard: ShardInfo, cache=None) -> IO[bytes]:
     """A seekable binary reader of ``shard``: through ``cache`` (a :class:`dipro.data.shard_cache.ShardCache`)
-    when the shard is on a bucket and a cache is configured, else straight from the storage layer."""
+    when the shard is on a bucket and a cache is configured, else straight from the storage layer
+    (on a bucket: :data:`STREAM_READAHEAD` ranges in flight ahead of the one being read)."""
     loc = storage.resolve(shard.path)
     if cache is not None and loc.is_remote:
         return cache.open(shard)
-    return loc.open_input()
+    return loc.open_input(readahead=STREAM_READAHEAD) if loc.is_remote else loc.open_input()
 
 
 def _probe_remote(shard: ShardInfo, cache) -> bool:
@@ -99,28 +102,66 @@ def _first_offset(f: IO[bytes], start: int) -> tuple[int | None, int]:
                 return member.offset, start
 
 
-def read_segment(segment: Segment, cache=None) -> Iterator[dict[str, Any] | Skipped]:
-    """Yield ``{"__key__", "__shard__", member: bytes, ...}`` for each sample of ``segment``, else :class:`Skipped`."""
+@dataclass
+class OpenedSegment:
+    """A segment's shard opened and positioned at its first sample (``file``), or why it could not be
+    (``failure``, with ``passed`` samples seen): what :func:`open_segment` prepares."""
+
+    segment: Segment
+    file: IO[bytes] | None
+    failure: str | None = None
+    passed: int = 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def open_segment(segment: Segment, cache=None) -> OpenedSegment:
+    """Open ``segment``'s shard, walk to its first sample and fetch the first range: the part of
+    reading that waits on storage (``read_stage`` does it for the next segment while this one is
+    read).  A fetch failure raises (:class:`data_sharding.storage.StorageAccessError`); a damaged or
+    short tar comes back as ``failure``."""
+    f = open_shard(segment.shard, cache)
+    try:
+        if segment.start > 0:
+            if _probe_remote(segment.shard, cache):
+                with storage.resolve(segment.shard.path).open_input(chunk_bytes=SKIP_PROBE_BYTES, readahead=0) as probe:
+                    found, passed = _first_offset(probe, segment.start)
+            else:  # the same reader: what it fetched on the way is not fetched again
+                found, passed = _first_offset(f, segment.start)
+            if found is None:
+                f.close()
+                return OpenedSegment(segment, None, f"shard ends after {passed} samples; the manifest says at least "
+                                                    f"{segment.stop}", passed)
+            f.seek(found)
+        if hasattr(f, "peek"):
+            f.peek(1)  # the first range is on its way (remote) or in the buffer (local)
+    except storage.StorageAccessError:
+        f.close()
+        raise
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        f.close()
+        return OpenedSegment(segment, None, f"unreadable shard ({type(exc).__name__}: {exc})")
+    return OpenedSegment(segment, f)
+
+
+def read_segment(segment: Segment, cache=None, opened: OpenedSegment | None = None
+                 ) -> Iterator[dict[str, Any] | Skipped]:
+    """Yield ``{"__key__", "__shard__", member: bytes, ...}`` for each sample of ``segment``, else :class:`Skipped`.
+
+    ``opened``: the segment already opened by :func:`open_segment` (else it is opened here).
+    """
     shard = segment.shard.rel
     accounted = segment.start  # samples before this ordinal are yielded or not ours
-    ordinal = -1
     cur: dict[str, Any] | None = None
-    failure = None
+    opened = opened if opened is not None else open_segment(segment, cache)
+    failure = opened.failure
+    ordinal = opened.passed - 1 if failure else segment.start - 1
     try:
-        with open_shard(segment.shard, cache) as f:
-            if segment.start > 0:
-                if _probe_remote(segment.shard, cache):
-                    with storage.resolve(segment.shard.path).open_input(chunk_bytes=SKIP_PROBE_BYTES,
-                                                                        readahead=0) as probe:
-                        found, passed = _first_offset(probe, segment.start)
-                else:  # the same reader: what it fetched on the way is not fetched again
-                    found, passed = _first_offset(f, segment.start)
-                if found is None:
-                    ordinal = passed - 1
-                    raise EOFError(f"shard ends after {passed} samples; the manifest says at least {segment.stop}")
-                f.seek(found)
-                ordinal = segment.start - 1
-            with tarfile.open(fileobj=f, mode="r:") as tar:
+        if opened.file is not None:
+            with opened.file as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 while True:
                     member = tar.next()
                     if member is None:
@@ -149,10 +190,10 @@ def read_segment(segment: Segment, cache=None) -> Iterator[dict[str, Any] | Skip
                     accounted = ordinal + 1
     except storage.StorageAccessError:
         raise  # the object could not be fetched: one line naming its URI, not corrupt samples
-    except EOFError as exc:
-        failure = str(exc) if str(exc).startswith("shard ends") else f"unreadable shard (EOFError: {exc})"
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError) as exc:
         failure = f"unreadable shard ({type(exc).__name__}: {exc})"
+    finally:
+        opened.close()
     if accounted < segment.stop:
         key = cur["__key__"] if cur is not None else "?"
         reason = failure or f"shard ends after {ordinal + 1} samples; the manifest says at least {segment.stop}"
