@@ -748,7 +748,11 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class _RangeReader(io.RawIOBase):
-    """Seekable raw reader over an object: ``chunk_bytes`` ranges, ``readahead`` chunks fetched ahead."""
+    """Seekable raw reader over an object: ``chunk_bytes`` ranges, ``readahead`` chunks fetched ahead.
+
+    The ranges start where the first read starts (``base``), so a reader that seeks to the middle of
+    an object first (a loader segment starting mid-shard) fetches nothing before that point.
+    """
 
     def __init__(self, loc: Location, chunk_bytes: int, readahead: int) -> None:
         super().__init__()
@@ -758,6 +762,7 @@ class _RangeReader(io.RawIOBase):
                                   loc.uri)
         self.size = self._file.size()
         self.pos = 0
+        self.base: int | None = None
         self._chunks: dict[int, Future | bytes] = {}
 
     def readable(self) -> bool:
@@ -774,9 +779,14 @@ class _RangeReader(io.RawIOBase):
         self.pos = max(0, base + offset)
         return self.pos
 
+    def _span(self, index: int) -> tuple[int, int]:
+        """``[start, stop)`` of chunk ``index`` (negative: before ``base``), clipped to the object."""
+        start = self.base + index * self.chunk
+        return max(0, start), min(self.size, start + self.chunk)
+
     def _fetch(self, index: int) -> bytes:
-        start = index * self.chunk
-        n = min(self.chunk, self.size - start)
+        start, stop = self._span(index)
+        n = stop - start
         data = retrying(lambda: self._file.read_at(n, start), self.loc.uri)
         if len(data) != n:
             raise OSError(f"short read from {self.loc.uri}: {len(data)} of {n} bytes at {start} (connection reset?)")
@@ -785,6 +795,13 @@ class _RangeReader(io.RawIOBase):
         return data
 
     def _get(self, index: int) -> bytes:
+        for old in [k for k in self._chunks if k < index]:
+            del self._chunks[old]
+        # the chunks after this one go out first, so they travel while this one is awaited
+        last = (self.size - 1 - self.base) // self.chunk
+        for ahead in range(index + 1, min(last, index + self.readahead) + 1):
+            if ahead not in self._chunks:
+                self._chunks[ahead] = _pool().submit(self._fetch, ahead)
         item = self._chunks.get(index)
         if item is None:
             with errors_named(self.loc.uri):
@@ -795,22 +812,19 @@ class _RangeReader(io.RawIOBase):
             except BaseException:
                 with errors_named(self.loc.uri):
                     item = self._fetch(index)  # the background fetch gave up: once more, in the foreground
-        for old in [k for k in self._chunks if k < index]:
-            del self._chunks[old]
         self._chunks[index] = item
-        last = (self.size - 1) // self.chunk
-        for ahead in range(index + 1, min(last, index + self.readahead) + 1):
-            if ahead not in self._chunks:
-                self._chunks[ahead] = _pool().submit(self._fetch, ahead)
         return item
 
     def readinto(self, buf) -> int:
         if self.pos >= self.size:
             return 0
-        index, offset = divmod(self.pos, self.chunk)
+        if self.base is None:
+            self.base = self.pos
+        index = (self.pos - self.base) // self.chunk
         data = self._get(index)
+        offset = self.pos - self._span(index)[0]
         n = min(len(buf), len(data) - offset)
-        buf[:n] = data[offset:offset + n]
+        buf[:n] = memoryview(data)[offset:offset + n]  # one copy, no intermediate slice
         self.pos += n
         return n
 

@@ -57,9 +57,16 @@ class DataConfig:
     """Training augmentations (never applied to evaluation)."""
     max_cxrs: int = 14
     """Upper bound on CXRs per sample (the cohort rule's 14)."""
+    cache_dir: str | None = None
+    """Local directory for whole copies of bucket shards (``data.shards=s3://...`` / ``gs://...``), shared
+    by the loader workers and ranks of a node: each shard is downloaded once per node instead of streamed
+    every epoch (dipro/data/shard_cache.py). None = stream only. Ignored for local shard directories."""
+    cache_max_gb: float = 50.0
+    """Size bound of ``data.cache_dir`` in GiB (least recently used shards are deleted to stay under it)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.cache_max_gb > 0, "data.cache_max_gb must be > 0")
         _check(self.num_loader_workers >= 0, "data.num_loader_workers must be >= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0 disables shuffling)")
         _check(self.shuffle_buffer_mb > 0, "data.shuffle_buffer_mb must be > 0")

@@ -150,6 +150,21 @@ def _tar_bytes(n: int = 40, size: int = 30_000) -> bytes:
     return buf.getvalue()
 
 
+def test_ranged_reads_start_where_reading_starts(s3_bucket):
+    """A reader that seeks into an object before its first read fetches nothing before that point
+    (a loader segment that starts mid-shard), and can still seek back."""
+    data = bytes(range(256)) * 1200
+    loc = storage.resolve(s3_bucket) / "obj.bin"
+    loc.write_bytes(data)
+    before = storage.counters().get("bytes_read", 0)
+    with loc.open_input(chunk_bytes=64 << 10) as f:
+        f.seek(100_003)
+        assert f.read() == data[100_003:]
+        assert storage.counters()["bytes_read"] - before == len(data) - 100_003
+        f.seek(5)
+        assert f.read(100) == data[5:105]
+
+
 def test_transient_faults_are_retried_and_counted(s3_server, s3_bucket, monkeypatch):
     from object_store import FaultProxy
 

@@ -73,8 +73,10 @@ def test_two_worker_run_with_worker_failure_is_one_tracked_run(shards, tmp_path,
         assert p["effective_batch"] == str(cfg.effective_batch_size) and p["data.shards"] == str(shards)
         assert t["data.fingerprint"] == data_fingerprint(shards)
         assert len(t["git.commit"]) == 40 and t["version.ray"] and t["version.deepspeed"] and t["hardware.cpu_count"]
-        for key in ("train/total", "train/lr", "train/samples_per_s", "val/accuracy", "test/accuracy"):
+        for key in ("train/total", "train/lr", "train/samples_per_s", "val/accuracy", "test/accuracy",
+                    "data/storage_retries", "data/epoch_storage_retries", "data/epoch_cache_hits"):
             assert key in m, key
+        assert m["data/epoch_storage_retries"] == 0.0 and m["data/epoch_storage_requests"] == 0.0  # local shards
         steps = sorted({x.step for x in client.get_metric_history(run.info.run_id, "train/total")})
         assert steps[-1] == result.global_step and len(steps) >= 4
         assert len({x.step for x in client.get_metric_history(run.info.run_id, "val/accuracy")}) == 2  # per epoch

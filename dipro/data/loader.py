@@ -6,7 +6,7 @@
         for batch in loader:                       # exactly len(loader) batches on every rank
             batch = move_to_device(batch, device)
             ...
-        log(loader.stats.as_dict())                # samples seen, corrupt skipped
+        log(loader.stats.as_dict())                # samples seen, corrupt skipped, storage retries
 
 Training: every rank yields exactly ``len(loader)`` full batches per epoch
 (:func:`dipro.data.plan.train_num_steps`), so DDP never hangs on uneven shards.
@@ -14,6 +14,12 @@ Evaluation: every sample exactly once over all ranks, in contiguous blocks
 (:func:`dipro.data.plan.eval_index_for_rank`); ranks may yield different
 numbers of batches, so the evaluation loop must not run a collective per batch:
 it gathers predictions at the end with a padding-aware ``all_gather``.
+
+``shard_dir`` is a local directory or an ``s3://`` / ``gs://`` prefix (:mod:`data_sharding.storage`);
+on a bucket each shard is streamed (:mod:`dipro.data.reader`), or copied once per node into
+``cache_dir`` when one is given (:mod:`dipro.data.shard_cache`).  The storage layer's retries
+and the cache's hits, counted in whichever process read the shard, reach :attr:`ShardLoader.stats`
+with the batches (``data/storage_retries`` ... in :meth:`LoaderStats.as_dict`).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from dipro.data.collate import to_tensors
 from dipro.data.pipeline import LoaderSpec, SamplePipeline
 from dipro.data.plan import eval_num_steps, read_manifest, train_num_steps
 from dipro.data.transport import CropReceiver, CropSlots
-from data_sharding.errors import ConfigError, DataError
+from data_sharding.errors import ConfigError, DataError, UserError, one_line
 
 CORRUPT_CHECK_AFTER = 100  # samples read before the corrupt fraction is checked mid-epoch
 PREFETCH_FACTOR = 2  # batches each loader worker prepares ahead
@@ -45,11 +51,15 @@ class LoaderStats:
     total_samples: int = 0
     total_corrupt: int = 0
     last_corrupt: list[str] = field(default_factory=list)
+    io: dict[str, int] = field(default_factory=dict)
+    """This epoch's storage and cache counts over every loader process (:func:`dipro.data.pipeline.io_snapshot`)."""
+    total_io: dict[str, int] = field(default_factory=dict)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.samples, self.corrupt = epoch, 0, 0, 0
+        self.io = {}
 
-    def add(self, samples: int, corrupt: int, notes: list[str]) -> None:
+    def add(self, samples: int, corrupt: int, notes: list[str], io: dict[str, int] | None = None) -> None:
         self.batches += 1
         self.samples += samples
         self.corrupt += corrupt
@@ -57,6 +67,9 @@ class LoaderStats:
         self.total_corrupt += corrupt
         if notes:
             self.last_corrupt = (self.last_corrupt + list(notes))[-8:]
+        for k, v in (io or {}).items():
+            self.io[k] = self.io.get(k, 0) + int(v)
+            self.total_io[k] = self.total_io.get(k, 0) + int(v)
 
     @property
     def corrupt_fraction(self) -> float:
@@ -70,6 +83,12 @@ class LoaderStats:
             f"{prefix}corrupt_skipped": float(self.corrupt),
             f"{prefix}corrupt_fraction": self.corrupt_fraction,
             f"{prefix}total_corrupt_skipped": float(self.total_corrupt),
+            f"{prefix}storage_retries": float(self.io.get("storage_retries", 0)),
+            f"{prefix}storage_requests": float(self.io.get("storage_requests", 0)),
+            f"{prefix}storage_mb_read": self.io.get("storage_bytes_read", 0) / 2**20,
+            f"{prefix}cache_hits": float(self.io.get("cache_hits", 0)),
+            f"{prefix}cache_misses": float(self.io.get("cache_misses", 0)),
+            f"{prefix}total_storage_retries": float(self.total_io.get("storage_retries", 0)),
         }
 
 
@@ -152,12 +171,12 @@ class ShardLoader:
             prefetch_factor=PREFETCH_FACTOR if self.num_workers > 0 else None,
         )
         produced = 0
-        for batch in loader:
+        for batch in _one_line_errors(loader):
             if receiver is not None:
                 batch = receiver.unpack(batch, self.pin_memory)
             batch = to_tensors(batch, pin_memory=self.pin_memory)
             notes = batch.pop("corrupt_samples", [])
-            self.stats.add(len(batch["sample_key"]), int(batch["num_corrupt"]), notes)
+            self.stats.add(len(batch["sample_key"]), int(batch["num_corrupt"]), notes, batch.pop("io_counts", None))
             self._check_corrupt(final=False)
             produced += 1
             yield batch
@@ -165,6 +184,29 @@ class ShardLoader:
         if self.spec.train and produced != self.spec.steps:
             raise RuntimeError(f"training loader yielded {produced} batches, planned {self.spec.steps} "
                                f"(rank {self.spec.rank}); ranks would go out of step")
+
+
+def _one_line_errors(batches) -> Iterator[dict[str, Any]]:
+    """The DataLoader's batches; a user error raised in a loader worker process (torch re-raises it
+    as ``Caught X in DataLoader worker process N.`` plus the worker's traceback) is raised again as
+    the same type with its own one line (the full text stays in ``__cause__``)."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as exc:
+            text = str(exc)
+            if not (text.startswith("Caught ") and "Original Traceback" in text):
+                raise
+            line = one_line(text)
+            try:
+                clean = type(exc)(line)
+            except Exception:
+                raise exc from None
+            raise clean from exc
+        yield batch
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -194,7 +236,8 @@ def build_loader(
     augment: bool | None = None,
     max_corrupt_fraction: float = 0.01, pin_memory: bool | None = None, max_cxrs: int = 14,
     last_cxr_only: bool = False, steps_per_epoch: int | None = None,
-    corrupt_check_after: int = CORRUPT_CHECK_AFTER,
+    corrupt_check_after: int = CORRUPT_CHECK_AFTER, cache_dir: str | Path | None = None,
+    cache_max_gb: float = 0.0,
 ) -> ShardLoader:
     """Build the loader of ``task``/``split`` from the shards under ``shard_dir`` (see module doc).
 
@@ -204,6 +247,8 @@ def build_loader(
     ``pin_memory`` defaults to CUDA availability.
     ``max_cxrs`` keeps the last that many CXRs; ``last_cxr_only`` keeps the last two.
     ``steps_per_epoch`` overrides the training step count (the stream repeats as needed).
+    ``cache_dir`` / ``cache_max_gb``: a local copy of bucket shards, at most that many GiB
+    (:mod:`dipro.data.shard_cache`); without them bucket shards are streamed every epoch.
     """
     if task not in TASK_TO_SHARD_DIR:
         raise ConfigError(f"unknown task {task!r}: expected one of {', '.join(TASK_TO_SHARD_DIR)}")
@@ -217,6 +262,8 @@ def build_loader(
         raise ConfigError(f"shuffle buffer bounds must be positive, got {shuffle_buffer} samples, {shuffle_buffer_mb} MiB")
     if max_cxrs < 2:
         raise ConfigError(f"max_cxrs must be >= 2, got {max_cxrs}")
+    if cache_dir and not cache_max_gb > 0:
+        raise ConfigError(f"a shard cache ({cache_dir}) needs a positive size bound, got cache_max_gb={cache_max_gb}")
     train = split == "train"
     if augment and not train:
         raise ConfigError(f"augmentation is for training only; got augment=True for split {split!r}")
@@ -228,7 +275,8 @@ def build_loader(
     steps = train_num_steps(shard_set.num_samples, batch_size, world_size, steps_per_epoch) if train else 0
     crop_size = shard_set.settings.get("crop_size")
     if crop_size is not None and not (isinstance(crop_size, int) and crop_size > 0):
-        raise DataError(f"{Path(shard_dir) / 'manifest.parquet'}: settings crop_size = {crop_size!r}, expected a positive integer")
+        raise DataError(f"{shard_set.shard_dir}/manifest.parquet: settings crop_size = {crop_size!r}, "
+                        "expected a positive integer")
     if pin_memory is None:
         import torch
 
@@ -239,6 +287,8 @@ def build_loader(
         shuffle_buffer=shuffle_buffer, shuffle_bytes=max(1, int(shuffle_buffer_mb * 2**20)),
         augment=train if augment is None else bool(augment),
         max_cxrs=max_cxrs, last_cxr_only=last_cxr_only, crop_size=crop_size,
+        cache_dir=str(Path(cache_dir).expanduser().resolve()) if cache_dir else None,
+        cache_max_bytes=int(cache_max_gb * 2**30) if cache_dir else 0,
     )
     return ShardLoader(SamplePipeline(spec), task=task, split=split, num_workers=num_workers, pin_memory=pin_memory,
                        max_corrupt_fraction=max_corrupt_fraction, corrupt_check_after=corrupt_check_after, epoch=epoch)

@@ -10,7 +10,8 @@ Modelled on open_clip's ``src/open_clip_train/data.py``::
   rank ("node") and by loader worker -- the split is explicit, so nothing
   depends on WebDataset's default node splitter.  Training repeats the pass
   (``with_epoch`` semantics); evaluation reads it once.
-* ``read``: tar members grouped into samples (:mod:`dipro.data.reader`).
+* ``read``: tar members grouped into samples (:mod:`dipro.data.reader`), each shard opened
+  through the storage layer (a local file, a bucket stream, or the node's shard cache).
 * ``shuffle``: a sample shuffle buffer bounded in samples and bytes, each loader worker
   holding its share of the rank's budget, seeded per (seed, epoch, rank, worker)
   (:mod:`dipro.data.shuffle`).
@@ -22,7 +23,9 @@ Modelled on open_clip's ``src/open_clip_train/data.py``::
   its number (:mod:`dipro.data.transport`), the rest as small numpy arrays
   that the main process turns into tensors; each batch carries
   ``num_corrupt``, the samples skipped since the previous batch of the stream,
-  so the main process can count them across workers.
+  and ``io_counts``, this process's storage and cache counters since then
+  (:func:`io_snapshot`: retries, requests, bytes, cache hits ...), so the main
+  process can count both across worker processes.
 * ``with_epoch``: exactly this worker's share of the rank's steps.
 
 The epoch lives on the dataset object (``set_epoch`` before each ``iter``);
@@ -30,6 +33,7 @@ the loader does not use persistent workers, so every epoch's workers receive it.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -41,7 +45,7 @@ from dipro.data.augment import AugmentConfig, draw_augmentation
 from dipro.data.collate import collate_arrays
 from dipro.data.decode import CorruptSample, decode_sample, select_cxrs
 from dipro.data.plan import ShardSet, eval_segments, stream_seed, train_segments, worker_share
-from dipro.data.reader import Skipped, read_segment
+from dipro.data.reader import Skipped, open_segment, read_segment
 from dipro.data.shuffle import bounded_shuffle, worker_budget
 from dipro.data.transport import CropSlots, WorkerCropPool, new_shared_uint8
 from data_sharding.errors import DataError
@@ -73,6 +77,9 @@ class LoaderSpec:
     max_cxrs: int = 14
     last_cxr_only: bool = False
     crop_size: int | None = None
+    cache_dir: str | None = None
+    """Local shard cache of bucket shards (:mod:`dipro.data.shard_cache`); None = stream only."""
+    cache_max_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,19 @@ class StreamContext:
 Stage = Callable[[Iterator[Any] | None, StreamContext], Iterator[Any]]
 
 
+def io_snapshot() -> dict[str, int]:
+    """This process's storage-layer counters (``storage_retries``, ``storage_requests``,
+    ``storage_bytes_read``) and shard-cache counters (``cache_hits`` ...): batches carry their
+    deltas, since a loader worker's counters live in its own process (a forked worker starts
+    with a copy of its parent's)."""
+    from data_sharding import storage
+    from dipro.data import shard_cache
+
+    out = {f"storage_{k}": v for k, v in storage.counters().items()}
+    out.update(shard_cache.counters())
+    return out
+
+
 # ----------------------------------------------------------------------------- stages
 
 def plan_stage(_: None, ctx: StreamContext) -> Iterator[Any]:
@@ -114,8 +134,33 @@ def plan_stage(_: None, ctx: StreamContext) -> Iterator[Any]:
 
 
 def read_stage(segments: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
-    for segment in segments:
-        yield from read_segment(segment)
+    """Samples of each segment in turn; the next segment's shard is opened, walked to its first
+    sample and its first range fetched in a background thread while this one is read, so the
+    stream does not stop at shard boundaries to wait on storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = ctx.spec
+    cache = None
+    if spec.cache_dir:
+        from dipro.data.shard_cache import ShardCache
+
+        cache = ShardCache(spec.cache_dir, spec.cache_max_bytes)
+    it = iter(segments)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dipro-shard-open")
+    nxt = next(it, None)
+    pending = pool.submit(open_segment, nxt, cache) if nxt is not None else None
+    try:
+        while pending is not None:
+            segment, opened = nxt, pending.result()
+            nxt = next(it, None)
+            pending = pool.submit(open_segment, nxt, cache) if nxt is not None else None
+            yield from read_segment(segment, cache, opened)
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                pending.result().close()
+        pool.shutdown(wait=False)
 
 
 def shuffle_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[Any]:
@@ -198,11 +243,15 @@ def batch_stage(samples: Iterator[Any], ctx: StreamContext) -> Iterator[dict[str
     produced = 0
     last_skip: Skipped | None = None
 
+    io_base = io_snapshot()
+
     def attach(batch: dict[str, Any]) -> dict[str, Any]:
-        nonlocal pending, notes
+        nonlocal pending, notes, io_base
         batch["num_corrupt"] = pending
         batch["corrupt_samples"] = notes[:MAX_NOTES_PER_BATCH]
-        pending, notes = 0, []
+        now = io_snapshot()
+        batch["io_counts"] = {k: v - io_base.get(k, 0) for k, v in now.items() if v != io_base.get(k, 0)}
+        pending, notes, io_base = 0, [], now
         return batch
 
     for item in samples:

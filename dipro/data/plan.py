@@ -30,7 +30,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from data_sharding.constants import SPLITS, TASK_TO_SHARD_DIR
 from data_sharding.errors import ConfigError, DataError
@@ -38,11 +38,18 @@ from data_sharding.errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of the manifest: ``path`` absolute, ``rel`` as in the manifest."""
+    """One shard of the manifest: ``path`` its location (an absolute path or an ``s3://`` / ``gs://``
+    URI), ``rel`` as in the manifest."""
 
     path: str
     rel: str
     samples: int
+    bytes: int = 0
+    """Size of the object (on a bucket: from the listing the plan made; locally: the manifest's)."""
+    token: str = ""
+    """Version of the object the plan saw (ETag / generation; empty locally): the shard cache's key."""
+    sha256: str = ""
+    """The manifest's digest of the shard (a cache copy is kept only when its bytes match it)."""
 
 
 @dataclass(frozen=True)
@@ -73,12 +80,15 @@ class ShardSet:
 
 
 def read_manifest(shard_dir: str | Path, task: str, split: str) -> ShardSet:
-    """The shard list of ``task``/``split`` from ``shard_dir/manifest.parquet``.
+    """The shard list of ``task``/``split`` from ``shard_dir/manifest.parquet`` (a local directory or
+    an ``s3://`` / ``gs://`` prefix: :mod:`data_sharding.storage`).
 
     Reading and validating the manifest is :func:`data_sharding.manifest.read_manifest`'s
-    job (DataError naming the file when it is missing or malformed); here the rows of
-    one split are selected and their shard files checked to exist.
+    job (DataError naming it when it is missing or malformed); here the rows of one split
+    are selected and their shards checked to exist: locally one ``stat`` per file, on a
+    bucket one listing of the shards' prefix (:func:`_listed_objects`), never a request per shard.
     """
+    from data_sharding import storage
     from data_sharding.manifest import manifest_path
     from data_sharding.manifest import read_manifest as read_shard_manifest
 
@@ -86,29 +96,51 @@ def read_manifest(shard_dir: str | Path, task: str, split: str) -> ShardSet:
         raise ConfigError(f"unknown task {task!r}: expected one of {', '.join(TASK_TO_SHARD_DIR)}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-    root = Path(shard_dir)
+    root = storage.resolve(shard_dir)
     manifest = manifest_path(root)
     task_dir = TASK_TO_SHARD_DIR[task]
     chosen = sorted((r for r in read_shard_manifest(root).records if r.task in (task_dir, task) and r.split == split),
                     key=lambda r: r.path)
     if not chosen:
         raise DataError(f"shard manifest {manifest} lists no {task_dir!r} shards for split {split!r}")
+    listed = _listed_objects(root, [r.path for r in chosen]) if root.is_remote else None
     shards = []
     for r in chosen:
-        path = root / r.path
-        if not path.is_file():
-            raise DataError(f"shard {path} is listed in {manifest} but does not exist (run `dipro shards verify {root}`)")
+        loc = root / r.path
         samples = int(r.samples)
         if samples < 0:
             raise DataError(f"shard manifest {manifest}: shard {r.path} has a negative sample count {samples}")
-        shards.append(ShardInfo(path=str(path), rel=str(r.path), samples=samples))
+        if listed is None:
+            if not loc.local.is_file():
+                raise DataError(f"shard {loc} is listed in {manifest} but does not exist "
+                                f"(run `dipro shards verify {root}`)")
+            size, token = int(r.bytes or 0), ""
+        else:
+            info = listed.get(r.path)
+            if info is None:
+                raise DataError(f"shard {loc} is listed in {manifest} but no such object exists "
+                                f"(run `dipro shards verify {root}`)")
+            size, token = info.size, info.token
+        shards.append(ShardInfo(path=loc.uri, rel=str(r.path), samples=samples, bytes=size, token=token,
+                                sha256=str(r.sha256 or "")))
     settings: dict = {}
     if chosen[0].settings:
         try:
             settings = json.loads(chosen[0].settings)
         except (TypeError, ValueError):
             raise DataError(f"shard manifest {manifest}: settings of {chosen[0].path} is not JSON: {chosen[0].settings!r}") from None
-    return ShardSet(str(root), task_dir, split, tuple(shards), settings if isinstance(settings, dict) else {})
+    return ShardSet(root.uri, task_dir, split, tuple(shards), settings if isinstance(settings, dict) else {})
+
+
+def _listed_objects(root, rels: list[str]) -> dict:
+    """manifest path -> :class:`data_sharding.storage.ObjectInfo` of the objects under the folders
+    that hold ``rels`` (one paginated listing per folder, normally one: the task's)."""
+    found = {}
+    for folder in sorted({str(PurePosixPath(rel).parent) for rel in rels}):
+        base = root if folder in ("", ".") else root / folder
+        for info in base.list():
+            found[info.path if base is root else f"{folder}/{info.path}"] = info
+    return found
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -67,14 +67,20 @@ def data_fingerprint(shard_root: str | os.PathLike) -> str | None:
     """sha256 over the shard manifest's (path, sha256) rows sorted by path; None if no manifest.
 
     Two shard sets with the same fingerprint hold byte-identical shards, which is
-    what "the same data" means when the registry compares two model versions.
+    what "the same data" means when the registry compares two model versions.  The
+    manifest is read through the storage layer (a local directory or a bucket prefix).
     """
-    manifest = Path(shard_root) / MANIFEST
-    if not manifest.is_file():
-        return None
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(manifest, columns=["path", "sha256"]).to_pydict()
+    from data_sharding import storage
+
+    manifest = storage.resolve(shard_root) / MANIFEST
+    try:
+        data = manifest.read_bytes()
+    except storage.NotFound:
+        return None
+    table = pq.read_table(pa.BufferReader(data), columns=["path", "sha256"]).to_pydict()
     h = hashlib.sha256()
     for path, sha in sorted(zip(table["path"], table["sha256"])):
         h.update(f"{path}\t{sha}\n".encode())
@@ -106,12 +112,14 @@ def hardware() -> dict[str, str]:
 
 def run_tags(cfg: Any) -> dict[str, str]:
     """Every provenance tag of a training run."""
-    shards = Path(cfg.data.shards)
-    fp = data_fingerprint(shards)
+    from data_sharding import storage
+
+    shards = storage.resolve(cfg.data.shards)  # a local path made absolute, or a bucket URI
+    fp = data_fingerprint(shards.uri)
     tags = {
         "dipro.task": cfg.task,
         "data.fingerprint": fp or "unknown (no manifest.parquet)",
-        "data.manifest": str((shards / MANIFEST).resolve()),
+        "data.manifest": (shards / MANIFEST).uri,
     }
     git = git_state()
     tags.update(git)

@@ -1,11 +1,9 @@
 """The run config -> ``dipro.data.build_loader`` calls the loop and evaluation make."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dipro.config import Config
-from data_sharding.errors import DataError
 
 # Which batch key holds each task's labels (docs/ARCHITECTURE.md section 3).
 TASK_LABEL_KEY = {"disease_progression": "progression", "mortality": "mortality", "length_of_stay": "los_bin"}
@@ -33,6 +31,7 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, epoch: int = 0):
         augment=cfg.data.augment, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
         max_cxrs=cfg.data.max_cxrs, last_cxr_only=cfg.model.last_cxr_only, steps_per_epoch=micro,
         pin_memory=cfg.trainer.use_gpu,  # page-locked batches, copied to the GPU with non_blocking=True
+        cache_dir=cfg.data.cache_dir, cache_max_gb=cfg.data.cache_max_gb,
     )
 
 
@@ -47,6 +46,7 @@ def eval_loader(cfg: Config, split: str, *, rank: int, world_size: int, shard_di
         seed=cfg.seed, rank=rank, world_size=world_size, shuffle=False, augment=False,
         max_corrupt_fraction=cfg.data.max_corrupt_fraction, max_cxrs=cfg.data.max_cxrs,
         last_cxr_only=cfg.model.last_cxr_only, pin_memory=cfg.trainer.use_gpu and torch_cuda(),
+        cache_dir=cfg.data.cache_dir, cache_max_gb=cfg.data.cache_max_gb,
     )
 
 
@@ -58,11 +58,8 @@ def torch_cuda() -> bool:
 
 
 def read_label_stats(shard_dir: str | Path) -> dict:
-    """``{shards}/label_stats.json`` (train-split counts -> class weights)."""
-    p = Path(shard_dir) / "label_stats.json"
-    if not p.is_file():
-        raise DataError(f"{p} not found: data.shards must point at a `dipro shard` output directory")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p} is not valid JSON: {exc}") from None
+    """The shards' ``label_stats.json`` (train-split counts -> class weights): the file in a local
+    shard directory, the manifest's copy on a bucket (:func:`data_sharding.manifest.read_stats`)."""
+    from data_sharding.manifest import read_stats
+
+    return read_stats(shard_dir, "label_stats.json")

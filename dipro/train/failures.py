@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from data_sharding.errors import UserError
+from data_sharding.errors import UserError, one_line
 
 TRACE_ATTR = "dipro_trace"
 RANK_ATTR = "dipro_rank"
@@ -52,19 +52,9 @@ class RankError:
 
 
 def first_line(message: str) -> str:
-    """The user-facing line of an error message.
-
-    An error from a DataLoader worker process is re-raised by torch as
-    ``Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...``: its
-    own message is the last line of that traceback.
-    """
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    if not lines:
-        return "error"
-    if lines[0].startswith("Caught ") and "Original Traceback" in message:
-        _, sep, text = lines[-1].partition(": ")
-        return text if sep else lines[-1]
-    return lines[0]
+    """The user-facing line of an error message (:func:`data_sharding.errors.one_line`: an error from a
+    DataLoader worker process, re-raised by torch with the worker's traceback, gives its own message)."""
+    return one_line(message)
 
 
 def _unwrap(err: BaseException) -> BaseException:

@@ -426,10 +426,29 @@ class Worker:
             if self.tracker is not None:
                 self.tracker.log_metrics({"compile_time_s": seconds}, step=self.state.global_step)
 
+    def _epoch_io(self) -> dict[str, float]:
+        """The epoch's storage and shard-cache counts of the training and validation loaders, summed over
+        every rank (collective: all ranks call it together).  Each loader has them from its worker
+        processes (``LoaderStats.io``); MLflow gets ``data/epoch_storage_retries`` (transient storage
+        failures retried), ``data/epoch_storage_requests``, ``data/epoch_storage_mb_read``,
+        ``data/epoch_cache_hits`` and ``data/epoch_cache_misses``."""
+        keys = ("storage_retries", "storage_requests", "storage_bytes_read", "cache_hits", "cache_misses")
+        values = [float(self.loader.stats.io.get(k, 0) + self.val_loader.stats.io.get(k, 0)) for k in keys]
+        if _dist_world() > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            values = t.tolist()
+        out = {f"data/epoch_{k}": v for k, v in zip(keys, values)}
+        out["data/epoch_storage_mb_read"] = out.pop("data/epoch_storage_bytes_read") / 2**20
+        return out
+
     def _end_epoch(self, epoch: int, epoch_terms: _Running, speed: dict[str, float]) -> bool:
         cfg, s = self.cfg, self.state
         train_means = epoch_terms.global_means(self.device)
         val = self.validate()
+        io = self._epoch_io()
         improved, stop, metrics = False, False, {}
         if self.rank == 0:
             value = float(val.metrics.get(cfg.monitor, math.nan))
@@ -440,7 +459,7 @@ class Worker:
                 s.bad_epochs += 1
             stop = s.bad_epochs >= cfg.trainer.patience
             metrics = {"epoch": epoch, "global_step": s.global_step, "lr": self.strategy.lr(),
-                       **train_means, **speed, **{f"val/{k}": float(v) for k, v in val.metrics.items()},
+                       **train_means, **speed, **io, **{f"val/{k}": float(v) for k, v in val.metrics.items()},
                        "val/monitor": value, "best/value": float(s.best_value), "best/epoch": s.best_epoch}
             s.history.append({k: metrics[k] for k in ("epoch", "global_step", "lr", "train/total", "val/loss",
                                                       f"val/{cfg.monitor}") if k in metrics})

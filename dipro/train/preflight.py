@@ -2,7 +2,7 @@
 
 :func:`check_shards` (no Ray needed):
 
-* ``label_stats.json`` is in the shard directory and holds the counts this task's
+* ``label_stats.json`` is in the shard directory (on a bucket: in its manifest) and holds the counts this task's
   class weights are built from (the same :class:`dipro.model.losses.ClassWeights` the
   workers build);
 * the manifest lists train and val shards of the task, written in this code's shard
@@ -19,12 +19,17 @@ manifest) is found on a rank and reported the same way (``dipro.train.failures``
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from data_sharding.constants import EHR_VALUE_COLUMNS
 from data_sharding.errors import ConfigError, DataError
 from dipro.config import Config
+
+
+def _where(shard_dir: str, name: str) -> str:
+    """Where a statistics file of the shards is read from (a bucket's is in its manifest)."""
+    from data_sharding import storage
+
+    root = storage.resolve(shard_dir)
+    return f"{root / 'manifest.parquet'} ({name})" if root.is_remote else str(root / name)
 
 
 def check_label_stats(cfg: Config) -> dict:
@@ -36,7 +41,7 @@ def check_label_stats(cfg: Config) -> dict:
     try:
         ClassWeights(cfg.task, stats)
     except DataError as exc:
-        raise DataError(f"{Path(cfg.data.shards) / 'label_stats.json'}: {exc} (task {cfg.task})") from None
+        raise DataError(f"{_where(cfg.data.shards, 'label_stats.json')}: {exc} (task {cfg.task})") from None
     return stats
 
 
@@ -44,7 +49,7 @@ def check_manifest_settings(cfg: Config, shard_set) -> None:
     """The crops and format of one (task, split)'s shards fit ``cfg.model``."""
     from data_sharding.manifest import FORMAT_VERSION
 
-    manifest = Path(shard_set.shard_dir) / "manifest.parquet"
+    manifest = f"{shard_set.shard_dir}/manifest.parquet"
     settings = shard_set.settings
     version = settings.get("format_version")
     if version is not None and version != FORMAT_VERSION:
@@ -60,12 +65,12 @@ def check_manifest_settings(cfg: Config, shard_set) -> None:
 
 def check_ehr_features(cfg: Config) -> None:
     """The shards' EHR features (``ehr_stats.json``) are the ones, in the order, the model reads."""
-    path = Path(cfg.data.shards) / "ehr_stats.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found: data.shards must point at a `dipro shard` output directory")
+    from data_sharding.manifest import read_stats
+
+    path = _where(cfg.data.shards, "ehr_stats.json")
     try:
-        names = list(json.loads(path.read_text())["mean"])
-    except (ValueError, KeyError, TypeError) as exc:
+        names = list(read_stats(cfg.data.shards, "ehr_stats.json")["mean"])
+    except (KeyError, TypeError) as exc:
         raise DataError(f"{path}: expected {{\"mean\": {{feature: value}}, ...}} ({exc})") from None
     if names != list(EHR_VALUE_COLUMNS):
         missing = [c for c in EHR_VALUE_COLUMNS if c not in names]
