@@ -83,6 +83,12 @@ class ShardSettings:
             raise DataError(f"manifest settings {text!r} are not valid shard settings: {exc}") from None
 
 
+def logical_path(path: str) -> str:
+    """A manifest path without a bucket object's generation: ``t/train-000003-20261202T140501-9f3a1c.tar``
+    -> ``t/train-000003.tar`` (a local path is returned as it is)."""
+    return re.sub(r"-\d{8}T\d{6}-[0-9a-f]{6}(\.tar)$", r"\1", path)
+
+
 @dataclass
 class ShardRecord:
     """One manifest row."""
@@ -101,7 +107,7 @@ class ShardRecord:
     @property
     def logical(self) -> str:
         """The planned name ``{task}/{split}-{NNNNNN}.tar``, without a bucket generation."""
-        return re.sub(r"-\d{8}T\d{6}-[0-9a-f]{6}(\.tar)$", r"\1", self.path)
+        return logical_path(self.path)
 
 
 @dataclass

@@ -45,6 +45,9 @@ def test_bucket_build_matches_local_and_is_published_by_its_manifest(processed, 
     assert _digests(remote) == _digests(reference)
     assert all(r.path != r.logical and r.etag for r in remote.records)  # generation-named, ETag recorded
     assert verify_shards(out) == []
+    from dipro.tracking.provenance import data_fingerprint
+
+    assert data_fingerprint(out) == data_fingerprint(local)  # "the same data" for the registry's gate
     for name in ("label_stats.json", "ehr_stats.json"):
         assert read_stats(out, name) == json.loads((local / name).read_text())
     objects = {o.path for o in storage.resolve(out).list()}

@@ -64,16 +64,19 @@ def git_state(cwd: str | os.PathLike | None = None) -> dict[str, str]:
 
 
 def data_fingerprint(shard_root: str | os.PathLike) -> str | None:
-    """sha256 over the shard manifest's (path, sha256) rows sorted by path; None if no manifest.
+    """sha256 over the shard manifest's (planned path, sha256) rows sorted by path; None if no manifest.
 
     Two shard sets with the same fingerprint hold byte-identical shards, which is
     what "the same data" means when the registry compares two model versions.  The
-    manifest is read through the storage layer (a local directory or a bucket prefix).
+    manifest is read through the storage layer (a local directory or a bucket prefix);
+    the planned path (``ShardRecord.logical``) leaves out a bucket object's generation, so the
+    same shards built locally and on a bucket have the same fingerprint.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from data_sharding import storage
+    from data_sharding.manifest import logical_path
 
     manifest = storage.resolve(shard_root) / MANIFEST
     try:
@@ -82,7 +85,7 @@ def data_fingerprint(shard_root: str | os.PathLike) -> str | None:
         return None
     table = pq.read_table(pa.BufferReader(data), columns=["path", "sha256"]).to_pydict()
     h = hashlib.sha256()
-    for path, sha in sorted(zip(table["path"], table["sha256"])):
+    for path, sha in sorted((logical_path(p), sha) for p, sha in zip(table["path"], table["sha256"])):
         h.update(f"{path}\t{sha}\n".encode())
     return h.hexdigest()
 
