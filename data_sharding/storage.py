@@ -405,6 +405,12 @@ class Location:
         return Path(os.fspath(self))
 
     @property
+    def native(self) -> "Path | Location":
+        """A :class:`~pathlib.Path` for a local location, the location itself on a bucket: what APIs that
+        have always handed out local paths (run directories, checkpoints) return, unchanged for local runs."""
+        return self if self.scheme else Path(self.key)
+
+    @property
     def fs(self):
         """The ``pyarrow.fs`` filesystem."""
         return filesystem(self.scheme)

@@ -16,11 +16,12 @@ def test_resolve_local_and_uris(tmp_path, monkeypatch):
     loc = storage.resolve("rel/dir")
     assert not loc.is_remote and loc.uri == str(tmp_path / "rel" / "dir")
     assert (loc / "a.tar").local == tmp_path / "rel" / "dir" / "a.tar"
+    assert loc.native == tmp_path / "rel" / "dir" and isinstance(loc.native, type(tmp_path))
     s3 = storage.resolve("s3://my-bucket/dipro/shards/")
     assert (s3.scheme, s3.bucket, s3.key, s3.fs_path) == ("s3", "my-bucket", "dipro/shards", "my-bucket/dipro/shards")
     assert (s3 / "mortality_los/train-000000.tar").uri == "s3://my-bucket/dipro/shards/mortality_los/train-000000.tar"
     assert storage.resolve("gs://bkt").uri == "gs://bkt" and storage.resolve("gs://bkt").parent.uri == "gs://bkt"
-    assert (s3 / "x").relative_to(s3) == "x" and (s3 / "x").parent == s3
+    assert (s3 / "x").relative_to(s3) == "x" and (s3 / "x").parent == s3 and s3.native is s3
     with pytest.raises(ValueError):
         s3 / "../escape"
 

@@ -14,11 +14,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint or registered model on a split",
                               description="Print and write the task's metrics (metrics.json and metrics.txt).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory (e.g. runs/RUN/best) or its model.pt")
+    src.add_argument("--checkpoint", metavar="PATH",
+                     help="checkpoint directory (e.g. runs/RUN/best, or s3://BUCKET/runs/RUN/best) or its model.pt")
     src.add_argument("--model", metavar="URI", help="MLflow model URI, e.g. models:/dipro-mortality@champion")
     p.add_argument("--split", default=defaults.EVAL_SPLIT, choices=defaults.SPLITS)
     p.add_argument("--shards", metavar="DIR", help="shard directory (default: the checkpoint config's data.shards)")
-    p.add_argument("--out", metavar="DIR", help="where to write metrics.json / metrics.txt (default: ./eval-SPLIT)")
+    p.add_argument("--out", metavar="DIR",
+                   help="where to write metrics.json / metrics.txt: a directory or an s3:// / gs:// prefix "
+                        "(default: ./eval-SPLIT)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--precision", default=defaults.PRECISIONS[0], choices=defaults.PRECISIONS)
     p.add_argument("--batch-size", type=int, default=None)
@@ -26,8 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from data_sharding.errors import UserError
     from dipro.train.evaluate import (checkpoint_from_model_uri, evaluate_checkpoint, format_metrics,
                                       write_eval_outputs)
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     source = args.checkpoint or args.model
-    path = Path(args.checkpoint) if args.checkpoint else checkpoint_from_model_uri(args.model)
+    path = args.checkpoint if args.checkpoint else checkpoint_from_model_uri(args.model)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--precision fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
     result = evaluate_checkpoint(path, args.split, shard_dir=args.shards, device=device, precision=args.precision,
                                  batch_size=args.batch_size, progress=True)
-    out = Path(args.out or f"eval-{args.split}")
-    jpath, _ = write_eval_outputs(result, out, source)
+    jpath, tpath = write_eval_outputs(result, args.out or f"eval-{args.split}", source)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))
-    print(f"wrote {jpath} and {jpath.with_suffix('.txt')}")
+    print(f"wrote {jpath} and {tpath}")
     return 0

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "mean ± std table. With tracking: an MLflow parent run, one child per seed.")
     add_config_args(p)
     p.add_argument("--seeds", default=_SEEDS, help=f"comma-separated seeds (default: the paper's {_SEEDS})")
-    p.add_argument("--out", metavar="DIR", default=None, help="write experiment.json / experiment.txt here")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write experiment.json / experiment.txt here (a directory or an s3:// / gs:// prefix)")
     p.set_defaults(func=run)
 
 

@@ -176,7 +176,8 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, *, shard_dir: str | 
 
 
 def evaluate_checkpoint(path: str | Path, split: str, **kwargs: Any) -> EvalResult:
-    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`) and evaluate it."""
+    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`: a directory or its s3:// / gs:// URI) and
+    evaluate it."""
     from dipro.train.checkpoint import load_model
 
     model, cfg = load_model(path, device=kwargs.get("device", "cpu"))
@@ -219,15 +220,16 @@ def format_metrics(metrics: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str) -> tuple[Path, Path]:
-    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir``, written atomically."""
-    from data_sharding.atomic import write_text
+def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str) -> tuple[Any, Any]:
+    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir`` (a directory or an s3:// / gs:// prefix),
+    each written atomically (temp + rename locally, one PUT on a bucket). Returns their locations."""
+    from data_sharding import storage
 
-    out = Path(out_dir)
+    out = storage.resolve(out_dir)
     payload = {"task": result.task, "split": result.split, "source": source, "num_samples": result.num_samples,
                "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                            for k, v in result.metrics.items()}}
     jpath, tpath = out / "metrics.json", out / "metrics.txt"
-    write_text(jpath, json.dumps(payload, indent=1))
-    write_text(tpath, format_metrics(result.metrics, f"{result.task} / {result.split} / {source}") + "\n")
-    return jpath, tpath
+    jpath.write_text(json.dumps(payload, indent=1))
+    tpath.write_text(format_metrics(result.metrics, f"{result.task} / {result.split} / {source}") + "\n")
+    return jpath.native, tpath.native

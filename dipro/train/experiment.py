@@ -34,7 +34,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = None) -> ExperimentResult:
-    """Train and test ``cfg`` once per seed; returns per-seed results and the mean ± std table."""
+    """Train and test ``cfg`` once per seed; returns per-seed results and the mean ± std table.
+
+    ``out_dir`` (a directory or an s3:// / gs:// prefix) gets experiment.json and experiment.txt."""
     from dipro.metrics import aggregate_seeds, format_table
 
     base_name = cfg.trainer.run_name
@@ -72,14 +74,14 @@ def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = N
         parent.log_summary(summary)
         parent.log_text(table + "\n", "experiment_table.txt")
         parent.finish("FINISHED")
-    if out_dir is not None:
-        from data_sharding.atomic import write_text
+    if out_dir is not None:  # a directory or an s3:// / gs:// prefix; each file written atomically
+        from data_sharding import storage
 
-        out = Path(out_dir)
-        write_text(out / "experiment.json", json.dumps(
+        out = storage.resolve(out_dir)
+        (out / "experiment.json").write_text(json.dumps(
             {"seeds": seeds, "runs": {str(s): {"run_name": r.run_name, "best_checkpoint": str(r.best_checkpoint),
                                                "test": m} for (s, r), m in zip(runs.items(), per_seed)},
              "summary": {k: {"mean": v[0], "std": v[1]} for k, v in summary.items()}}, indent=1, default=float))
-        write_text(out / "experiment.txt", table + "\n")
+        (out / "experiment.txt").write_text(table + "\n")
     return ExperimentResult(runs=runs, summary=summary, table=table,
                             parent_run_id=parent.run_id if parent is not None else None)

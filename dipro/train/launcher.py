@@ -28,10 +28,11 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from data_sharding import atomic, ray_init
+from data_sharding import ray_init, storage
+from data_sharding.storage import Location
 from dipro.config import Config, to_dict
 from data_sharding.errors import ConfigError, UserError
 from dipro.train import TrainResult
@@ -133,9 +134,11 @@ def _failure_message(exc: BaseException) -> str | None:
     return None
 
 
-def _evaluate_task(best_dir: str, split: str, device: str, precision: str):
+def _evaluate_task(best_dir: str, split: str, device: str, precision: str, endpoints: dict[str, str | None]):
+    from dipro.config import StorageConfig
     from dipro.train.evaluate import evaluate_checkpoint
 
+    StorageConfig(**endpoints).apply()  # a Ray worker: storage.s3_endpoint / gcs_endpoint before reading the bucket
     return evaluate_checkpoint(best_dir, split, device=device, precision=precision)
 
 
@@ -148,9 +151,10 @@ class RunPlan:
     precision: str
     micro_batches: int
     """Micro batches per rank per epoch."""
-    storage: Path
+    storage: Location
+    """``trainer.storage_path``: a local directory or a bucket prefix."""
     resume: str | None
-    resume_from: Path | None
+    resume_from: Location | None
 
     @property
     def run_name(self) -> str:
@@ -159,6 +163,7 @@ class RunPlan:
 
 def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> TrainResult:
     """Train ``cfg`` (see :func:`dipro.train.run_training`); ``cfg`` itself is not changed."""
+    cfg.storage.apply()  # explicit endpoints (storage.*) before anything reads shards or the storage path
     plan = resolve_run(cfg, resume, *preflight(cfg, resume))
     run_dir, log = claim(plan)
     with ray_session(plan, run_dir, log) as session:
@@ -201,8 +206,8 @@ def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Path | None]:
     return precision, micro, resume_from
 
 
-def _storage(cfg: Config) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(cfg.trainer.storage_path)))
+def _storage(cfg: Config) -> Location:
+    return storage.resolve(cfg.trainer.storage_path)
 
 
 def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, resume_from: Path | None) -> RunPlan:
@@ -218,7 +223,7 @@ def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, res
                    resume_from=resume_from)
 
 
-def claim(plan: RunPlan) -> tuple[Path, rundir.RunLog]:
+def claim(plan: RunPlan) -> tuple[Path | Location, rundir.RunLog]:
     """Claim the run directory (refuses a name in use, naming who uses it), open its log, say what will run."""
     global _run_log
     run_dir = rundir.claim(plan.storage, plan.run_name)
@@ -236,7 +241,7 @@ def claim(plan: RunPlan) -> tuple[Path, rundir.RunLog]:
     _say(cfg.describe_lr() + f", cosine to {cfg.optim.min_lr:g} per {cfg.optim.schedule_interval}")
     if plan.resume_from is not None:
         _say(f"resuming {plan.resume} from {plan.resume_from}")
-    _say(f"run directory {run_dir}; Ray, DeepSpeed and MLflow messages go to its log: {log.path}")
+    _say(f"run directory {run_dir}; Ray, DeepSpeed and MLflow messages go to its log: {log}")
     return run_dir, log
 
 
@@ -249,11 +254,12 @@ class RaySession:
 
 
 @contextlib.contextmanager
-def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[RaySession]:
+def ray_session(plan: RunPlan, run_dir: Path | Location, log: rundir.RunLog) -> Iterator[RaySession]:
     """Ray started (or joined) with its output in ``train.log``, the ranks' own lines on the terminal.
 
     A run that fails before ``fit`` releases its directory (no worker ran: the name is free
-    again); Ray started here is shut down on the way out.
+    again); Ray started here is shut down on the way out, and the log closed (on a bucket: uploaded
+    a last time).
     """
     import ray
 
@@ -268,12 +274,14 @@ def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[Ra
                 yield session
     except BaseException:
         if not session.fitting:
+            log.discard()
             rundir.release(run_dir)  # claimed, but no worker ever ran: the name is free again
         raise
     finally:
         _run_log = None
         if session.started_here:
             ray.shutdown()
+        log.close()
 
 
 def _log_run_params(plan: RunPlan, tracker: Any) -> None:
@@ -282,7 +290,7 @@ def _log_run_params(plan: RunPlan, tracker: Any) -> None:
                             "resumed_from": str(plan.resume_from) if plan.resume_from else "none"})
 
 
-def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
+def build_trainer(plan: RunPlan, run_dir: Path | Location, tracker: Any):
     """The ``TorchTrainer``: per-worker loop, scaling/placement, failure policy, checkpoints, callbacks."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -293,8 +301,8 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
     cfg = plan.cfg
     if plan.resume_from is not None:
         old_best = ck.resolve_run_dir(plan.storage, plan.resume) / ck.BEST_DIR
-        if (old_best / ck.MODEL_FILE).is_file():
-            ck.replace_dir_atomically(old_best, run_dir / ck.BEST_DIR)
+        if (ck.checkpoint_location(old_best) / ck.MODEL_FILE).exists():
+            ck.update_best(old_best, run_dir)
     loop_config = {"cfg": to_dict(cfg), "precision": plan.precision, "run_name": plan.run_name,
                    "run_dir": str(run_dir), "resume_from": str(plan.resume_from) if plan.resume_from else None,
                    "tracker": tracker, "faults": os.environ.get("DIPRO_FAULT_INJECT")}
@@ -303,12 +311,20 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=cfg.trainer.dist_backend),  # gloo when ranks share a GPU
         scaling_config=placement.scaling_config(cfg),
-        run_config=RunConfig(name=plan.run_name, storage_path=str(plan.storage),
+        run_config=RunConfig(name=plan.run_name, **ray_storage(plan.storage),
                              failure_config=placement.failure_config(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
                              callbacks=[placement.SchedulingDeadline(cfg.trainer.schedule_timeout_s),
                                         failures.StopOnUserError()]),
     )
+
+
+def ray_storage(root: Location) -> dict[str, Any]:
+    """``RunConfig`` storage arguments: a local path as it is; a bucket as the layer's ``pyarrow.fs``
+    filesystem plus its path without scheme (Ray refuses a URI together with a filesystem)."""
+    if root.is_remote:
+        return {"storage_path": root.fs_path, "storage_filesystem": root.fs}
+    return {"storage_path": str(root.local)}
 
 
 def fit(trainer, plan: RunPlan, log: rundir.RunLog, tracker: Any):
@@ -346,20 +362,21 @@ def _print_tail(log: rundir.RunLog, lines: int = TAIL_LINES) -> None:
     print("\n".join(f"  {line}" for line in tail), file=sys.stderr, flush=True)
 
 
-def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
+def report(plan: RunPlan, run_dir: Path | Location, result, tracker: Any) -> TrainResult:
     """Evaluate the best checkpoint on test (as a Ray task), write ``summary.json``, finish the MLflow run."""
     import ray
 
     cfg = plan.cfg
     summary = result.return_value or {}
-    best_dir = run_dir / ck.BEST_DIR
-    last_ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    best_meta = ck.read_meta(best_dir)
+    run_loc = storage.resolve(run_dir)
+    best_dir = run_loc / ck.BEST_DIR
+    last_ckpt = run_loc / PurePosixPath(result.checkpoint.path).name if result.checkpoint is not None else None
+    best_meta = ck.read_meta(ck.checkpoint_location(best_dir))
     metrics = {k: v for k, v in (best_meta.get("metrics") or {}).items() if k.startswith("val/")}
     device = "cuda" if cfg.trainer.use_gpu else "cpu"
     evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker,
                           num_gpus=1 if cfg.trainer.use_gpu else 0)(_evaluate_task)
-    test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision))
+    test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision, dataclasses.asdict(cfg.storage)))
     metrics.update({f"test/{k}": float(v) for k, v in test.metrics.items()})
     _say(f"best epoch {best_meta.get('best_epoch')} ({cfg.monitor} {best_meta.get('best_value')}); test: "
          + " ".join(f"{k}={v:.4f}" for k, v in test.metrics.items() if "/" not in k and not math.isnan(v)))
@@ -368,7 +385,7 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
                    "last_checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": metrics,
                    "epochs_completed": summary.get("epochs_completed"), "global_step": summary.get("global_step"),
                    "history": summary.get("history", []), "resumed_from": resumed_from}
-    atomic.write_text(run_dir / "summary.json", json.dumps(summary_out, indent=1, default=float))
+    (run_loc / "summary.json").write_text(json.dumps(summary_out, indent=1, default=float))
     run_id = None
     if tracker is not None:
         run_id = tracker.run_id
@@ -380,6 +397,7 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
             version = register_checkpoint(cfg, str(best_dir), run_id, test.metrics, tracker.data_fingerprint)
             _say(f"registered {version}")
         tracker.finish("FINISHED")
-    return TrainResult(run_name=plan.run_name, run_dir=run_dir, best_checkpoint=best_dir, last_checkpoint=last_ckpt,
+    return TrainResult(run_name=plan.run_name, run_dir=run_loc.native, best_checkpoint=best_dir.native,
+                       last_checkpoint=last_ckpt.native if last_ckpt is not None else None,
                        metrics=metrics, mlflow_run_id=run_id, epochs_completed=summary.get("epochs_completed"),
                        global_step=summary.get("global_step"), history=summary.get("history", []), test=test)
