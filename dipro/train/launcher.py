@@ -344,7 +344,7 @@ def fit(trainer, plan: RunPlan, log: rundir.RunLog, tracker: Any):
         if failure is None and reason is None:  # not a user error: show what the workers said last
             _print_tail(log)
         log.failure(summary, exc, failure.traces if failure is not None else None)
-        _say(f"run {plan.run_name} failed; full trace in {log.path}")
+        _say(f"run {plan.run_name} failed; full trace in {log}")
         if tracker is not None:
             tracker.set_tags(failures.failure_tags(summary, failure))
             tracker.finish("FAILED")
@@ -358,7 +358,7 @@ def _print_tail(log: rundir.RunLog, lines: int = TAIL_LINES) -> None:
         tail = log.path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
     except OSError:
         return
-    print(f"[dipro train] last {len(tail)} lines of {log.path}:", file=sys.stderr)
+    print(f"[dipro train] last {len(tail)} lines of {log}:", file=sys.stderr)
     print("\n".join(f"  {line}" for line in tail), file=sys.stderr, flush=True)
 
 

@@ -156,8 +156,8 @@ class RunLog:
                 self.location.write_bytes(self.path.read_bytes())
                 self._uploaded = (st.st_size, st.st_mtime_ns)
                 return True
-            except (OSError, storage.StorageAccessError):
-                return False  # retried at the next interval; the log must never be why a run fails
+            except Exception:  # noqa: BLE001 -- retried at the next interval; the log must never be why a run fails
+                return False
 
     def _upload_loop(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
