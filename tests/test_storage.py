@@ -79,6 +79,23 @@ def test_round_trip_listing_and_conditional_writes(bucket):
     assert root.list() == []
 
 
+def test_directory_markers_are_not_objects(bucket, tmp_path):
+    """pyarrow (and Ray Train through it) leaves empty ``prefix/`` objects behind as directories: a listing
+    and ``is_dir`` must see the files only, whichever key sorts first."""
+    import pyarrow.fs as pafs
+
+    run = storage.resolve(bucket) / "runs" / "r"
+    run.fs.create_dir(run.fs_path + "/checkpoint_a")  # markers: runs/, runs/r/, runs/r/checkpoint_a/
+    (tmp_path / "rng").mkdir()
+    (tmp_path / "rng" / "rank_0.pt").write_bytes(b"x")
+    pafs.copy_files(str(tmp_path), run.fs_path + "/checkpoint_b", destination_filesystem=run.fs)
+    assert [o.path for o in run.list()] == ["checkpoint_b/rng/rank_0.pt"]
+    assert run.is_dir() and run.list(limit=1)[0].path == "checkpoint_b/rng/rank_0.pt"
+    assert not (run / "checkpoint_a").is_dir()
+    assert sorted(p.name for p in (run / "checkpoint_b").download_dir(tmp_path / "copy").rglob("*")) == [
+        "rank_0.pt", "rng"]
+
+
 def test_exactly_one_of_two_concurrent_creators_wins(bucket):
     lock = storage.resolve(bucket) / ".dipro.lock"
     results: list[str] = []

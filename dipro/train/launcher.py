@@ -185,7 +185,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None) -> Train
         return report(plan, run_dir, result, tracker)
 
 
-def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Path | None]:
+def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Location | None]:
     """Everything checkable before Ray starts: ``(precision, micro batches per rank, checkpoint to resume)``."""
     precision = validate_config(cfg)
     micro = check_data(cfg)
@@ -210,7 +210,7 @@ def _storage(cfg: Config) -> Location:
     return storage.resolve(cfg.trainer.storage_path)
 
 
-def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, resume_from: Path | None) -> RunPlan:
+def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, resume_from: Location | None) -> RunPlan:
     """The run's name (``trainer.run_name``, else a new one; a resumed run gets ``NAME-resumed-...``) in a copy
     of ``cfg``."""
     storage = _storage(cfg)
