@@ -118,6 +118,7 @@ def test_damaged_checkpoint_object_is_refused_with_the_local_line(bucket, tmp_pa
     assert [c.name for c in ck.list_checkpoints(run)] == [f"checkpoint_s0000000{s}" for s in (2, 4, 6)]
     assert ck.find_resume_checkpoint(root, "r1") == run / "checkpoint_s00000006"
     assert ck.find_resume_checkpoint(bucket + "/runs", f"{run.uri}@previous").name == "checkpoint_s00000004"
+    assert ck.find_resume_checkpoint(root, "r1@checkpoint_s00000002") == run / "checkpoint_s00000002"
     # the same damage to the local file and to the object: the same message but for where it is
     for where in (local, run):
         model = where / "checkpoint_s00000006" / "model.pt"
