@@ -412,6 +412,12 @@ class Location:
         return Path(os.fspath(self))
 
     @property
+    def native(self) -> "Path | Location":
+        """A :class:`~pathlib.Path` for a local location, the location itself on a bucket: what APIs that
+        have always handed out local paths (run directories, checkpoints) return, unchanged for local runs."""
+        return self if self.scheme else Path(self.key)
+
+    @property
     def fs(self):
         """The ``pyarrow.fs`` filesystem."""
         return filesystem(self.scheme)
@@ -502,21 +508,30 @@ class Location:
                                 break
                 return out
             prefix = f"{self.key}/" if self.key else ""
+            # Keys ending in "/" are directory markers (pyarrow's create_dir, Ray Train's storage setup, console
+            # "folders"): not objects of this location. ``limit`` counts real objects only.
             if self.scheme == "s3":
                 def page_all() -> list[ObjectInfo]:
                     found = []
-                    pages = client("s3").get_paginator("list_objects_v2").paginate(
-                        Bucket=self.bucket, Prefix=prefix, PaginationConfig={"MaxItems": limit} if limit else {})
+                    pages = client("s3").get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
                     for page in pages:
                         for obj in page.get("Contents", []):
-                            found.append(ObjectInfo(obj["Key"][len(prefix):], int(obj["Size"]),
-                                                    int(obj["LastModified"].timestamp() * 1e9),
-                                                    obj["ETag"].strip('"')))
-                    return found
+                            if not obj["Key"].endswith("/"):
+                                found.append(ObjectInfo(obj["Key"][len(prefix):], int(obj["Size"]),
+                                                        int(obj["LastModified"].timestamp() * 1e9),
+                                                        obj["ETag"].strip('"')))
+                        if limit and len(found) >= limit:
+                            break
+                    return found[:limit] if limit else found
             else:
                 def page_all() -> list[ObjectInfo]:
-                    blobs = client("gs").list_blobs(self.bucket, prefix=prefix, max_results=limit)
-                    return [_blob_info(b, b.name[len(prefix):]) for b in blobs]
+                    found = []
+                    for blob in client("gs").list_blobs(self.bucket, prefix=prefix):
+                        if not blob.name.endswith("/"):
+                            found.append(_blob_info(blob, blob.name[len(prefix):]))
+                            if limit and len(found) >= limit:
+                                break
+                    return found
             out = retrying(page_all, self.uri)
         return sorted((o for o in out if o.path), key=lambda o: o.path)
 

@@ -23,11 +23,13 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from data_sharding.constants import TASKS  # re-exported: one source
 from data_sharding.errors import ConfigError
+from data_sharding.storage import redact, resolve as resolve_location
 from dipro.defaults import PRECISIONS, STORAGE_PATH
 
 # The validation metric that drives best-checkpoint selection and early stopping.
@@ -284,7 +286,9 @@ class TrainerConfig:
     preemption_grace_s: float = 0.0
     """How long surviving workers may keep running past a preemption deadline (Ray FailureConfig)."""
     storage_path: str = STORAGE_PATH
-    """Ray storage path for checkpoints (must be shared storage on a cluster)."""
+    """Where run directories go (checkpoints, best/, train.log, summary.json): a local path, or an s3:// / gs://
+    URI (Ray Train's storage filesystem comes from data_sharding/storage.py). Must be shared by every node on a
+    cluster: a bucket, or an NFS mount at the same path."""
     run_name: str | None = None
     """Unique run name; generated when None."""
     log_every_n_steps: int = 10
@@ -310,6 +314,10 @@ class TrainerConfig:
         _check(self.max_epochs >= 1, "trainer.max_epochs must be >= 1")
         _check(self.max_failures >= -1, "trainer.max_failures must be >= -1 (-1 = unlimited)")
         _check(self.num_to_keep >= 1, "trainer.num_to_keep must be >= 1")
+        try:
+            resolve_location(self.storage_path)
+        except ConfigError as exc:  # an unknown scheme, a URI carrying credentials or options
+            raise ConfigError(f"trainer.storage_path: {exc}") from None
 
     @property
     def shares_gpu(self) -> bool:
@@ -364,6 +372,37 @@ def parse_num_workers(value: int | str) -> int | str:
 
 
 @dataclass
+class StorageConfig:
+    """Object-storage endpoints (data_sharding/storage.py). Credentials are never config keys: they come from
+    the standard chains (AWS_* variables, ~/.aws, the node's IAM role / IRSA; GCP workload identity,
+    GOOGLE_APPLICATION_CREDENTIALS), so nothing secret is saved with a run."""
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint for s3:// locations, e.g. http://minio.internal:9000 (MinIO, Ceph, a test server);
+    None = $DIPRO_S3_ENDPOINT, else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS itself. Applied in the
+    driver and in every Ray worker before it touches storage."""
+    gcs_endpoint: str | None = None
+    """GCS endpoint for gs:// locations (an emulator or a private endpoint); None = $DIPRO_GCS_ENDPOINT /
+    $STORAGE_EMULATOR_HOST, else Google's own."""
+
+    def __post_init__(self) -> None:
+        for name in ("s3_endpoint", "gcs_endpoint"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            parts = urlsplit(value if "://" in value else f"http://{value}")
+            _check(parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query
+                   and "@" not in parts.netloc and parts.path in ("", "/"),
+                   f"storage.{name} must be http(s)://HOST[:PORT] (no credentials, path or options), got "
+                   f"{redact(value)!r}")
+
+    def apply(self) -> None:
+        """Point this process's storage layer (and the Ray workers and subprocesses it starts) at these endpoints."""
+        from data_sharding import storage
+
+        storage.configure(s3_endpoint=self.s3_endpoint, gcs_endpoint=self.gcs_endpoint)
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory."""
@@ -393,6 +432,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")

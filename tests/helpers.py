@@ -59,3 +59,29 @@ def make_checkpoint(path: Path, cfg, seed: int, val: float) -> Path:
     model = build_model(cfg, stats)
     write_model_files(path, model.state_dict(), cfg, stats, {"best_value": val, "best_epoch": 1})
     return path
+
+
+def make_run(storage: Path, name: str, steps=(2, 4, 6), world: int = 2) -> Path:
+    """A local run directory with real checkpoints (of ``world`` ranks, with digests), as the ranks and
+    Ray's upload leave them; tiny weights (no model is built)."""
+    import shutil
+
+    import torch
+
+    from dipro.config import load_config
+    from dipro.train import checkpoint as ck
+
+    cfg = load_config(config_path("demo"))
+    run_dir = Path(storage) / name
+    for step in steps:
+        ckpt = run_dir / f"checkpoint_s{step:08d}"
+        for rank in range(world):
+            with ck.staged_checkpoint(rank, "test checkpoint", "-") as local:
+                ck.atomic_torch_save(ck.rng_state(), ck.rng_file(local, rank))
+                if rank == 0:
+                    ck.write_model_files(local, {"w": torch.full((64,), float(step))}, cfg, {},
+                                         {"global_step": step, "epoch": 0, "kind": "step", "world_size": world,
+                                          "strategy": "ddp"})
+                ck.write_digest(local, rank)
+                shutil.copytree(local, ckpt, dirs_exist_ok=True)  # Ray merges the ranks' directories
+    return run_dir

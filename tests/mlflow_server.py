@@ -145,11 +145,19 @@ class Server:
     The first :meth:`start` picks the port; a later :meth:`start` (after :meth:`stop`) reuses it and the
     same database, as a restarted tracking server would. ``backend_uri``: the backend store (default a
     sqlite file in ``root``; :meth:`Postgres.start` gives a PostgreSQL one).
+
+    ``artifacts_destination``: where the server stores artifacts (default: a local folder under ``root``);
+    ``s3://BUCKET/PREFIX`` is MLflow's proxy mode: clients send artifacts to the server over HTTP
+    (``mlflow-artifacts:/`` URIs) and only the server talks to the bucket, so only ``env`` (the server's
+    environment, e.g. ``{**os.environ, **object_store.s3_env(endpoint)}``) holds the bucket's credentials.
     """
 
-    def __init__(self, root: Path, backend_uri: str | None = None) -> None:
+    def __init__(self, root: Path, backend_uri: str | None = None, artifacts_destination: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.backend_uri = backend_uri or f"sqlite:///{root}/server.db"
+        self.artifacts_destination = artifacts_destination or str(root / "artifacts")
+        self.env = env
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -161,11 +169,11 @@ class Server:
     def _argv(self, port: int) -> list[str]:
         return [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--backend-store-uri", self.backend_uri,
-                "--artifacts-destination", str(self.root / "artifacts")]
+                "--artifacts-destination", self.artifacts_destination]
 
     def start(self) -> None:
         self.proc, self.port = start_http(self._argv, lambda p: f"http://127.0.0.1:{p}/health",
-                                          self.root / "server.log", self.port, 120, cwd=self.root)
+                                          self.root / "server.log", self.port, 120, env=self.env, cwd=self.root)
 
     def stop(self) -> None:
         stop_group(self.proc)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import ray
+from data_sharding import storage
 from dipro import cli
 from dipro.config import Config, load_config
 
@@ -24,6 +25,8 @@ CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 IMAGE_PROJECT_DIR = "/home/ray/dipro"  # WORKDIR of cluster/Dockerfile
 SHARED_MOUNT = "/mnt/dipro"
+"""Where the NFS alternative (kuberay/storage.yaml, the launcher's commented mount) is mounted."""
+SERVICE_ACCOUNT = "dipro"
 K8S_RESOURCE_NAMES = {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"}
 PAPER_EFFECTIVE_BATCH = load_config(REPO / "configs" / "mortality.yaml").effective_batch_size
 
@@ -34,6 +37,11 @@ def load_all(path: Path) -> list[dict]:
 
 def kuberay_docs() -> dict[str, dict]:
     return {p.name: load_all(p)[0] for p in sorted(KUBERAY.glob("*.yaml"))}
+
+
+def is_bucket(location: str) -> bool:
+    """An ``s3://`` / ``gs://`` URI the storage layer accepts (no credentials or options in it)."""
+    return storage.resolve(location).is_remote
 
 
 # ----------------------------------------------------------------------------- commands
@@ -99,8 +107,17 @@ def test_readme_covers_the_whole_path():
     kinds = {dipro_argv(c)[0] for c in readme_commands()}
     assert {"prepare", "shard", "shards", "train", "evaluate", "registry", "predict"} <= kinds, kinds
     text = (CLUSTER / "README.md").read_text()
-    for needle in ("--resume", "s3://", "MUST be shared", "effective batch", "nvidia.com/gpu"):
+    for needle in ("--resume", "s3://", "gs://", "MUST be shared", "effective batch", "nvidia.com/gpu",
+                   # object storage first: identity, layout, abandoned uploads, old generations, endpoints, MLflow
+                   "IRSA", "workload identity", "AbortIncompleteMultipartUpload", "dipro shards gc",
+                   "storage.s3_endpoint", "DIPRO_S3_ENDPOINT", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST",
+                   "--artifacts-destination", "--no-serve-artifacts", "NFS"):
         assert needle in text, needle
+    assert text.index("IRSA") < text.index("NFS"), "object storage first, NFS second"
+    # the commands of the walk-through keep their data and runs in a bucket
+    paths = [t.split("=", 1)[1] for c in readme_commands() for t in shlex.split(c)
+             if t.startswith(("data.shards=", "trainer.storage_path="))]
+    assert paths and all(is_bucket(p) for p in paths), paths
 
 
 def test_readme_sizing_table_keeps_the_paper_effective_batch():
@@ -160,7 +177,12 @@ def test_cluster_launcher():
     proj_i = next(i for i, c in enumerate(setup) if "install -q -e" in c)
     ds_i = next(i for i, c in enumerate(setup) if "deepspeed==" in c)
     assert torch_i < proj_i < ds_i and "--no-build-isolation" in setup[ds_i]
-    assert any(f"mount -t nfs4" in c and SHARED_MOUNT in c for c in setup), "shared storage mounted"
+    # the bucket through the nodes' instance profiles, never keys
+    for name, t in types.items():
+        if name != cfg["head_node_type"]:
+            assert t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    text = (CLUSTER / "cluster-launcher.yaml").read_text()
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "s3://" in text
     for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
         if "ray start" in c:
             assert "RAY_AUTH_MODE=token" in c, c
@@ -207,10 +229,22 @@ def check_ray_cluster_spec(spec: dict, needs_mlflow: bool) -> int:
         if gpus:
             assert name != "head"
             assert any(t["key"] == "nvidia.com/gpu" for t in group["template"]["spec"].get("tolerations", []))
-        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
-        assert volumes[mounts[SHARED_MOUNT]]["persistentVolumeClaim"]["claimName"] == "dipro-shared", name
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == SERVICE_ACCOUNT, f"{name}: bucket access via the service account"
+        assert not any(e["name"].startswith(("AWS_SECRET", "AWS_ACCESS", "GOOGLE_APPLICATION")) for e in
+                       container.get("env", [])), f"{name}: no storage keys in the pods"
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert set(mounts.values()) <= set(volumes), name
     return total_gpus
+
+
+def test_service_account_carries_the_workload_identity():
+    sa = load_all(KUBERAY / "service-account.yaml")[0]
+    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == SERVICE_ACCOUNT
+    notes = sa["metadata"]["annotations"]
+    assert notes["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")  # IRSA
+    assert notes["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")  # GKE workload identity
 
 
 def test_shared_volume_is_read_write_many():
@@ -245,10 +279,10 @@ def test_rayjobs(name, needs_mlflow):
         cfg: Config = load_config(REPO / cfg_path, [t for t in argv if "=" in t])
         assert cfg.trainer.use_gpu and cfg.trainer.num_workers == gpus, "one worker per GPU of the job's cluster"
         assert cfg.effective_batch_size == PAPER_EFFECTIVE_BATCH
-        assert cfg.trainer.storage_path.startswith(SHARED_MOUNT) or "://" in cfg.trainer.storage_path
-        assert cfg.data.shards.startswith(SHARED_MOUNT)
+        assert is_bucket(cfg.trainer.storage_path) and is_bucket(cfg.data.shards)
     else:
         assert argv[:2] == ["shards", "regenerate"] and gpus == 0
+        assert is_bucket(argv[argv.index("--processed") + 1]) and is_bucket(argv[argv.index("--out") + 1])
 
 
 def test_images_match_the_dockerfile():

@@ -58,11 +58,29 @@ def test_base_inheritance(tmp_path):
         ("model.pair_reversal=flip", "model.pair_reversal"),
         ("optim.schedule_interval=batch", "optim.schedule_interval"),
         ("model.num_layers=1", "model.num_layers"),
+        ("trainer.storage_path=s3://KEY:SECRET@bucket/runs", "trainer.storage_path: s3:"),
+        ("trainer.storage_path=hdfs://nn/runs", "trainer.storage_path: hdfs://nn/runs: unsupported storage scheme"),
+        ("storage.s3_endpoint=http://KEY:SECRET@minio:9000", "storage.s3_endpoint must be"),
+        ("storage.gcs_endpoint=http://h:1/p?token=SECRET", "storage.gcs_endpoint must be"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_storage_endpoints_are_applied_and_never_hold_secrets(monkeypatch):
+    monkeypatch.delenv("DIPRO_S3_ENDPOINT", raising=False)
+    cfg = load_config(None, ["storage.s3_endpoint=http://minio.internal:9000", "trainer.storage_path=s3://bkt/runs"])
+    monkeypatch.setenv("DIPRO_S3_ENDPOINT", "")  # (restored afterwards: apply() sets it for this process)
+    cfg.storage.apply()
+    import os
+
+    assert os.environ["DIPRO_S3_ENDPOINT"] == "http://minio.internal:9000" and cfg.trainer.storage_path == "s3://bkt/runs"
+    for bad in ("storage.s3_endpoint=http://KEY:SECRET@minio:9000", "trainer.storage_path=s3://KEY:SECRET@bkt/x"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [bad])
+        assert "SECRET" not in str(info.value)
 
 
 def test_the_old_lr_key_in_yaml_names_its_replacement(tmp_path):

@@ -24,6 +24,7 @@ from data_sharding.lock import LOCK_NAME, LockedError, output_lock
 from dipro import cli
 
 import processed_fixture
+from helpers import make_run
 
 try:
     from tests.prepare_raw import RawTree, at
@@ -239,31 +240,6 @@ def test_checkpoint_save_fails_part_way_previous_checkpoints_intact(tmp_path):
     assert ck.checkpoint_problem(run_dir / "checkpoint_s00000001") is None
     assert temp_leftovers(run_dir) == []
     assert list((tmp_path / "tmp").iterdir()) == []  # the rank's local staging dir is gone too
-
-
-def make_run(storage: Path, name: str, steps=(2, 4, 6), world: int = 2) -> Path:
-    """A run directory with real checkpoints, as the ranks and Ray's upload leave them."""
-    import torch
-
-    from dipro.config import load_config
-    from dipro.train import checkpoint as ck
-
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
-    run_dir = storage / name
-    for step in steps:
-        ckpt = run_dir / f"checkpoint_s{step:08d}"
-        for rank in range(world):
-            with ck.staged_checkpoint(rank, "test checkpoint", "-") as local:
-                ck.atomic_torch_save(ck.rng_state(), ck.rng_file(local, rank))
-                if rank == 0:
-                    ck.write_model_files(local, {"w": torch.full((64,), float(step))}, cfg, {},
-                                         {"global_step": step, "epoch": 0, "kind": "step", "world_size": world,
-                                          "strategy": "ddp"})
-                ck.write_digest(local, rank)
-                import shutil
-
-                shutil.copytree(local, ckpt, dirs_exist_ok=True)  # Ray merges the ranks' directories
-    return run_dir
 
 
 def test_truncated_checkpoint_is_named_and_previous_only_on_request(tmp_path, capsys):

@@ -212,10 +212,17 @@ def test_a_user_error_on_a_rank_is_not_retried():
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray whose workers have (dummy) S3 credentials in their environment, as a node's IAM role
+    gives them, but no endpoint: a run on the test S3 server names it with ``storage.s3_endpoint``."""
     import ray
+    from object_store import ACCESS_KEY, SECRET_KEY
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    with pytest.MonkeyPatch.context() as mp:  # the raylet copies this environment at start
+        for name, value in (("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+                            ("AWS_DEFAULT_REGION", "us-east-1")):
+            mp.setenv(name, value)
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -251,23 +258,41 @@ def test_error_raised_on_a_rank_is_one_line_and_the_run_is_failed(shards, tmp_pa
 
 
 @pytest.mark.slow
-def test_truncated_last_checkpoint_resumes_from_previous_only_when_asked(shards, tmp_path, ray_local):
+def test_truncated_last_checkpoint_on_a_bucket_resumes_from_previous_only_when_asked(shards, tmp_path, ray_local,
+                                                                                      s3_server, s3_bucket, monkeypatch):
+    """The run directory on S3 (trainer.storage_path=s3://..., the endpoint from storage.s3_endpoint in the
+    driver and the workers): its last checkpoint's train_state.pt object cut short is refused with the line
+    a local file gets, and --resume RUN@previous continues from the checkpoint before it, read from the bucket."""
+    import re
+
+    from data_sharding import storage
     from dipro.train import checkpoint as ck
     from dipro.train import run_training
 
-    storage = tmp_path / "runs"
-    first = run_training(cfg_for(shards, storage, "trainer.run_name=base", "trainer.max_epochs=2",
-                                 "trainer.num_to_keep=5"))
-    names = sorted(p.name for p in first.run_dir.glob("checkpoint_*") if p.is_dir())
+    monkeypatch.setenv("DIPRO_S3_ENDPOINT", s3_server.endpoint)  # (undone afterwards: storage.configure sets it)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the config key says where the server is
+    runs = f"{s3_bucket}/runs"
+    where = f"storage.s3_endpoint={s3_server.endpoint}"
+    first = run_training(cfg_for(shards, runs, "trainer.run_name=base", "trainer.max_epochs=2",
+                                 "trainer.num_to_keep=5", where))
+    assert first.run_dir == storage.resolve(f"{runs}/base")
+
+    def checkpoints(run_dir) -> list[str]:
+        return sorted({o.path.split("/")[0] for o in run_dir.list() if o.path.startswith("checkpoint_s")})
+
+    names = checkpoints(first.run_dir)
     assert names == ["checkpoint_s00000003_epoch0000", "checkpoint_s00000006_epoch0001"]
     state = first.run_dir / names[-1] / "train_state.pt"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    cfg = cfg_for(shards, storage, "trainer.max_epochs=3", "trainer.num_to_keep=5")
-    with pytest.raises(UserError, match=rf"{state} is truncated or damaged: .* --resume base@previous"):
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    cfg = cfg_for(shards, runs, "trainer.max_epochs=3", "trainer.num_to_keep=5", where)
+    with pytest.raises(UserError, match=rf"{re.escape(str(state))} is truncated or damaged: .* --resume base@previous"):
         run_training(cfg, resume="base")
     r = run_training(cfg, resume="base@previous")
     assert r.run_name.startswith("base-resumed-")
     # from the end of epoch 0 (step 3): epochs 1 and 2 again, 9 steps in all
     assert r.global_step == 9 and r.epochs_completed == 3
-    assert sorted(p.name for p in r.run_dir.glob("checkpoint_s*"))[0] == "checkpoint_s00000006_epoch0001"
+    assert checkpoints(r.run_dir)[0] == "checkpoint_s00000006_epoch0001"
     assert ck.checkpoint_problem(r.last_checkpoint) is None
+    assert "resuming base@previous from " + f"{runs}/base/checkpoint_s00000003_epoch0000" in (
+        r.run_dir / "train.log").read_text()

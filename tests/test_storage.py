@@ -16,11 +16,12 @@ def test_resolve_local_and_uris(tmp_path, monkeypatch):
     loc = storage.resolve("rel/dir")
     assert not loc.is_remote and loc.uri == str(tmp_path / "rel" / "dir")
     assert (loc / "a.tar").local == tmp_path / "rel" / "dir" / "a.tar"
+    assert loc.native == tmp_path / "rel" / "dir" and isinstance(loc.native, type(tmp_path))
     s3 = storage.resolve("s3://my-bucket/dipro/shards/")
     assert (s3.scheme, s3.bucket, s3.key, s3.fs_path) == ("s3", "my-bucket", "dipro/shards", "my-bucket/dipro/shards")
     assert (s3 / "mortality_los/train-000000.tar").uri == "s3://my-bucket/dipro/shards/mortality_los/train-000000.tar"
     assert storage.resolve("gs://bkt").uri == "gs://bkt" and storage.resolve("gs://bkt").parent.uri == "gs://bkt"
-    assert (s3 / "x").relative_to(s3) == "x" and (s3 / "x").parent == s3
+    assert (s3 / "x").relative_to(s3) == "x" and (s3 / "x").parent == s3 and s3.native is s3
     with pytest.raises(ValueError):
         s3 / "../escape"
 
@@ -76,6 +77,23 @@ def test_round_trip_listing_and_conditional_writes(bucket):
     assert not (root / "m.json").exists()
     root.remove_tree()
     assert root.list() == []
+
+
+def test_directory_markers_are_not_objects(bucket, tmp_path):
+    """pyarrow (and Ray Train through it) leaves empty ``prefix/`` objects behind as directories: a listing
+    and ``is_dir`` must see the files only, whichever key sorts first."""
+    import pyarrow.fs as pafs
+
+    run = storage.resolve(bucket) / "runs" / "r"
+    run.fs.create_dir(run.fs_path + "/checkpoint_a")  # markers: runs/, runs/r/, runs/r/checkpoint_a/
+    (tmp_path / "rng").mkdir()
+    (tmp_path / "rng" / "rank_0.pt").write_bytes(b"x")
+    pafs.copy_files(str(tmp_path), run.fs_path + "/checkpoint_b", destination_filesystem=run.fs)
+    assert [o.path for o in run.list()] == ["checkpoint_b/rng/rank_0.pt"]
+    assert run.is_dir() and run.list(limit=1)[0].path == "checkpoint_b/rng/rank_0.pt"
+    assert not (run / "checkpoint_a").is_dir()
+    assert sorted(p.name for p in (run / "checkpoint_b").download_dir(tmp_path / "copy").rglob("*")) == [
+        "rank_0.pt", "rng"]
 
 
 def test_exactly_one_of_two_concurrent_creators_wins(bucket):

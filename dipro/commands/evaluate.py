@@ -16,12 +16,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Print and write the task's metrics (metrics.json and metrics.txt).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", nargs="+",
-                     help="checkpoint directory (e.g. runs/RUN/best, a dipro import-authors output) or its model.pt; "
-                          "several (e.g. the three seeds' imports) print the paper's mean ± std table over them")
+                     help="checkpoint directory (e.g. runs/RUN/best, s3://BUCKET/runs/RUN/best, a dipro import-authors "
+                          "output) or its model.pt; several (e.g. the three seeds' imports) print the paper's mean ± std "
+                          "table over them")
     src.add_argument("--model", metavar="URI", help="MLflow model URI, e.g. models:/dipro-mortality@champion")
     p.add_argument("--split", default=defaults.EVAL_SPLIT, choices=defaults.SPLITS)
     p.add_argument("--shards", metavar="DIR", help="shard directory (default: the checkpoint config's data.shards)")
-    p.add_argument("--out", metavar="DIR", help="where to write metrics.json / metrics.txt (default: ./eval-SPLIT)")
+    p.add_argument("--out", metavar="DIR",
+                   help="where to write metrics.json / metrics.txt: a directory or an s3:// / gs:// prefix "
+                        "(default: ./eval-SPLIT)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--precision", default=defaults.PRECISIONS[0], choices=defaults.PRECISIONS)
     p.add_argument("--batch-size", type=int, default=None)
@@ -45,17 +48,17 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.precision == "fp16" and not device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
-    out = Path(args.out or f"eval-{args.split}")
+    out = args.out or f"eval-{args.split}"
     kwargs = dict(shard_dir=args.shards, device=device, precision=args.precision, batch_size=args.batch_size,
                   progress=True, remove_acquisition=args.remove_acquisition)
     if args.checkpoint and len(args.checkpoint) > 1:
         from dipro.train.evaluate import evaluate_over_checkpoints
 
-        summary = evaluate_over_checkpoints([Path(c) for c in args.checkpoint], args.split, out, **kwargs)
+        summary = evaluate_over_checkpoints([Path(c) for c in args.checkpoint], args.split, Path(out), **kwargs)
         print(summary.table)
         print(f"wrote {summary.json_path} and {summary.json_path.with_suffix('.txt')}")
         return 0
-    path = Path(args.checkpoint[0]) if args.checkpoint else checkpoint_from_model_uri(args.model)
+    path = args.checkpoint[0] if args.checkpoint else checkpoint_from_model_uri(args.model)
     source = args.checkpoint[0] if args.checkpoint else args.model
     if args.remove_acquisition:
         source += f" (acquisition removed: {args.remove_acquisition})"
@@ -63,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from dipro.bootstrap import bootstrap_run, format_intervals
 
     intervals = bootstrap_run(result.task, result.y_true, result.y_prob)
-    jpath, _ = write_eval_outputs(result, out, source, intervals=intervals)
+    jpath, tpath = write_eval_outputs(result, out, source, intervals=intervals)
     print(format_metrics(result.metrics, f"{result.task} / {args.split} / {result.num_samples} samples / {source}"))
     print(format_intervals({source: intervals}, result.task))
-    print(f"wrote {jpath} and {jpath.with_suffix('.txt')}")
+    print(f"wrote {jpath} and {tpath}")
     return 0

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "run, one child per seed.")
     add_config_args(p)
     p.add_argument("--seeds", default=_SEEDS, help=f"comma-separated seeds (default: the paper's {_SEEDS})")
-    p.add_argument("--out", metavar="DIR", default=None, help="write experiment.json / experiment.txt here")
+    p.add_argument("--out", metavar="DIR", default=None, help="write experiment.json / experiment.txt here (a directory or an s3:// / gs:// prefix)")
     p.add_argument("--max-concurrent", type=positive_int, default=None, metavar="N",
                    help="seeds trained at once (default: what the cluster can place; it is a one-arm dipro sweep)")
     p.set_defaults(func=run)

@@ -19,10 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Parquet file. Uses one Ray task per shard with --ray or for large splits "
                     "(connects to $RAY_ADDRESS or starts a local Ray).",
     )
-    p.add_argument("--model", required=True, help="model URI or directory")
+    p.add_argument("--model", required=True,
+                   help="model URI, MLflow model directory, or checkpoint directory (local or s3:// / gs://)")
     p.add_argument("--shards", required=True, help="shard root (holds manifest.parquet)")
     p.add_argument("--split", default=defaults.EVAL_SPLIT, choices=defaults.SPLITS)
-    p.add_argument("--out", required=True, help="output .parquet file (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output .parquet file, local or s3:// / gs:// (written atomically either way)")
     p.add_argument("--ray", dest="use_ray", action="store_const", const=True, default=None,
                    help="one Ray task per shard (default: only for large splits)")
     p.add_argument("--no-ray", dest="use_ray", action="store_const", const=False, help="always in-process")

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Checkpoints go to trainer.storage_path/RUN; the best one to RUN/best.")
     add_config_args(p, required=False)
     p.add_argument("--resume", metavar="RUN",
-                   help="continue RUN (a name under trainer.storage_path, or a run directory) from its last "
+                   help="continue RUN (a name under trainer.storage_path, a run directory or its s3:// / gs:// URI) from its last "
                         "checkpoint, under a new run name; without --config its saved config is used. A damaged "
                         "last checkpoint is an error naming the file: RUN@previous resumes from the one before, "
                         "RUN@checkpoint_NAME from that one")
@@ -31,16 +31,12 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, args.overrides)
     elif args.resume:
-        import os
-
-        from dipro.defaults import STORAGE_PATH
         from dipro.train import checkpoint as ck
 
-        storage = STORAGE_PATH
-        for item in args.overrides:
-            if item.startswith("trainer.storage_path="):
-                storage = item.split("=", 1)[1]
-        last = ck.find_resume_checkpoint(os.path.abspath(storage), args.resume)
+        # where the run is (trainer.storage_path, storage.* endpoints) before its saved config can be read
+        where = load_config(None, [o for o in args.overrides if o.startswith(("trainer.storage_path=", "storage."))])
+        where.storage.apply()
+        last = ck.find_resume_checkpoint(where.trainer.storage_path, args.resume)
         cfg = replace(ck.load_config_from_checkpoint(last), ["trainer.run_name=null", *args.overrides])
     else:
         raise UserError("give --config FILE (or --resume RUN to continue a run with its saved config)")

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_sharding import atomic, ray_init
+from data_sharding import ray_init
+from data_sharding.storage import Location
 from data_sharding.errors import ConfigError
 from dipro.config import Config, from_dict, replace, to_dict
 from dipro.sweep import record as rec
@@ -45,7 +46,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 @dataclass
 class SweepResult:
     name: str
-    root: Path
+    root: Location
     report: Any
     """:class:`dipro.sweep.report.Report`."""
     records: dict[str, rec.TrialRecord]
@@ -65,7 +66,10 @@ def new_name(cfg: Config) -> str:
 
 
 def _abs(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+    """An absolute local path, or a bucket URI as it is."""
+    from data_sharding import storage
+
+    return storage.resolve(path).uri
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -83,7 +87,7 @@ def resolve_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, trainer=trainer, data=data, model=model, tracking=tracking)
 
 
-def trial_configs(base: Config, name: str, root: Path, trials: list[Trial]) -> tuple[dict[str, Config], dict[str, str]]:
+def trial_configs(base: Config, name: str, root: Location, trials: list[Trial]) -> tuple[dict[str, Config], dict[str, str]]:
     """Each trial's config (its overrides, deterministic run name, the sweep's directory as storage path);
     ``{key: one-line reason}`` for values that make no valid config."""
     cfgs, invalid = {}, {}
@@ -115,7 +119,7 @@ def placeable(cfgs: list[Config]) -> tuple[int, str]:
 
 def _definition(cfg: Config | None, grid: dict[str, list[str]], seeds: list[int], name: str | None,
                 resume: str | None, storage: str | None, baseline: str | None,
-                tracking_uri: str | None) -> tuple[rec.SweepDefinition, Config, Path, bool]:
+                tracking_uri: str | None) -> tuple[rec.SweepDefinition, Config, Location, bool]:
     """(definition, resolved base config, sweep directory, is new)."""
     from dipro.tracking.uri import MASK, redact_config
 
@@ -216,7 +220,7 @@ def _library_loggers() -> tuple[str, ...]:
 
 
 def _track(base: Config, name: str, definition: rec.SweepDefinition, trials: list[Trial], cfgs: dict[str, Config],
-           invalid: dict[str, str], records: dict[str, rec.TrialRecord], root: Path):
+           invalid: dict[str, str], records: dict[str, rec.TrialRecord], root: Location):
     """The parent and one child per trial (found by tags on resume); (None, {}) without tracking."""
     import json
 
@@ -243,7 +247,7 @@ def _track(base: Config, name: str, definition: rec.SweepDefinition, trials: lis
     return parent, trackers
 
 
-def _run_tune(name: str, root: Path, todo: list[Trial], cfgs: dict[str, Config], trackers: dict[str, Any],
+def _run_tune(name: str, root: Location, todo: list[Trial], cfgs: dict[str, Config], trackers: dict[str, Any],
               max_concurrent: int | None, log) -> int:
     """Start / join Ray and run ``todo`` as Tune trials; returns the concurrency used."""
     import ray
@@ -252,6 +256,7 @@ def _run_tune(name: str, root: Path, todo: list[Trial], cfgs: dict[str, Config],
     from dipro.sweep.progress import SweepProgress
     from dipro.sweep.trial import run_trial
     from dipro.train import faults
+    from dipro.train.launcher import ray_storage
 
     started = ray_init.init_ray(log_to_driver=True) and not os.environ.get("RAY_ADDRESS")
     try:
@@ -266,7 +271,7 @@ def _run_tune(name: str, root: Path, todo: list[Trial], cfgs: dict[str, Config],
             specs = {t.key: {"key": t.key, "arm": t.arm.index, "seed": t.seed, "run_name": t.run_name(name),
                              "owner": t.owner(name), "sweep_dir": str(root), "cfg": to_dict(cfgs[t.key]),
                              "tracker": trackers.get(t.key), "faults": os.environ.get(faults.ENV)} for t in todo}
-            attempt = 1 + sum(1 for p in root.glob("tune-*") if p.is_dir())
+            attempt = 1 + len({o.path.split("/", 1)[0] for o in root.list() if o.path.startswith("tune-")})
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
             trainable = tune.with_resources(tune.with_parameters(run_trial, specs=specs), {"cpu": TRIAL_CPU})
             tuner = tune.Tuner(
@@ -274,7 +279,7 @@ def _run_tune(name: str, root: Path, todo: list[Trial], cfgs: dict[str, Config],
                 param_space={"trial": tune.grid_search([t.key for t in todo])},
                 # reuse_actors: a finished trial's actor takes the next queued trial (no new process, no imports)
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
-                run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(root), verbose=0,
+                run_config=tune.RunConfig(name=f"tune-{attempt}", **ray_storage(root), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0),
                                           callbacks=[SweepProgress(root, {t.key: t for t in todo}, _say)]))
             tuner.fit()
@@ -284,14 +289,16 @@ def _run_tune(name: str, root: Path, todo: list[Trial], cfgs: dict[str, Config],
             ray.shutdown()
 
 
-def _write_results(root: Path, out_dir: str | Path | None, definition: rec.SweepDefinition, report) -> None:
+def _write_results(root: Location, out_dir: str | Path | None, definition: rec.SweepDefinition, report) -> None:
     import json
 
     payload = json.dumps({"name": definition.name, "grid": definition.grid, "seeds": definition.seeds,
                           **report.as_dict()}, indent=1, default=_json_float)
-    for where in [root] + ([Path(out_dir)] if out_dir is not None else []):
-        atomic.write_text(where / f"{rec.RESULTS}.json", payload + "\n")
-        atomic.write_text(where / f"{rec.RESULTS}.txt", report.table + "\n")
+    from data_sharding import storage
+
+    for where in [root] + ([storage.resolve(out_dir)] if out_dir is not None else []):
+        (where / f"{rec.RESULTS}.json").write_text(payload + "\n")
+        (where / f"{rec.RESULTS}.txt").write_text(report.table + "\n")
 
 
 def _json_float(o: Any) -> Any:

@@ -5,10 +5,11 @@ log (``sweep.log``) and the trial's ``train.log``, so concurrent trials do not i
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from ray import tune
+
+from data_sharding.storage import Location
 
 from dipro.sweep import record as rec
 
@@ -16,7 +17,7 @@ from dipro.sweep import record as rec
 class SweepProgress(tune.Callback):
     """Tune callback in the sweep driver: ``say`` a line when a trial starts or ends (read from its record)."""
 
-    def __init__(self, root: Path, trials: dict[str, Any], say: Callable[[str], None]) -> None:
+    def __init__(self, root: Location, trials: dict[str, Any], say: Callable[[str], None]) -> None:
         self.root, self.trials, self.say = root, trials, say
         self.running: set[str] = set()
         self.done = 0

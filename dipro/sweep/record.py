@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from data_sharding import atomic
+from data_sharding import storage
 from data_sharding.errors import ConfigError, DataError
 
 DEFINITION = "sweep.json"
@@ -73,41 +72,47 @@ class TrialRecord:
         return self.status in (FINISHED, FAILED)
 
 
-def sweep_dir(storage: str | Path, name: str) -> Path:
-    return Path(storage) / name
+def sweep_dir(storage_path, name: str) -> storage.Location:
+    """``{storage_path}/{name}``: a local directory or a bucket prefix (:mod:`data_sharding.storage`)."""
+    return storage.resolve(storage_path) / name
 
 
-def write_definition(root: Path, definition: SweepDefinition) -> None:
-    atomic.write_text(root / DEFINITION, json.dumps(asdict(definition), indent=1) + "\n")
+def write_definition(root: storage.Location, definition: SweepDefinition) -> None:
+    (root / DEFINITION).write_text(json.dumps(asdict(definition), indent=1) + "\n")
 
 
-def read_definition(root: Path) -> SweepDefinition:
+def read_definition(root: storage.Location) -> SweepDefinition:
     path = root / DEFINITION
-    if not path.is_file():
+    try:
+        text = path.read_text()
+    except storage.NotFound:
         raise ConfigError(f"no sweep at {root} ({DEFINITION} missing): start it with dipro sweep --config FILE "
                           f"--name {root.name}, or give the storage path it was started with "
-                          "(trainer.storage_path=...)")
+                          "(trainer.storage_path=...)") from None
     try:
-        return SweepDefinition(**json.loads(path.read_text()))
+        return SweepDefinition(**json.loads(text))
     except (ValueError, TypeError) as exc:
         raise DataError(f"{path} is not a sweep definition ({exc})") from None
 
 
-def record_path(root: Path, key: str) -> Path:
+def record_path(root: storage.Location, key: str) -> storage.Location:
     return root / TRIALS_DIR / f"{key}.json"
 
 
-def read_record(root: Path, key: str) -> TrialRecord | None:
+def read_record(root: storage.Location, key: str) -> TrialRecord | None:
     path = record_path(root, key)
-    if not path.is_file():
+    try:
+        text = path.read_text()
+    except storage.NotFound:
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
         data["history"] = [tuple(x) for x in data.get("history", [])]
         return TrialRecord(**data)
     except (ValueError, TypeError) as exc:
         raise DataError(f"{path} is not a trial record ({exc}); delete it to run that trial again") from None
 
 
-def write_record(root: Path, record: TrialRecord) -> None:
-    atomic.write_text(record_path(root, record.key), json.dumps(asdict(record), indent=1, default=float) + "\n")
+def write_record(root: storage.Location, record: TrialRecord) -> None:
+    """Written atomically (temp + rename locally, one PUT on a bucket)."""
+    record_path(root, record.key).write_text(json.dumps(asdict(record), indent=1, default=float) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dipro.sweep import record as rec
@@ -77,6 +76,7 @@ def build(task: str, arms: list[Arm], trials: list[Trial], records: dict[str, re
     from dipro.bootstrap import align, bootstrap_paired, bootstrap_pooled, bootstrap_run
     from dipro.metrics import aggregate_seeds
     from dipro.train import rundir
+    from data_sharding import storage
     from dipro.train.evaluate import load_predictions
 
     results = [ArmResult(arm, [records[t.key] for t in trials if t.arm.index == arm.index and t.key in records])
@@ -85,7 +85,7 @@ def build(task: str, arms: list[Arm], trials: list[Trial], records: dict[str, re
     first = None
     for a in results:
         for t in a.finished:
-            p = load_predictions(Path(t.run_dir) / rundir.TEST_PREDICTIONS)
+            p = load_predictions(storage.resolve(t.run_dir) / rundir.TEST_PREDICTIONS)
             if first is None:
                 first = (t.key, p)
             align(first[1].sample_keys, p.sample_keys, f"trials {first[0]} and {t.key} on test")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from dipro.sweep import record as rec
@@ -54,7 +53,9 @@ def execute(spec: dict[str, Any], started: float | None = None) -> rec.TrialReco
     from dipro.train import faults
     from dipro.train.launcher import launch
 
-    root = Path(spec["sweep_dir"])
+    from data_sharding import storage
+
+    root = storage.resolve(spec["sweep_dir"])
     record = rec.read_record(root, spec["key"]) or rec.TrialRecord(
         key=spec["key"], arm=spec["arm"], seed=spec["seed"], run_name=spec["run_name"])
     if record.status == rec.FINISHED:

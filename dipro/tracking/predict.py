@@ -6,8 +6,10 @@ One output row per sample: ``sample_key, subject_id, stay_id, shard``, the
 task's probability columns and the predicted class (see
 :func:`dipro.tracking.pyfunc.probabilities_frame`).  Rows follow the manifest's
 shard order and the order inside each shard.  Corrupt samples are skipped,
-counted and reported (never silently dropped).  The file is written to a
-temporary name and renamed.
+counted and reported (never silently dropped).  ``--out`` is a local path
+or an ``s3://`` / ``gs://`` URI, written atomically either way (a temporary name
+and a rename locally, one PUT on a bucket).  ``--model`` may also be a checkpoint
+directory on a bucket (``s3://BUCKET/runs/RUN/best``).
 
 Execution: in-process, or one Ray task per shard (``--ray``, or automatically
 when the split holds more than :data:`RAY_MIN_SAMPLES` samples); Ray connects
@@ -15,6 +17,7 @@ to ``$RAY_ADDRESS`` or starts a local instance bound to 127.0.0.1.
 """
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,17 @@ class PredictReport:
 
 # ----------------------------------------------------------------------------- model loading
 def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str]:
-    """``(kind, location)``: ("checkpoint", dir) or ("mlflow", local dir of the downloaded model)."""
+    """``(kind, location)``: ("checkpoint", dir or bucket URI) or ("mlflow", local dir of the downloaded model)."""
+    from data_sharding import storage
+
+    if storage.is_remote(model):
+        from dipro.train.checkpoint import MODEL_FILE, checkpoint_location
+
+        loc = checkpoint_location(model)
+        if not (loc / MODEL_FILE).exists():
+            raise UserError(f"--model {model}: no {MODEL_FILE} there (expected a checkpoint directory such as "
+                            "s3://BUCKET/runs/RUN/best, or a model URI such as models:/dipro-mortality@champion)")
+        return "checkpoint", storage.resolve(model).uri
     p = Path(model)
     if p.is_dir() and (p / "model.pt").is_file():
         return "checkpoint", str(p.resolve())
@@ -68,10 +81,12 @@ def load_model_for_inference(kind: str, location: str, device: str = "cpu") -> t
     """(network, cfg) from a checkpoint dir or a downloaded DiPro pyfunc model dir."""
     from dipro.tracking.pyfunc import load_network
 
-    root = Path(location)
     if kind == "checkpoint":
-        return load_network(root / "config.yaml", root / "label_stats.json", root / "model.pt", device)
-    arts = root / "artifacts"
+        from dipro.train.checkpoint import local_checkpoint
+
+        with local_checkpoint(location, names=("config.yaml", "label_stats.json", "model.pt")) as root:
+            return load_network(root / "config.yaml", root / "label_stats.json", root / "model.pt", device)
+    arts = Path(location) / "artifacts"
     files = {"config": arts / "config.yaml", "label_stats": arts / "label_stats.json", "weights": arts / "model.pt"}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
@@ -147,8 +162,10 @@ def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool 
 
     from dipro.data.plan import read_manifest
 
-    out_path = Path(out)
-    if out_path.suffix != ".parquet":
+    from data_sharding import storage
+
+    out_loc = storage.resolve(out)
+    if not out_loc.name.endswith(".parquet"):
         raise UserError(f"--out {out} must end in .parquet")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -177,12 +194,12 @@ def run_predict(model: str, shards: str, split: str, out: str, *, use_ray: bool 
     if not frames:
         raise UserError(f"no readable sample in the {split} shards under {shards} ({skipped} corrupt)")
     table = pd.concat(frames, ignore_index=True)
-    from data_sharding.atomic import save_atomic
-
-    save_atomic(out_path, lambda tmp: table.to_parquet(tmp, index=False))
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    out_loc.write_bytes(buf.getvalue())  # atomic: temp + rename locally, one PUT on a bucket
     if skipped:
         print(f"dipro predict: skipped {skipped} corrupt sample(s); first: " + "; ".join(notes[:3]), file=sys.stderr)
-    return PredictReport(str(out_path), len(table), skipped, len(shard_set.shards), bool(use_ray), notes[:20])
+    return PredictReport(str(out_loc.native), len(table), skipped, len(shard_set.shards), bool(use_ray), notes[:20])
 
 
 def _run_ray(kind, location, model_ref, tracking_uri, shard_set, crop_size, batch_size, progress, rotation=None):

@@ -113,16 +113,29 @@ def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_
 
     Returns the new version number.  ``val_metric`` overrides the validation monitor value read
     from the checkpoint's ``meta.json`` (else the best ``val/<monitor>`` the run logged).
+    ``checkpoint_dir`` may be on a bucket (``s3://.../RUN/best``): its inference files are downloaded
+    for MLflow to log (through the tracking server: in proxy mode it alone writes the artifact store).
     """
+    from dipro.train.checkpoint import META_FILE, checkpoint_location, local_checkpoint
+
+    where = checkpoint_location(checkpoint_dir)
+    with local_checkpoint(where, names=(*CHECKPOINT_FILES.values(), META_FILE)) as local:
+        return _register_local(cfg, local, where.uri, run_id, test_metrics, data_fingerprint, val_metric,
+                               await_registration_for, extra_tags)
+
+
+def _register_local(cfg: Any, ckpt: Path, shown: str, run_id: str, test_metrics: dict[str, float],
+                    data_fingerprint: str | None, val_metric: float | None, await_registration_for: int,
+                    extra_tags: dict[str, str] | None = None) -> int:
+    """:func:`register_checkpoint` of a local checkpoint directory ``ckpt`` (``shown``: where it really is)."""
     import mlflow
 
     from dipro.config import to_dict
     from dipro.tracking import model_code, pyfunc
 
-    ckpt = Path(checkpoint_dir)
     missing = [f for f in CHECKPOINT_FILES.values() if not (ckpt / f).is_file()]
     if missing:
-        raise DataError(f"checkpoint {ckpt} lacks {', '.join(missing)}; expected {', '.join(CHECKPOINT_FILES.values())}")
+        raise DataError(f"checkpoint {shown} lacks {', '.join(missing)}; expected {', '.join(CHECKPOINT_FILES.values())}")
     client, uri = _client(getattr(cfg.tracking, "uri", None))
     monitor = cfg.monitor
     if val_metric is None:
@@ -135,7 +148,7 @@ def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_
     # Build the example and its output with the checkpoint itself: this also proves it loads.
     model, ckpt_cfg = pyfunc.load_network(ckpt / "config.yaml", ckpt / "label_stats.json", ckpt / "model.pt")
     if ckpt_cfg.task != cfg.task:
-        raise DataError(f"checkpoint {ckpt} is for task {ckpt_cfg.task!r}, the run's config says {cfg.task!r}")
+        raise DataError(f"checkpoint {shown} is for task {ckpt_cfg.task!r}, the run's config says {cfg.task!r}")
     example = pyfunc.synthetic_input_example(ckpt_cfg.model.crop_size)
     samples = pyfunc.dataframe_to_samples(example, ckpt_cfg.task, ckpt_cfg.model.crop_size)
     output = pyfunc.probabilities_frame(ckpt_cfg.task, pyfunc.predict_samples(model, ckpt_cfg, samples),
@@ -150,7 +163,7 @@ def register_checkpoint(cfg: Any, checkpoint_dir: str | Path, run_id: str, test_
         "monitor": f"val/{monitor}",
         f"val.{monitor}": repr(float(val_metric)),
         "config": json.dumps(to_dict(ckpt_cfg), sort_keys=True),
-        "checkpoint": str(ckpt.resolve()),
+        "checkpoint": shown,
     }
     tags.update({f"test.{k}": repr(float(v)) for k, v in test_metrics.items()})
     tags.update(extra_tags or {})

@@ -18,12 +18,13 @@ from typing import Any
 
 @dataclass
 class TrainResult:
-    """What a finished run produced (paths on the Ray storage path)."""
+    """What a finished run produced: Paths for a local storage path, ``data_sharding.storage.Location``
+    objects (``s3://`` / ``gs://``) for a bucket."""
 
     run_name: str
-    run_dir: Path
-    best_checkpoint: Path
-    last_checkpoint: Path | None
+    run_dir: Path | Any
+    best_checkpoint: Path | Any
+    last_checkpoint: Path | Any | None
     metrics: dict[str, float]
     """``val/*`` of the best epoch and ``test/*`` of the best checkpoint."""
     mlflow_run_id: str | None = None

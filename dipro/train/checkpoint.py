@@ -17,6 +17,15 @@ merges them in storage) holds:
 The best checkpoint is kept apart in ``{run_dir}/best/`` (model, config, label stats,
 meta: what evaluation and the registry need) and is never pruned by ``num_to_keep``.
 
+Run directories live on ``trainer.storage_path``: a local (or NFS) directory, or an ``s3://`` /
+``gs://`` prefix (:mod:`data_sharding.storage`; Ray Train uploads each rank's staged files there).
+Everything here that reads a checkpoint takes a path or a URI and reads through the storage layer:
+the digests are checked against the objects' sizes (one listing) and bytes, exactly as against
+files, with the same one-line messages.  ``best/`` is replaced atomically either way: locally by a
+directory swap; on a bucket, which has no rename, the files go under a new generation
+``best/{generation}/`` and the small pointer ``best/current.json`` naming it is written last (one
+PUT), so a reader (:func:`checkpoint_location`) sees the old best or the new one, never a mixture.
+
 Every file is written to a temp name and renamed; each rank stages its part in a local
 directory that is removed afterwards whatever happens (:func:`staged_checkpoint`), and a
 write that fails for lack of space or a size limit is one line (``StorageError``) that says
@@ -29,19 +38,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from data_sharding import atomic
+from data_sharding import atomic, storage
 from data_sharding.errors import UserError
+from data_sharding.storage import Location
 from dipro.config import Config, from_dict, save_config
 
 MODEL_FILE = "model.pt"
@@ -51,6 +62,10 @@ META_FILE = "meta.json"
 RNG_DIR = "rng"
 DIGEST_DIR = "digests"
 BEST_DIR = "best"
+BEST_POINTER = "current.json"
+"""On a bucket: ``best/current.json`` names the generation directory under ``best/`` that is the best checkpoint."""
+BEST_FILES = ("model.pt", "config.yaml", "label_stats.json", "meta.json")
+"""What ``best/`` holds: the inference part of a checkpoint (meta.json last)."""
 FORMAT_VERSION = 1
 PREVIOUS = "previous"
 """``--resume RUN@previous``: the complete checkpoint before RUN's newest one."""
@@ -165,11 +180,87 @@ def replace_dir_atomically(src: Path, dst: Path) -> None:
     atomic.copy_dir(src, dst, unchanged=f"{dst} keeps its previous contents")
 
 
-def update_best(ckpt_dir: Path, run_dir: Path) -> None:
-    """Copy the inference files of ``ckpt_dir`` to ``run_dir/best`` atomically (old best kept on failure)."""
-    best = Path(run_dir) / BEST_DIR
-    atomic.copy_dir(ckpt_dir, best, (MODEL_FILE, CONFIG_FILE, LABEL_STATS_FILE, META_FILE),
-                    unchanged=f"the previous best checkpoint {best} is unchanged")
+def update_best(ckpt_dir: str | Path | Location, run_dir: str | Path | Location) -> None:
+    """Copy the inference files of ``ckpt_dir`` to ``run_dir/best`` atomically (old best kept on failure).
+
+    Locally a directory swap; on a bucket a new generation under ``best/`` and then the pointer
+    ``best/current.json`` (module docstring).  ``ckpt_dir`` may itself be local or on a bucket (a resumed
+    run copies its predecessor's best).
+    """
+    best = storage.resolve(run_dir) / BEST_DIR
+    src = checkpoint_location(ckpt_dir)
+    unchanged = f"the previous best checkpoint {best} is unchanged"
+    if not best.is_remote:
+        with local_checkpoint(src) as local_src:
+            atomic.copy_dir(local_src, best.local, BEST_FILES, unchanged=unchanged)
+        return
+    generation = storage.new_generation()
+    try:
+        for name in BEST_FILES:
+            copy_object(src / name, best / generation / name)
+        previous = _best_generation(best)
+        (best / BEST_POINTER).write_text(json.dumps({"generation": generation, "files": list(BEST_FILES)}) + "\n")
+    except storage.StorageAccessError as exc:
+        raise storage.StorageAccessError(f"{exc}; {unchanged}") from None
+    # Generations before the previous one: no reader plans from them any more (one that read the
+    # previous pointer a moment ago may still be reading the previous generation: it stays).
+    keep = {generation, previous, BEST_POINTER}
+    for top in sorted({info.path.split("/", 1)[0] for info in best.list()} - keep):
+        (best / top).remove_tree()
+
+
+def copy_object(src: Location, dst: Location) -> None:
+    """Stream one file/object to another place (either may be local or on a bucket)."""
+    with src.open_input() as fin, dst.open_output() as fout:
+        for block in iter(lambda: fin.read(storage.CHUNK_BYTES), b""):
+            fout.write(block)
+
+
+def _best_generation(best: Location) -> str | None:
+    """The generation ``best/current.json`` names, or None (no pointer: a plain directory, or none yet)."""
+    try:
+        return str(json.loads((best / BEST_POINTER).read_text())["generation"])
+    except (storage.NotFound, NotADirectoryError):
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{best / BEST_POINTER} is not a best-checkpoint pointer "
+                        "({\"generation\": ...} expected)") from None
+
+
+def checkpoint_location(path: str | Path | Location) -> Location:
+    """Where a checkpoint's files are: ``path`` itself (a ``checkpoint_*`` dir, a local ``best/``, or the
+    directory of a given ``model.pt``), or on a bucket the generation its ``best/current.json`` names."""
+    loc = storage.resolve(path)
+    if loc.name == MODEL_FILE:
+        loc = loc.parent
+    generation = _best_generation(loc)
+    return loc / generation if generation else loc
+
+
+@contextlib.contextmanager
+def local_checkpoint(path: str | Path | Location, names: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """The checkpoint as a local directory: itself when local, else a download removed afterwards.
+
+    ``names``: download only these files (those present), e.g. the inference files of a ``checkpoint_*``
+    directory that also holds optimizer and DeepSpeed state.
+    """
+    loc = checkpoint_location(path)
+    if not loc.is_remote:
+        yield loc.local
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="dipro-ckpt-download-"))
+    try:
+        if names is None:
+            loc.download_dir(tmp)
+        else:
+            for name in names:
+                with contextlib.suppress(storage.NotFound):
+                    copy_object(loc / name, storage.resolve(tmp / name))
+        if not any(tmp.iterdir()):
+            raise UserError(f"not a dipro checkpoint (nothing under {loc})")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- digests / verification
@@ -178,9 +269,9 @@ def digest_file(ckpt_dir: Path, rank: int) -> Path:
     return Path(ckpt_dir) / DIGEST_DIR / f"rank_{rank}.json"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path | Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.resolve(path).open_input() as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -196,32 +287,34 @@ def write_digest(local: Path, rank: int) -> None:
     atomic.write_text(digest_file(local, rank), json.dumps({"rank": rank, "files": files}, indent=1))
 
 
-def checkpoint_problem(ckpt_dir: str | Path, hashes: bool = True) -> str | None:
+def checkpoint_problem(ckpt_dir: str | Path | Location, hashes: bool = True) -> str | None:
     """What is wrong with a checkpoint (first problem, naming the file), or None when it is whole.
 
     Checkpoints with digests: every rank's digest present, every file it lists present with
     the recorded size (and sha256 when ``hashes``).  Older ones without digests: the files
-    :func:`is_complete` looks for.
+    :func:`is_complete` looks for.  On a bucket the sizes come from one listing and the hashes
+    from reading the objects: the same checks, the same messages.
     """
-    d = Path(ckpt_dir)
+    d = storage.resolve(ckpt_dir)
     try:
         meta = read_meta(d)
     except UserError as exc:
         return str(exc)
     world = int(meta.get("world_size", 1))
-    if not (d / DIGEST_DIR).is_dir():
-        return None if is_complete(d) else f"{d} is incomplete (model, config or a rank's RNG file missing)"
+    files = {info.path: info for info in d.list()}
+    if not any(rel.startswith(DIGEST_DIR + "/") for rel in files):
+        return None if _complete(files, meta) else f"{d} is incomplete (model, config or a rank's RNG file missing)"
     for r in range(world):
-        df = digest_file(d, r)
+        df = d / _digest_rel(r)
         try:
             listed = json.loads(df.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # storage.NotFound is an OSError too
             return f"{df} is missing or unreadable: rank {r}'s part of the checkpoint was not written completely"
         for rel, rec in sorted(listed.items()):
             f = d / rel
-            if not f.is_file():
+            if rel not in files:
                 return f"{f} is missing (rank {r} wrote it)"
-            size = f.stat().st_size
+            size = files[rel].size
             if size != rec["bytes"]:
                 return f"{f} is truncated or damaged: {size} bytes, {rec['bytes']} were written"
             if hashes and _sha256(f) != rec["sha256"]:
@@ -229,12 +322,31 @@ def checkpoint_problem(ckpt_dir: str | Path, hashes: bool = True) -> str | None:
     return None
 
 
-def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    p = Path(ckpt_dir) / META_FILE
-    if not p.is_file():
-        raise UserError(f"not a dipro checkpoint (no {META_FILE}): {ckpt_dir}")
+def _digest_rel(rank: int) -> str:
+    return f"{DIGEST_DIR}/rank_{rank}.json"
+
+
+def _complete(files, meta: dict[str, Any]) -> bool:
+    """model, config, every rank's RNG file (and digest, when the checkpoint has digests) among ``files``
+    (relative posix paths)."""
+    if MODEL_FILE not in files or CONFIG_FILE not in files:
+        return False
+    ranks = range(int(meta.get("world_size", 1)))
+    if any(rel.startswith(DIGEST_DIR + "/") for rel in files) and not all(_digest_rel(r) in files for r in ranks):
+        return False
+    return all(f"{RNG_DIR}/rank_{r}.pt" in files for r in ranks)
+
+
+def read_meta(ckpt_dir: str | Path | Location) -> dict[str, Any]:
+    p = storage.resolve(ckpt_dir) / META_FILE
     try:
-        return json.loads(p.read_text())
+        text = p.read_text()
+    except (storage.NotFound, NotADirectoryError):
+        raise UserError(f"not a dipro checkpoint (no {META_FILE}): {ckpt_dir}") from None
+    except IsADirectoryError:
+        raise UserError(f"not a dipro checkpoint ({META_FILE} is a directory): {ckpt_dir}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"checkpoint metadata {p} is not valid JSON: {exc}") from None
 
@@ -264,53 +376,48 @@ def meta_from_state(state: TrainState, **extra: Any) -> dict[str, Any]:
     return {**asdict(state), **extra}
 
 
-def is_complete(ckpt_dir: Path) -> bool:
+def is_complete(ckpt_dir: str | Path | Location) -> bool:
     """meta.json, model.pt, every rank's RNG file (and digest, when the checkpoint has digests) present.
 
     A half-uploaded checkpoint is not complete; whether its files are whole is
     :func:`checkpoint_problem`'s question.
     """
-    ckpt_dir = Path(ckpt_dir)
+    d = storage.resolve(ckpt_dir)
     try:
-        meta = read_meta(ckpt_dir)
+        meta = read_meta(d)
     except UserError:
         return False
-    if not (ckpt_dir / MODEL_FILE).is_file() or not (ckpt_dir / CONFIG_FILE).is_file():
-        return False
-    ranks = range(int(meta.get("world_size", 1)))
-    if (ckpt_dir / DIGEST_DIR).is_dir() and not all(digest_file(ckpt_dir, r).is_file() for r in ranks):
-        return False
-    return all(rng_file(ckpt_dir, r).is_file() for r in ranks)
+    return _complete({info.path for info in d.list()}, meta)
 
 
-def read_label_stats(ckpt_dir: Path) -> dict:
-    p = Path(ckpt_dir) / LABEL_STATS_FILE
-    if not p.is_file():
-        raise UserError(f"checkpoint {ckpt_dir} has no {LABEL_STATS_FILE}")
-    return json.loads(p.read_text())
+def _read_checkpoint_text(ckpt_dir: Location, name: str) -> str:
+    try:
+        return (ckpt_dir / name).read_text()
+    except storage.NotFound:
+        raise UserError(f"checkpoint {ckpt_dir} has no {name}") from None
 
 
-def load_config_from_checkpoint(ckpt_dir: str | Path) -> Config:
+def read_label_stats(ckpt_dir: str | Path | Location) -> dict:
+    return json.loads(_read_checkpoint_text(checkpoint_location(ckpt_dir), LABEL_STATS_FILE))
+
+
+def load_config_from_checkpoint(ckpt_dir: str | Path | Location) -> Config:
     import yaml
 
-    p = Path(ckpt_dir) / CONFIG_FILE
-    if not p.is_file():
-        raise UserError(f"checkpoint {ckpt_dir} has no {CONFIG_FILE}")
-    return from_dict(yaml.safe_load(p.read_text()) or {})
+    return from_dict(yaml.safe_load(_read_checkpoint_text(checkpoint_location(ckpt_dir), CONFIG_FILE)) or {})
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
+def load_model(path: str | Path | Location, device: str | torch.device = "cpu",
                build_model: Callable[[Config, dict], torch.nn.Module] | None = None
                ) -> tuple[torch.nn.Module, Config]:
     """Rebuild the network from a checkpoint's config and load its float32 weights.
 
     ``path`` is a checkpoint directory (a run's ``best/``, a ``checkpoint_*`` dir) or its
-    ``model.pt``. The state dict is read with ``weights_only=True`` (no pickled code).
+    ``model.pt``, local or on a bucket. The state dict is read with ``weights_only=True`` (no pickled code).
     """
-    p = Path(path)
-    if p.is_file() and p.name == MODEL_FILE:
-        p = p.parent
-    if not (p / MODEL_FILE).is_file():
+    p = checkpoint_location(path)
+    weights = p / MODEL_FILE
+    if not weights.exists():
         raise UserError(f"no {MODEL_FILE} in checkpoint directory {p}")
     cfg = load_config_from_checkpoint(p)
     label_stats = read_label_stats(p)
@@ -320,11 +427,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         model = _build(cfg, label_stats, load_pretrained=False)  # weights come from model.pt
     else:
         model = build_model(cfg, label_stats)
-    state = torch.load(p / MODEL_FILE, map_location="cpu", weights_only=True)
+    source = io.BytesIO(weights.read_bytes()) if weights.is_remote else weights.local
+    state = torch.load(source, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"{p / MODEL_FILE} does not match the model its config.yaml describes: {exc}") from None
+        raise UserError(f"{weights} does not match the model its config.yaml describes: {exc}") from None
     model.to(device)
     model.eval()
     return model, cfg
@@ -386,43 +494,63 @@ def init_from_checkpoint(model: torch.nn.Module, cfg: Config) -> Path:
 def split_resume(run: str) -> tuple[str, str | None]:
     """``RUN`` -> (RUN, None); ``RUN@previous`` / ``RUN@checkpoint_...`` -> (RUN, selector)."""
     run = str(run)
-    if "@" in run and not Path(run).exists():
+    if "@" in run and not (not storage.is_remote(run) and Path(run).exists()):
         name, _, which = run.rpartition("@")
         if name and which:
             return name, which
     return run, None
 
 
-def resolve_run_dir(storage_path: str | Path, run: str) -> Path:
-    """``run`` is a run name under ``storage_path`` or a path to a run directory (``@...`` ignored)."""
+def resolve_run_dir(storage_path: str | Path | Location, run: str) -> Location:
+    """``run`` is a run name under ``storage_path``, a path to a run directory or a run's URI (``@...`` ignored)."""
     run, _ = split_resume(run)
-    candidates = [Path(run), Path(storage_path) / run]
+    root = storage.resolve(storage_path)
+    candidates = [storage.resolve(run)]
+    if not storage.is_remote(run):
+        with contextlib.suppress(ValueError):  # an absolute path or one with '..' is not a name under the root
+            candidates.append(root / run)
     for c in candidates:
         if c.is_dir():
-            return c.resolve()
-    raise UserError(f"run {run!r} not found (looked for {candidates[1]} and ./{run})")
+            return c
+    raise UserError(f"run {run!r} not found (looked for {candidates[-1]}"
+                    + (f" and ./{run})" if len(candidates) > 1 else ")"))
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete ``checkpoint_*`` directories, oldest first (by global step, epoch end last)."""
+def list_checkpoints(run_dir: str | Path | Location) -> list[Location]:
+    """Complete ``checkpoint_*`` directories, oldest first (by global step, epoch end last).
+
+    One listing of the run directory (on a bucket: one paginated request), then each candidate's meta.json.
+    """
+    root = storage.resolve(run_dir)
+    contents: dict[str, set[str]] = {}
+    for info in root.list():
+        top, sep, rest = info.path.partition("/")
+        if sep and top.startswith("checkpoint_"):
+            contents.setdefault(top, set()).add(rest)
     found = []
-    for d in Path(run_dir).glob("checkpoint_*"):
-        if d.is_dir() and is_complete(d):
+    for name, files in contents.items():
+        d = root / name
+        try:
             meta = read_meta(d)
+        except UserError:
+            continue
+        if _complete(files, meta):
             found.append(((int(meta.get("global_step", 0)), meta.get("kind") == "epoch",
                            int(meta.get("epoch", 0))), d))
-    return [d for _, d in sorted(found)]
+    return [d for _, d in sorted(found, key=lambda item: item[0])]
 
 
-def find_last_checkpoint(storage_path: str | Path, run: str) -> Path:
+def find_last_checkpoint(storage_path: str | Path | Location, run: str) -> Location:
     """The newest complete checkpoint of ``run``: Ray's own record first, then a scan."""
     run_dir = resolve_run_dir(storage_path, run)
     try:
         from ray.train import Result
 
-        ckpt = Result.from_path(str(run_dir)).checkpoint
-        if ckpt is not None and is_complete(Path(ckpt.path)):
-            return Path(ckpt.path)
+        ckpt = Result.from_path(run_dir.fs_path, storage_filesystem=run_dir.fs).checkpoint
+        if ckpt is not None:
+            last = run_dir / PurePosixPath(ckpt.path).name
+            if is_complete(last):
+                return last
     except Exception:  # no or unreadable snapshot (driver killed early): fall back to a scan
         pass
     ckpts = list_checkpoints(run_dir)
@@ -434,8 +562,8 @@ def find_last_checkpoint(storage_path: str | Path, run: str) -> Path:
 _VERIFIED: set[tuple] = set()
 
 
-def find_resume_checkpoint(storage_path: str | Path, resume: str) -> Path:
-    """The checkpoint ``--resume`` continues from, verified file by file.
+def find_resume_checkpoint(storage_path: str | Path | Location, resume: str) -> Location:
+    """The checkpoint ``--resume`` continues from, verified file by file (object by object on a bucket).
 
     ``RUN``: its newest complete checkpoint; ``RUN@previous``: the complete one before that;
     ``RUN@checkpoint_...``: that one.  A checkpoint whose files are truncated or damaged is
@@ -447,8 +575,7 @@ def find_resume_checkpoint(storage_path: str | Path, resume: str) -> Path:
     if which is None:
         chosen = last
     elif which == PREVIOUS:
-        older = [c for c in list_checkpoints(run_dir) if c.resolve() != last.resolve()
-                 and _order(c) < _order(last)]
+        older = [c for c in list_checkpoints(run_dir) if c != last and _order(c) < _order(last)]
         if not older:
             raise UserError(f"--resume {resume}: run {run!r} has no complete checkpoint before {last.name}")
         chosen = older[-1]
@@ -458,8 +585,7 @@ def find_resume_checkpoint(storage_path: str | Path, resume: str) -> Path:
             names = ", ".join(c.name for c in list_checkpoints(run_dir)) or "none"
             raise UserError(f"--resume {resume}: no checkpoint {which!r} in {run_dir} (complete ones: {names})")
     # (the CLI and the launcher both ask: hash once per process while no file changed)
-    key = (str(chosen.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                        for f in sorted(chosen.rglob("*")) if f.is_file()))
+    key = (chosen.uri, tuple((info.path, info.size, info.token) for info in chosen.list()))
     if key not in _VERIFIED:
         problem = checkpoint_problem(chosen)
         if problem is not None:
@@ -472,6 +598,6 @@ def find_resume_checkpoint(storage_path: str | Path, resume: str) -> Path:
     return chosen
 
 
-def _order(ckpt_dir: Path) -> tuple[int, bool, int]:
+def _order(ckpt_dir: Location) -> tuple[int, bool, int]:
     meta = read_meta(ckpt_dir)
     return int(meta.get("global_step", 0)), meta.get("kind") == "epoch", int(meta.get("epoch", 0))

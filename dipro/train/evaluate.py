@@ -177,7 +177,8 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, *, shard_dir: str | 
 
 def evaluate_checkpoint(path: str | Path, split: str, *, remove_acquisition: str | Path | None = None,
                         **kwargs: Any) -> EvalResult:
-    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`) and evaluate it; ``remove_acquisition``:
+    """Load a checkpoint (:func:`dipro.train.checkpoint.load_model`: a directory or its s3:// / gs:// URI) and
+    evaluate it; ``remove_acquisition``:
     a ``dipro harmonize`` output directory whose technical coordinates are projected out of the region features."""
     from dipro.harmonize.rotation import attach_removal
     from dipro.train.checkpoint import load_model
@@ -282,17 +283,18 @@ def format_metrics(metrics: dict[str, float], title: str = "") -> str:
 
 
 def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str,
-                       intervals: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir``, written atomically.
+                       intervals: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """``metrics.json`` and ``metrics.txt`` (the table) in ``out_dir`` (a directory or an s3:// / gs:// prefix),
+    each written atomically (temp + rename locally, one PUT on a bucket). Returns their locations.
 
     ``intervals``: :func:`dipro.bootstrap.bootstrap_run` output, saved under ``"intervals"`` and
     printed under the table."""
-    from data_sharding.atomic import write_text
+    from data_sharding import storage
 
     def clean(v):
         return None if isinstance(v, float) and math.isnan(v) else v
 
-    out = Path(out_dir)
+    out = storage.resolve(out_dir)
     payload = {"task": result.task, "split": result.split, "source": source, "num_samples": result.num_samples,
                "metrics": {k: clean(v) for k, v in result.metrics.items()}}
     text = format_metrics(result.metrics, f"{result.task} / {result.split} / {source}")
@@ -302,27 +304,34 @@ def write_eval_outputs(result: EvalResult, out_dir: str | Path, source: str,
         payload["intervals"] = {k: {f: clean(x) for f, x in iv.as_dict().items()} for k, iv in intervals.items()}
         text += "\n\n" + format_intervals({source: intervals}, result.task)
     jpath, tpath = out / "metrics.json", out / "metrics.txt"
-    write_text(jpath, json.dumps(payload, indent=1))
-    write_text(tpath, text + "\n")
-    return jpath, tpath
+    jpath.write_text(json.dumps(payload, indent=1))
+    tpath.write_text(text + "\n")
+    return jpath.native, tpath.native
 
 
-def save_predictions(path: str | Path, result: EvalResult) -> None:
-    """A result's arrays as one ``.npz`` (no pickle), written atomically."""
-    from data_sharding.atomic import open_atomic
+def save_predictions(path, result: EvalResult) -> None:
+    """A result's arrays as one ``.npz`` (no pickle), written atomically (a path or an s3:// / gs:// URI)."""
+    import io
 
-    with open_atomic(path, "wb") as f:
-        np.savez(f, y_true=result.y_true, y_prob=result.y_prob, sample_keys=np.asarray(result.sample_keys, dtype=str),
-                 stay_ids=result.stay_ids, task=np.asarray(result.task), split=np.asarray(result.split),
-                 metric_names=np.asarray(list(result.metrics), dtype=str),
-                 metric_values=np.asarray(list(result.metrics.values()), dtype=np.float64))
+    from data_sharding import storage
+
+    buf = io.BytesIO()
+    np.savez(buf, y_true=result.y_true, y_prob=result.y_prob, sample_keys=np.asarray(result.sample_keys, dtype=str),
+             stay_ids=result.stay_ids, task=np.asarray(result.task), split=np.asarray(result.split),
+             metric_names=np.asarray(list(result.metrics), dtype=str),
+             metric_values=np.asarray(list(result.metrics.values()), dtype=np.float64))
+    storage.resolve(path).write_bytes(buf.getvalue())
 
 
-def load_predictions(path: str | Path) -> EvalResult:
+def load_predictions(path) -> EvalResult:
     """The :class:`EvalResult` saved by :func:`save_predictions` (region attention is not kept)."""
-    p = Path(path)
+    import io
+
+    from data_sharding import storage
+
+    p = storage.resolve(path)
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) as z:
             n = len(z["sample_keys"])
             return EvalResult(metrics=dict(zip(z["metric_names"].tolist(), z["metric_values"].tolist())),
                               y_true=z["y_true"], y_prob=z["y_prob"], sample_keys=z["sample_keys"].tolist(),

@@ -55,6 +55,7 @@ def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = N
     """Train and test ``cfg`` once per seed (a one-arm sweep); per-seed results, mean ± std and intervals.
 
     Raises :class:`UserError` with the reasons when no seed finished."""
+    from data_sharding import storage
     from dipro.sweep.driver import run_sweep
     from dipro.train.evaluate import load_predictions
     from dipro.train import rundir
@@ -67,19 +68,20 @@ def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = N
         raise UserError(f"no seed of experiment {result.name} finished ({reasons})")
     runs = {}
     for t in arm.finished:
-        run_dir = Path(t.run_dir)
+        run_dir = storage.resolve(t.run_dir).native  # a Path locally, the Location on a bucket
         runs[t.seed] = TrainResult(
-            run_name=t.run_name, run_dir=run_dir, best_checkpoint=Path(t.best_checkpoint), last_checkpoint=None,
+            run_name=t.run_name, run_dir=run_dir, best_checkpoint=storage.resolve(t.best_checkpoint).native,
+            last_checkpoint=None,
             metrics=dict(t.metrics), mlflow_run_id=t.mlflow_run_id, epochs_completed=t.epochs_completed,
             global_step=t.global_step, test=load_predictions(run_dir / rundir.TEST_PREDICTIONS))
     out = ExperimentResult(runs=runs, summary=arm.summary, table=result.report.table,
                            parent_run_id=result.parent_run_id, name=result.name, report=result.report)
-    if out_dir is not None:
-        from data_sharding.atomic import write_text
+    if out_dir is not None:  # a directory or an s3:// / gs:// prefix; each file written atomically
+        from data_sharding import storage
 
         per_seed = {t.seed: {k[5:]: v for k, v in t.metrics.items() if k.startswith("test/")} for t in arm.finished}
-        d = Path(out_dir)
-        write_text(d / "experiment.json", json.dumps(
+        d = storage.resolve(out_dir)
+        (d / "experiment.json").write_text(json.dumps(
             {"name": result.name, "seeds": seeds,
              "runs": {str(s): {"run_name": r.run_name, "best_checkpoint": str(r.best_checkpoint), "test": per_seed[s],
                                "intervals": {k: iv.as_dict() for k, iv in arm.per_run[f"s{s}"].items()}}
@@ -87,5 +89,5 @@ def run_experiment(cfg: Config, seeds: list[int], out_dir: str | Path | None = N
              "failed": {str(t.seed): t.reason for t in arm.failed},
              "summary": {k: {"mean": v[0], "std": v[1]} for k, v in arm.summary.items()},
              "pooled": {k: iv.as_dict() for k, iv in arm.pooled.items()}}, indent=1, default=float))
-        write_text(d / "experiment.txt", out.table + "\n")
+        (d / "experiment.txt").write_text(out.table + "\n")
     return out

@@ -28,10 +28,11 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from data_sharding import atomic, ray_init
+from data_sharding import ray_init, storage
+from data_sharding.storage import Location
 from dipro.config import Config, to_dict
 from data_sharding.errors import ConfigError, UserError
 from dipro.train import TrainResult
@@ -133,9 +134,11 @@ def _failure_message(exc: BaseException) -> str | None:
     return None
 
 
-def _evaluate_task(best_dir: str, split: str, device: str, precision: str):
+def _evaluate_task(best_dir: str, split: str, device: str, precision: str, endpoints: dict[str, str | None]):
+    from dipro.config import StorageConfig
     from dipro.train.evaluate import evaluate_checkpoint
 
+    StorageConfig(**endpoints).apply()  # a Ray worker: storage.s3_endpoint / gcs_endpoint before reading the bucket
     return evaluate_checkpoint(best_dir, split, device=device, precision=precision)
 
 
@@ -148,9 +151,10 @@ class RunPlan:
     precision: str
     micro_batches: int
     """Micro batches per rank per epoch."""
-    storage: Path
+    storage: Location
+    """``trainer.storage_path``: a local directory or a bucket prefix."""
     resume: str | None
-    resume_from: Path | None
+    resume_from: Location | None
 
     @property
     def run_name(self) -> str:
@@ -164,6 +168,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None, owner: s
     attempt of the same trial, is reclaimed and the run continues from its last complete checkpoint
     (Ray Train's own record of it, else the newest complete one found there: a driver killed right after
     a checkpoint was written may leave it unrecorded)."""
+    cfg.storage.apply()  # explicit endpoints (storage.*) before anything reads shards or the storage path
     if owner is not None and resume is None and ck.list_checkpoints(_storage(cfg) / (cfg.trainer.run_name or "")):
         resume = cfg.trainer.run_name  # the trial's own run: same name, same directory
     plan = resolve_run(cfg, resume, *preflight(cfg, resume))
@@ -187,7 +192,7 @@ def launch(cfg: Config, resume: str | None = None, tracker: Any = None, owner: s
         return report(plan, run_dir, result, tracker)
 
 
-def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Path | None]:
+def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Location | None]:
     """Everything checkable before Ray starts: ``(precision, micro batches per rank, checkpoint to resume)``."""
     precision = validate_config(cfg)
     micro = check_data(cfg)
@@ -210,11 +215,11 @@ def preflight(cfg: Config, resume: str | None) -> tuple[str, int, Path | None]:
     return precision, micro, resume_from
 
 
-def _storage(cfg: Config) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(cfg.trainer.storage_path)))
+def _storage(cfg: Config) -> Location:
+    return storage.resolve(cfg.trainer.storage_path)
 
 
-def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, resume_from: Path | None) -> RunPlan:
+def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, resume_from: Location | None) -> RunPlan:
     """The run's name (``trainer.run_name``, else a new one; a resumed run gets ``NAME-resumed-...``) in a copy
     of ``cfg``."""
     storage = _storage(cfg)
@@ -227,7 +232,7 @@ def resolve_run(cfg: Config, resume: str | None, precision: str, micro: int, res
                    resume_from=resume_from)
 
 
-def claim(plan: RunPlan, owner: str | None = None) -> tuple[Path, rundir.RunLog]:
+def claim(plan: RunPlan, owner: str | None = None) -> tuple[Path | Location, rundir.RunLog]:
     """Claim the run directory (refuses a name in use, naming who uses it; a sweep trial reclaims its own),
     open its log, say what will run."""
     global _run_log
@@ -249,7 +254,7 @@ def claim(plan: RunPlan, owner: str | None = None) -> tuple[Path, rundir.RunLog]
     if cfg.model.init_from:
         _say(f"network initialised from {cfg.model.init_from} (model.init_from); optimizer, schedule and "
              "early stopping start fresh")
-    _say(f"run directory {run_dir}; Ray, DeepSpeed and MLflow messages go to its log: {log.path}")
+    _say(f"run directory {run_dir}; Ray, DeepSpeed and MLflow messages go to its log: {log}")
     return run_dir, log
 
 
@@ -262,11 +267,12 @@ class RaySession:
 
 
 @contextlib.contextmanager
-def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[RaySession]:
+def ray_session(plan: RunPlan, run_dir: Path | Location, log: rundir.RunLog) -> Iterator[RaySession]:
     """Ray started (or joined) with its output in ``train.log``, the ranks' own lines on the terminal.
 
     A run that fails before ``fit`` releases its directory (no worker ran: the name is free
-    again); Ray started here is shut down on the way out.
+    again); Ray started here is shut down on the way out, and the log closed (on a bucket: uploaded
+    a last time).
     """
     import ray
 
@@ -281,12 +287,14 @@ def ray_session(plan: RunPlan, run_dir: Path, log: rundir.RunLog) -> Iterator[Ra
                 yield session
     except BaseException:
         if not session.fitting:
+            log.discard()
             rundir.release(run_dir)  # claimed, but no worker ever ran: the name is free again
         raise
     finally:
         _run_log = None
         if session.started_here:
             ray.shutdown()
+        log.close()
 
 
 def _log_run_params(plan: RunPlan, tracker: Any, restarted: bool = False) -> None:
@@ -300,7 +308,7 @@ def _log_run_params(plan: RunPlan, tracker: Any, restarted: bool = False) -> Non
             tracker.set_tags({"resumed_from": resumed})
 
 
-def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
+def build_trainer(plan: RunPlan, run_dir: Path | Location, tracker: Any):
     """The ``TorchTrainer``: per-worker loop, scaling/placement, failure policy, checkpoints, callbacks."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -311,9 +319,9 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
     cfg = plan.cfg
     if plan.resume_from is not None:
         old_best = ck.resolve_run_dir(plan.storage, plan.resume) / ck.BEST_DIR
-        new_best = run_dir / ck.BEST_DIR
-        if (old_best / ck.MODEL_FILE).is_file() and old_best.resolve() != new_best.resolve():  # not a reclaimed dir
-            ck.replace_dir_atomically(old_best, new_best)
+        new_best = storage.resolve(run_dir) / ck.BEST_DIR
+        if (ck.checkpoint_location(old_best) / ck.MODEL_FILE).exists() and old_best.uri != new_best.uri:  # not reclaimed
+            ck.update_best(old_best, run_dir)
     loop_config = {"cfg": to_dict(cfg), "precision": plan.precision, "run_name": plan.run_name,
                    "run_dir": str(run_dir), "resume_from": str(plan.resume_from) if plan.resume_from else None,
                    "tracker": tracker, "faults": os.environ.get("DIPRO_FAULT_INJECT")}
@@ -322,12 +330,20 @@ def build_trainer(plan: RunPlan, run_dir: Path, tracker: Any):
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=cfg.trainer.dist_backend),  # gloo when ranks share a GPU
         scaling_config=placement.scaling_config(cfg),
-        run_config=RunConfig(name=plan.run_name, storage_path=str(plan.storage),
+        run_config=RunConfig(name=plan.run_name, **ray_storage(plan.storage),
                              failure_config=placement.failure_config(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
                              callbacks=[placement.SchedulingDeadline(cfg.trainer.schedule_timeout_s),
                                         failures.StopOnUserError()]),
     )
+
+
+def ray_storage(root: Location) -> dict[str, Any]:
+    """``RunConfig`` storage arguments: a local path as it is; a bucket as the layer's ``pyarrow.fs``
+    filesystem plus its path without scheme (Ray refuses a URI together with a filesystem)."""
+    if root.is_remote:
+        return {"storage_path": root.fs_path, "storage_filesystem": root.fs}
+    return {"storage_path": str(root.local)}
 
 
 def fit(trainer, plan: RunPlan, log: rundir.RunLog, tracker: Any):
@@ -347,7 +363,7 @@ def fit(trainer, plan: RunPlan, log: rundir.RunLog, tracker: Any):
         if failure is None and reason is None:  # not a user error: show what the workers said last
             _print_tail(log)
         log.failure(summary, exc, failure.traces if failure is not None else None)
-        _say(f"run {plan.run_name} failed; full trace in {log.path}")
+        _say(f"run {plan.run_name} failed; full trace in {log}")
         if tracker is not None:
             tracker.set_tags(failures.failure_tags(summary, failure))
             tracker.finish("FAILED")
@@ -361,11 +377,11 @@ def _print_tail(log: rundir.RunLog, lines: int = TAIL_LINES) -> None:
         tail = log.path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
     except OSError:
         return
-    print(f"[dipro train] last {len(tail)} lines of {log.path}:", file=sys.stderr)
+    print(f"[dipro train] last {len(tail)} lines of {log}:", file=sys.stderr)
     print("\n".join(f"  {line}" for line in tail), file=sys.stderr, flush=True)
 
 
-def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
+def report(plan: RunPlan, run_dir: Path | Location, result, tracker: Any) -> TrainResult:
     """Evaluate the best checkpoint on test (as a Ray task), write ``summary.json``, finish the MLflow run."""
     import ray
 
@@ -373,17 +389,18 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
 
     cfg = plan.cfg
     summary = result.return_value or {}
-    best_dir = run_dir / ck.BEST_DIR
-    last_ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    best_meta = ck.read_meta(best_dir)
+    run_loc = storage.resolve(run_dir)
+    best_dir = run_loc / ck.BEST_DIR
+    last_ckpt = run_loc / PurePosixPath(result.checkpoint.path).name if result.checkpoint is not None else None
+    best_meta = ck.read_meta(ck.checkpoint_location(best_dir))
     metrics = {k: v for k, v in (best_meta.get("metrics") or {}).items() if k.startswith("val/")}
     device = "cuda" if cfg.trainer.use_gpu else "cpu"
     # DEFAULT scheduling: inside a sweep trial a task would otherwise be placed in the trial's own
     # placement group (capture_child_tasks), which holds no CPU for it, and be refused.
     evaluate = ray.remote(num_cpus=cfg.trainer.cpus_per_worker, num_gpus=1 if cfg.trainer.use_gpu else 0,
                           scheduling_strategy="DEFAULT")(_evaluate_task)
-    test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision))
-    save_predictions(run_dir / rundir.TEST_PREDICTIONS, test)  # for sweeps' bootstrap (never logged to MLflow)
+    test = ray.get(evaluate.remote(str(best_dir), "test", device, plan.precision, dataclasses.asdict(cfg.storage)))
+    save_predictions(run_loc / rundir.TEST_PREDICTIONS, test)  # for sweeps' bootstrap (never logged to MLflow)
     metrics.update({f"test/{k}": float(v) for k, v in test.metrics.items()})
     _say(f"best epoch {best_meta.get('best_epoch')} ({cfg.monitor} {best_meta.get('best_value')}); test: "
          + " ".join(f"{k}={v:.4f}" for k, v in test.metrics.items() if "/" not in k and not math.isnan(v)))
@@ -392,7 +409,7 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
                    "last_checkpoint": str(last_ckpt) if last_ckpt else None, "metrics": metrics,
                    "epochs_completed": summary.get("epochs_completed"), "global_step": summary.get("global_step"),
                    "history": summary.get("history", []), "resumed_from": resumed_from}
-    atomic.write_text(run_dir / "summary.json", json.dumps(summary_out, indent=1, default=float))
+    (run_loc / "summary.json").write_text(json.dumps(summary_out, indent=1, default=float))
     run_id = None
     if tracker is not None:
         run_id = tracker.run_id
@@ -404,6 +421,7 @@ def report(plan: RunPlan, run_dir: Path, result, tracker: Any) -> TrainResult:
             version = register_checkpoint(cfg, str(best_dir), run_id, test.metrics, tracker.data_fingerprint)
             _say(f"registered {version}")
         tracker.finish("FINISHED")
-    return TrainResult(run_name=plan.run_name, run_dir=run_dir, best_checkpoint=best_dir, last_checkpoint=last_ckpt,
+    return TrainResult(run_name=plan.run_name, run_dir=run_loc.native, best_checkpoint=best_dir.native,
+                       last_checkpoint=last_ckpt.native if last_ckpt is not None else None,
                        metrics=metrics, mlflow_run_id=run_id, epochs_completed=summary.get("epochs_completed"),
                        global_step=summary.get("global_step"), history=summary.get("history", []), test=test)

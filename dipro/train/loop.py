@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_sharding import storage
 from dipro.config import Config, from_dict
 from data_sharding.errors import ConfigError, DataError, UserError
 from dipro.train import checkpoint as ck
@@ -183,9 +184,10 @@ class Worker:
         import ray.train
 
         self.cfg: Config = from_dict(config["cfg"])
+        self.cfg.storage.apply()  # storage.* endpoints in this worker process before it touches a bucket
         self.precision: str = config["precision"]
         self.run_name: str = config["run_name"]
-        self.run_dir = Path(config["run_dir"])
+        self.run_dir = storage.resolve(config["run_dir"])  # a local directory or a bucket prefix
         self.tracker = config.get("tracker")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -255,12 +257,13 @@ class Worker:
             with ckpt.as_directory() as d:
                 self._load(Path(d), "restarted worker group")
         elif resume_from:
-            self._load(Path(resume_from), "--resume")
+            with ck.local_checkpoint(resume_from) as d:  # on a bucket: downloaded for this rank
+                self._load(d, "--resume", shown=resume_from)
 
-    def _load(self, d: Path, why: str) -> None:
+    def _load(self, d: Path, why: str, shown: str | None = None) -> None:
         problem = ck.checkpoint_problem(d, hashes=False)  # sizes: a truncated file is named, not unpickled
         if problem is not None:
-            raise DataError(f"cannot resume ({why}) from {d}: {problem}")
+            raise DataError(f"cannot resume ({why}) from {shown or d}: {problem}")
         meta = ck.read_meta(d)
         if meta.get("strategy") != self.strategy.name:
             raise ConfigError(f"checkpoint {d} was written by strategy {meta.get('strategy')!r}, "
@@ -277,7 +280,7 @@ class Worker:
         else:  # a different world size: deterministic fresh per-rank streams
             seed_everything(self.cfg.seed + 1000 * (self.rank + 1) + self.state.global_step)
         if self.rank == 0:
-            self._say(f"resumed ({why}) from {d}: epoch {self.state.epoch}, step {self.state.global_step}, "
+            self._say(f"resumed ({why}) from {shown or d}: epoch {self.state.epoch}, step {self.state.global_step}, "
                       f"{self.state.batches_in_epoch} micro batches of that epoch done")
 
     # ------------------------------------------------------------------ checkpoint
