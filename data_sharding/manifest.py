@@ -223,7 +223,7 @@ def _manifest_table(manifest: Manifest, stats: dict[str, Any] | None = None, com
                         ("etag", pa.string())])
     meta = {}
     if stats:
-        meta[STATS_KEY] = json.dumps(stats, sort_keys=True, separators=(",", ":"))
+        meta[STATS_KEY] = json.dumps(stats, separators=(",", ":"))  # key order kept: ehr_stats orders the features
     if commit:
         meta[COMMIT_KEY] = commit
     if meta:

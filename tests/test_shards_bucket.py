@@ -48,8 +48,8 @@ def test_bucket_build_matches_local_and_is_published_by_its_manifest(processed, 
     from dipro.tracking.provenance import data_fingerprint
 
     assert data_fingerprint(out) == data_fingerprint(local)  # "the same data" for the registry's gate
-    for name in ("label_stats.json", "ehr_stats.json"):
-        assert read_stats(out, name) == json.loads((local / name).read_text())
+    for name in ("label_stats.json", "ehr_stats.json"):  # the same, in the same key order (features' order)
+        assert json.dumps(read_stats(out, name)) == json.dumps(json.loads((local / name).read_text()))
     objects = {o.path for o in storage.resolve(out).list()}
     assert objects == {r.path for r in remote.records} | {"manifest.parquet", "film_fingerprints.parquet"}  # no stats objects, no lock left
 

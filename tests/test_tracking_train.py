@@ -8,8 +8,10 @@ retried worker group reattaches to it), with the params, tags, per-step and per-
 figures and the registered version of issue 6.  Only the MLflow server holds bucket credentials for
 the artifacts: `dipro predict --model models:/...@champion` runs without any.
 
-The shards are local: the loader streams from buckets in the loader's own issue; everything the
-training run writes (run.json, train.log, checkpoints, best/, summary.json) is on the bucket.
+The shards are on the bucket too (published as `dipro shard --out s3://...` lays them out) and stream
+into the loaders; everything the training run writes (run.json, train.log, checkpoints, best/,
+summary.json) is on the bucket.  Only the champion's prediction, by a client without bucket
+credentials, reads a local copy of the same shards.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def test_two_worker_run_on_a_bucket_with_worker_failure_is_one_tracked_run(shard
     from dipro.tracking.provenance import data_fingerprint
     from dipro.train import run_training
 
+    from object_store import upload_shard_set
+
+    bucket_shards = upload_shard_set(shards, f"{s3_bucket}/shards")
     server = Server(tmp_path, artifacts_destination=f"{s3_bucket}/mlflow", env=dict(os.environ))  # proxy mode
     server.start()
     os.environ.pop("RAY_ADDRESS", None)
@@ -61,7 +66,7 @@ def test_two_worker_run_on_a_bucket_with_worker_failure_is_one_tracked_run(shard
         marker = tmp_path / "killed"
         monkeypatch.setenv("DIPRO_FAULT_INJECT", json.dumps({"kill_rank": 1, "kill_at_step": 5, "marker": str(marker)}))
         cfg = load_config(ROOT / "configs" / "demo.yaml", [
-            "task=length_of_stay", f"data.shards={shards}", f"trainer.storage_path={s3_bucket}/runs",
+            "task=length_of_stay", f"data.shards={bucket_shards}", f"trainer.storage_path={s3_bucket}/runs",
             f"tracking.uri={server.uri}", "tracking.experiment=e2e", "data.num_loader_workers=0",
             "data.augment=false", "data.shuffle_buffer=0", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
             "trainer.num_workers=2", "data.batch_size=2", "trainer.max_failures=1",
@@ -96,13 +101,13 @@ def test_two_worker_run_on_a_bucket_with_worker_failure_is_one_tracked_run(shard
         assert run.info.status == "FINISHED"
         p, t, m = run.data.params, run.data.tags, run.data.metrics
         assert (p["workers"], p["strategy"], p["precision"], p["seed"]) == ("2", "ddp", "fp32", str(cfg.seed))
-        assert p["effective_batch"] == str(cfg.effective_batch_size) and p["data.shards"] == str(shards)
-        assert t["data.fingerprint"] == data_fingerprint(shards)
+        assert p["effective_batch"] == str(cfg.effective_batch_size) and p["data.shards"] == bucket_shards
+        assert t["data.fingerprint"] == data_fingerprint(bucket_shards) == data_fingerprint(shards)
         assert len(t["git.commit"]) == 40 and t["version.ray"] and t["version.deepspeed"] and t["hardware.cpu_count"]
         for key in ("train/total", "train/lr", "train/samples_per_s", "val/accuracy", "test/accuracy",
                     "data/storage_retries", "data/epoch_storage_retries", "data/epoch_cache_hits"):
             assert key in m, key
-        assert m["data/epoch_storage_retries"] == 0.0 and m["data/epoch_storage_requests"] == 0.0  # local shards
+        assert m["data/epoch_storage_retries"] == 0.0 and m["data/epoch_storage_requests"] > 0  # streamed
         steps = sorted({x.step for x in client.get_metric_history(run.info.run_id, "train/total")})
         assert steps[-1] == result.global_step and len(steps) >= 4
         assert len({x.step for x in client.get_metric_history(run.info.run_id, "val/accuracy")}) == 2  # per epoch
@@ -124,7 +129,7 @@ def test_two_worker_run_on_a_bucket_with_worker_failure_is_one_tracked_run(shard
         assert rc == 0, capsys.readouterr().err
         metrics = json.loads(storage.resolve(f"{s3_bucket}/eval/metrics.json").read_text())["metrics"]
         assert metrics["loss"] == pytest.approx(result.metrics["test/loss"], rel=1e-5)
-        rc = cli.main(["predict", "--model", f"{run_dir}/best", "--shards", str(shards), "--split", "test",
+        rc = cli.main(["predict", "--model", f"{run_dir}/best", "--shards", bucket_shards, "--split", "test",
                        "--out", f"{s3_bucket}/preds/best.parquet", "--no-ray"])
         assert rc == 0, capsys.readouterr().err
         from_checkpoint = read_parquet(f"{s3_bucket}/preds/best.parquet")
