@@ -247,9 +247,12 @@ def _floats(t: torch.Tensor) -> list[float]:
 
 
 def _project_commit() -> str:
+    """HEAD of this checkout, marked ``+changes`` when files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return git("rev-parse", "HEAD").strip() + ("+changes" if git("status", "--porcelain").strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
