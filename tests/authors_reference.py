@@ -287,7 +287,7 @@ def record(tasks: tuple[str, ...] = TASKS, out_dir: Path = golden_mod.GOLDEN_DIR
     root = reference_root()
     if root is None:
         raise SystemExit("the authors' code is not here: set DIPRO_AUTHORS_CODE to their checkout (its models/)")
-    written = []
+    written, commit = [], _project_commit()  # before the first golden is written
     with tempfile.TemporaryDirectory(prefix="authors-golden-") as tmp:
         tmp = Path(tmp)
         write_label_csvs(tmp / "labels")
@@ -303,7 +303,7 @@ def record(tasks: tuple[str, ...] = TASKS, out_dir: Path = golden_mod.GOLDEN_DIR
                     "recorded_with": {"torch": torch.__version__, "numpy": np.__version__,
                                       "python": platform.python_version(),
                                       "authors_code": f"github.com/Chenliu-svg/DiPro {reference_commit(root)}",
-                                      "project_commit": _project_commit()},
+                                      "project_commit": commit},
                     "authors_model": {"class": "models/model.py: DiPro", "task_name": task,
                                       "num_transformer_layers": TASK_LAYERS[task], **CONSTRUCTOR,
                                       "image_size": CROP, "monitor": TASK_MONITOR[task],
