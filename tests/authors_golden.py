@@ -7,10 +7,9 @@
   is_parameter, rule, *args]``, from which :func:`draw_state_dict` rebuilds every tensor with one
   ``torch.Generator`` (CPU, seeded) drawn in row order.  Rules:
 
-  - ``["uniform", mean, std]``: ``u * (2 sqrt(3) std) + (mean - sqrt(3) std)`` with ``u =
-    torch.rand(shape)`` (float32; the two scalars rounded to float32): a uniform draw with that
-    mean and standard deviation.  The recorder takes both from
-    the authors' own initialisation of the tensor, with two changes that make every output depend
+  - ``["uniform", mean, std]``: ``torch.rand(shape, generator=g).mul_(2 sqrt(3) std).add_(mean -
+    sqrt(3) std)`` (float32): a uniform draw with that mean and standard deviation.  The recorder
+    takes both from the authors' own initialisation of the tensor, with two changes that make every output depend
     clearly on every weight and input: a spread of 0.1 where that initialisation is a constant
     (LayerNorm / BatchNorm affine and running statistics, attention biases), so that no two tensors
     hold the same values; and sqrt(3) times the spread of their own weight matrices (outside the
@@ -25,18 +24,20 @@
   - ``["sinusoid"]``: the authors' fixed positional table (``models/Component.py:
     PositionalEncoding``, [1, max_len, d_model]); draws nothing.
 
-* ``checkpoint``: the draw seed, :func:`state_digest` of the drawn state dict, and the file format (``full``: Lightning 1.4.2's ``dump_checkpoint``
-  with callbacks keyed by class, AdamW and CosineAnnealingLR states; ``weights-only``);
+* ``checkpoint``: the draw seed, :func:`state_digest` of the drawn state dict, and the file format
+  (``full``: Lightning 1.4.2's ``dump_checkpoint`` with callbacks keyed by class, AdamW and
+  CosineAnnealingLR states; ``weights-only``), epoch and step;
 * ``samples``: how the inputs are made (``processed_fixture.make_training_shards`` at the recorded
   crop size, the test split in manifest order, batch 1) and, per sample key, the sha256 of the
-  authors' forward inputs (:func:`inputs_digest`), their model's raw output (``logits``) and
-  the probabilities this project's ``dipro predict`` reports (``probabilities``);
+  authors' forward inputs (:func:`inputs_digest`), their model's raw output (``logits``,
+  [num_final_class, output_size] flattened) and its probabilities in the order of ``dipro
+  predict``'s probability columns (``probabilities``);
 * ``recorded_with``: torch, numpy and Python versions, the authors' commit, this project's commit.
 
 The tests rebuild the checkpoint from this description, import it and compare `dipro predict` with
 the recorded probabilities (no authors' code, no network); where the authors' code is present,
-tests/authors_reference.py checks that their model, loaded from the same description, still gives
-the recorded outputs.
+their model (tests/authors_reference.py), loaded from the same description, must still give the
+recorded outputs.
 """
 from __future__ import annotations
 
@@ -167,10 +168,11 @@ def lightning_checkpoint(state: dict[str, torch.Tensor], params: list[str], moni
                          epoch: int = 7, global_step: int = 280) -> dict[str, Any]:
     """What Lightning 1.4.2's ``CheckpointConnector.dump_checkpoint`` writes for the authors' run:
     counters, version, ``state``, callbacks keyed by class (``callbacks``: the stub module), and the
-    ``state_dict()`` of their AdamW over ``params`` and of their CosineAnnealingLR (models/Base_Predictor.py:
-    ``configure_optimizers``; T_max = max_epochs 100) as torch 1.9 (their era) lays them out.  The moments are what one step
-    with zero gradients leaves (step 1, both zero), written out directly: constructing a torch
-    optimizer here would import torch's compiler stack (seconds) for state the import never reads."""
+    ``state_dict()`` of their AdamW over ``params`` and of their CosineAnnealingLR
+    (models/Base_Predictor.py: ``configure_optimizers``; T_max = max_epochs 100) as torch 1.9 (their
+    era) lays them out.  The moments are what one step with zero gradients leaves (step 1, both
+    zero), written out directly: constructing a torch optimizer here would import torch's compiler
+    stack (seconds) for state the import never reads."""
     lr = 1.6e-4
     optimizer = {
         "state": {i: {"step": 1, "exp_avg": torch.zeros_like(state[k]), "exp_avg_sq": torch.zeros_like(state[k])}

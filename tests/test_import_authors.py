@@ -140,7 +140,8 @@ def _recorded_samples(release: Release, task: str) -> dict[str, dict]:
         f"{task}: the test split's samples are {sorted(digests)[:3]}..., the goldens were recorded on "
         f"{sorted(recorded)[:3]}... (tests/processed_fixture.py changed?): " + RERECORD)
     changed = [k for k in recorded if recorded[k]["inputs_sha256"] != digests[k]]
-    assert not changed, f"{task}: the inputs of {changed[:3]} differ from those the goldens were recorded on: " + RERECORD
+    assert not changed, (f"{task}: the inputs of {changed[:3]} differ from those the goldens were recorded on: "
+                         + RERECORD)
     return recorded
 
 
@@ -211,7 +212,8 @@ def test_the_authors_model_still_gives_the_recorded_outputs(task, release, tmp_p
                 want = np.array(recorded[key][name])
                 diff = np.abs(got.numpy().reshape(-1) - want).max()
                 # well inside the 1e-4 the import is held to (recorded with the same torch: 0)
-                assert diff < 1e-5, f"{task} {key} {name}: the authors' model is {diff:.2g} off the goldens: " + RERECORD
+                assert diff < 1e-5, (f"{task} {key} {name}: the authors' model is {diff:.2g} off the goldens: "
+                                     + RERECORD)
     assert seen == list(recorded), "the samples come in another order than recorded: " + RERECORD
     assert checked_lengths == lengths, (checked_lengths, lengths)
 
