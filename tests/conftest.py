@@ -1,8 +1,8 @@
 """Shared pytest setup: keep every test on this machine and quiet; fixtures used by several test files.
 
 Helpers shared by test files live in modules next to this one (``helpers``, ``loader_shards``,
-``mlflow_server``, ``processed_fixture``, ``prepare_raw``, ``ray_head``); pytest puts ``tests/`` on
-``sys.path``, and no test file imports another.
+``mlflow_server``, ``processed_fixture``, ``prepare_raw``, ``ray_head``, ``authors_golden``,
+``authors_reference``); pytest puts ``tests/`` on ``sys.path``, and no test file imports another.
 """
 from __future__ import annotations
 
