@@ -65,6 +65,20 @@ def test_dice_per_cluster_is_set_overlap():
     assert dice_per_cluster(a, b) == {0: pytest.approx(2 * 1 / 4), 1: pytest.approx(2 * 2 / 5), 2: 0.0}
 
 
+def test_same_cluster_exposes_clusters_spent_on_settings():
+    # two biological groups, the setting a shift larger than the biology: k-means (K=4) gives each
+    # setting its own two clusters, so ARI is 1 (the partitions agree up to relabelling) while no
+    # twin shares a cluster; same_cluster and Dice compare cluster identities and say so
+    rng = np.random.default_rng(0)
+    bio = np.repeat([[0.0, 0.0], [0.0, 3.0]], 40, axis=0) + rng.normal(scale=0.1, size=(80, 2))
+    x = np.concatenate([bio, bio + [20.0, 0.0]])
+    first, second = np.arange(80), np.arange(80, 160)
+    split = cluster_consistency(x, first, second, 4)
+    assert split["ari"] > 0.99 and split["same_cluster"] == 0.0 and split["dice"] == 0.0
+    together = cluster_consistency(np.concatenate([bio, bio]), first, second, 2)
+    assert together["ari"] > 0.99 and together["same_cluster"] == 1.0
+
+
 def test_combat_removes_a_per_feature_batch_shift():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 6))

@@ -9,7 +9,7 @@
 3. the rotation (:func:`.rotation.fit_rotation`), saved as ``rotation.pt`` + ``rotation.json``;
 4. the table, entangled vs rotated-biological vs ComBat: probe AUROC of the setting from the
    region features F and of "the setting changed within the pair" from STD's dynamic feature D;
-   ARI / NMI / Dice of the proxy twins' k-means clusters; the task metric (the model's monitor)
+   ARI / NMI / Dice / same-cluster rate of the proxy twins' k-means clusters; the task metric (the model's monitor)
    with the technical coordinates projected out of F inside the model, next to the model's own.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from data_sharding.errors import UserError
 
 REPRESENTATIONS = ("entangled", "rotated-biological", "combat")
-COLUMNS = ("probe_auroc_F", "ari", "nmi", "dice", "probe_auroc_D_change", "task_metric")
+COLUMNS = ("probe_auroc_F", "ari", "nmi", "dice", "same_cluster", "probe_auroc_D_change", "task_metric")
 
 
 @dataclass
@@ -56,7 +56,8 @@ def _settings(feats, processed: str | Path, factor: str) -> np.ndarray:
 
 
 def format_table(rows: dict[str, dict[str, float]], monitor: str, title: str = "") -> str:
-    heads = ("representation", "probe AUROC (F)", "ARI", "NMI", "Dice", "probe AUROC (D, change)", f"task {monitor}")
+    heads = ("representation", "probe AUROC (F)", "ARI", "NMI", "Dice", "same cluster", "probe AUROC (D, change)",
+             f"task {monitor}")
     lines = ([title] if title else []) + ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for name, r in rows.items():
         vals = ["—" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r[c])) else f"{r[c]:.3f}"
@@ -69,8 +70,13 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
                   factor: str = "orientation", k: int = 1, clusters: int = 8, seed: int = 0,
                   max_pair_hours: float = 48.0, min_pairs: int = 20, out: str | Path = "harmonize",
                   batch_size: int = 16, device: str = "cpu", progress: bool = True, say=print,
-                  source: str = "") -> HarmonizeResult:
-    """Fit, save and report the rotation for ``model`` on ``split`` (see module doc)."""
+                  source: str = "", features: Any = None, own: Any = None) -> HarmonizeResult:
+    """Fit, save and report the rotation for ``model`` on ``split`` (see module doc).
+
+    ``features`` (a :class:`~dipro.harmonize.features.RegionFeatures` of this model and split) and
+    ``own`` (its :func:`~dipro.train.evaluate.evaluate_model` result on the split, same batch size)
+    skip the two passes over the split that do not depend on the rotation: what several fits of one
+    model (other ``k``, ``clusters``, ``factor``) can share (``benchmarks/harmonize.py``)."""
     from dipro.harmonize import consistency as M
     from dipro.harmonize.combat import combat
     from dipro.harmonize.features import collect_features, std_of_pairs
@@ -84,7 +90,8 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
         raise UserError(f"--clusters must be >= 2, got {clusters}")
     if min_pairs < 1:
         raise UserError(f"--min-pairs must be >= 1, got {min_pairs}")
-    feats = collect_features(model, cfg, shard_dir, split, batch_size=batch_size, device=device, progress=progress)
+    feats = features if features is not None else collect_features(model, cfg, shard_dir, split, batch_size=batch_size,
+                                                                   device=device, progress=progress)
     if feats.skipped:
         say(f"skipped {feats.skipped} corrupt sample(s); first: " + "; ".join(feats.notes[:3]))
     setting = _settings(feats, processed, factor)
@@ -145,13 +152,14 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
         if len(pairs.rows):
             c = M.cluster_consistency(region_centred(x[name], feats.region[known]), pos[pairs.rows[:, 0]],
                                       pos[pairs.rows[:, 1]], clusters, seed)
-            r.update(ari=c["ari"], nmi=c["nmi"], dice=c["dice"])
+            r.update(ari=c["ari"], nmi=c["nmi"], dice=c["dice"], same_cluster=c["same_cluster"])
         if len(d_pairs) and 0 < changed.sum() < len(changed):
             _, dyn = std_of_pairs(model, full[name], d_pairs)
             r["probe_auroc_D_change"] = M.probe_auroc(dyn, changed, feats.stay[d_pairs[:, 0]], seed)
         rows[name] = r
     monitor = cfg.monitor
-    own = evaluate_model(model, cfg, split, shard_dir=shard_dir, device=device, batch_size=batch_size)
+    if own is None:
+        own = evaluate_model(model, cfg, split, shard_dir=shard_dir, device=device, batch_size=batch_size)
     model.feature_edit = AcquisitionRemoval(rot, device)
     try:
         projected = evaluate_model(model, cfg, split, shard_dir=shard_dir, device=device, batch_size=batch_size)
