@@ -88,19 +88,29 @@ class PreconditionFailed(Exception):
 
 # ----------------------------------------------------------------------------- counters
 
-_COUNTS: Counter = Counter()
-_COUNTS_LOCK = threading.Lock()
+class Counters:
+    """Thread-safe counts of one process (loader workers send theirs to the main process with each batch)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
 
 
-def _count(key: str, n: int = 1) -> None:
-    with _COUNTS_LOCK:
-        _COUNTS[key] += n
+_COUNTERS = Counters()
+_count = _COUNTERS.add
 
 
 def counters() -> dict[str, int]:
     """This process's storage counters: ``retries`` (transient failures retried), ``requests``, ``bytes_read``."""
-    with _COUNTS_LOCK:
-        return dict(_COUNTS)
+    return _COUNTERS.snapshot()
 
 
 # ----------------------------------------------------------------------------- secrets

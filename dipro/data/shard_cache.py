@@ -33,9 +33,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -47,19 +45,13 @@ INDEX_LOCK = ".index.lock"
 STALE_TEMP_S = 3600.0
 """Temp files older than this (a killed download) are removed at the next eviction."""
 
-_COUNTS: Counter = Counter()
-_COUNTS_LOCK = threading.Lock()
-
-
-def _count(key: str, n: int = 1) -> None:
-    with _COUNTS_LOCK:
-        _COUNTS[key] += n
+_COUNTERS = storage.Counters()
+_count = _COUNTERS.add
 
 
 def counters() -> dict[str, int]:
     """This process's cache counts: ``cache_hits``, ``cache_misses``, ``cache_evictions``, ``cache_errors``."""
-    with _COUNTS_LOCK:
-        return dict(_COUNTS)
+    return _COUNTERS.snapshot()
 
 
 def entry_key(uri: str, token: str) -> str:
