@@ -137,8 +137,8 @@ def test_prepare_is_deterministic(synth_prepared, tmp_path):
 
 
 def test_prepare_and_shard_with_every_path_in_a_bucket(synth_prepared, s3_bucket, tmp_path):
-    """Raw files in a bucket -> processed tables committed in the bucket -> shards in the bucket: the same
-    tables (image paths aside) and the same shard bytes as the local run; the commit record names the
+    """Raw files in a bucket -> processed tables committed in the bucket -> shards in the bucket -> verify: the
+    same tables (image paths aside) and the same shard bytes as the local run; the commit record names the
     generation; a second prepare without --overwrite is refused, with it a new generation is published."""
     from data_sharding import publish, storage
     from data_sharding.errors import UserError
@@ -172,3 +172,6 @@ def test_prepare_and_shard_with_every_path_in_a_bucket(synth_prepared, s3_bucket
     local = {(r.task, r.split, r.logical): (r.sha256, r.fingerprint) for r in read_manifest(tmp_path / "local-shards").records}
     remote = {(r.task, r.split, r.logical): (r.sha256, r.fingerprint) for r in read_manifest(f"{s3_bucket}/shards").records}
     assert remote == local and len(local) >= 4
+    from data_sharding.verify import verify_shards
+
+    assert verify_shards(f"{s3_bucket}/shards") == []
