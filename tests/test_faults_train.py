@@ -296,3 +296,25 @@ def test_truncated_last_checkpoint_on_a_bucket_resumes_from_previous_only_when_a
     assert ck.checkpoint_problem(r.last_checkpoint) is None
     assert "resuming base@previous from " + f"{runs}/base/checkpoint_s00000003_epoch0000" in (
         r.run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_on_gcs_checkpoints_there_and_resumes_from_it(shards, ray_local, gcs_bucket):
+    """Ray Train's storage on ``gs://`` (fake-gcs-server on 127.0.0.1; the workers find it through
+    STORAGE_EMULATOR_HOST, as the session's environment gives it to the local Ray): the run claim, the
+    checkpoints of the rank, ``best/`` and ``summary.json`` land in the bucket and ``--resume RUN``
+    continues from the last checkpoint read back from there."""
+    from data_sharding import storage
+    from dipro.train import checkpoint as ck
+    from dipro.train import run_training
+
+    runs = f"{gcs_bucket}/runs"
+    first = run_training(cfg_for(shards, runs, "trainer.run_name=gcs"))
+    assert first.run_dir == storage.resolve(f"{runs}/gcs") and first.global_step == 3
+    names = {o.path.split("/")[0] for o in first.run_dir.list()}
+    assert {"checkpoint_s00000003_epoch0000", "best", "summary.json", "train.log"} <= names, names
+    assert ck.checkpoint_problem(first.last_checkpoint) is None
+    r = run_training(cfg_for(shards, runs, "trainer.max_epochs=2"), resume="gcs")
+    assert r.global_step == 6 and r.epochs_completed == 2
+    assert str(r.run_dir).startswith(f"{runs}/gcs-resumed-")
+    assert f"resuming gcs from {runs}/gcs/checkpoint_s00000003_epoch0000" in (r.run_dir / "train.log").read_text()
