@@ -81,6 +81,8 @@ class PartResult:
     counts: dict[str, int]
     digests: dict[str, str]
     """image path -> sha256 of the bytes decoded, for the films of this part's samples."""
+    offsets: list[int] = field(default_factory=list)
+    """Each sample's offset inside this part (the join adds the parts before it)."""
 
 
 @dataclass
@@ -154,6 +156,7 @@ class _SegmentWriter:
         self.left -= 1
 
     def finish(self) -> None:
+        self.end = self.stream.size  # where the samples end: the manifest's last offset
         if self.segment.parts == 1:
             self.stream.finish()
         self._stack.close()  # flush, fsync; the temp file stays for the commit (or the join)
@@ -243,7 +246,7 @@ def _record(view, writer: _SegmentWriter, result: UnitResult) -> None:
     result.bytes += stream.size
     if seg.parts > 1:
         result.parts.append(PartResult(seg.plan.path, seg.part, seg.parts, len(seg.rows), stream.size,
-                                       dict(writer.builder.counts), dict(writer.digests)))
+                                       dict(writer.builder.counts), dict(writer.digests), list(stream.offsets)))
         return
     plan, settings = seg.plan, writer.settings
     if stream.size > settings.max_shard_bytes:
@@ -254,7 +257,7 @@ def _record(view, writer: _SegmentWriter, result: UnitResult) -> None:
     result.records.append(ShardRecord(task=plan.task, split=plan.split, path=path, samples=len(plan.rows),
                                       bytes=stream.size, sha256=stream.sha.hexdigest(), fingerprint=fingerprint,
                                       settings=settings.to_json(), counts=_counts_json(writer.builder.counts),
-                                      etag=etag))
+                                      etag=etag, offsets=(*stream.offsets, writer.end)))
 
 
 def _written(final, plan) -> tuple[str, str]:
@@ -275,12 +278,16 @@ def join_parts(processed: str, plan, settings: ShardSettings, out: str, parts: l
         raise RuntimeError(f"{plan.path}: parts {[p.part for p in parts]} of {parts[0].parts} to join")
     sources = [shard_sink(out, plan, generation, p.part)[2] for p in parts]
     final, sink, _ = shard_sink(out, plan, generation)
+    offsets: list[int] = []
+    for p in parts:
+        offsets += [o + sum(q.bytes for q in parts[:p.part]) for o in p.offsets]
     with sink as f:
         stream = TarStream(f)
         for src_loc in sources:
             with (open(src_loc, "rb") if isinstance(src_loc, Path) else src_loc.open_input()) as src:
                 while chunk := src.read(8 << 20):
                     stream.write(chunk)
+        end = stream.size
         stream.finish()
     for src_loc in sources:
         src_loc.unlink() if isinstance(src_loc, Path) else src_loc.delete()
@@ -296,4 +303,4 @@ def join_parts(processed: str, plan, settings: ShardSettings, out: str, parts: l
     path, etag = _written(final, plan)
     return ShardRecord(task=plan.task, split=plan.split, path=path, samples=len(plan.rows), bytes=stream.size,
                        sha256=stream.sha.hexdigest(), fingerprint=fingerprint, settings=settings.to_json(),
-                       counts=_counts_json(counts), etag=etag)
+                       counts=_counts_json(counts), etag=etag, offsets=(*offsets, end))

@@ -36,8 +36,8 @@ FORMAT_VERSION = 1
 """Bump when the shard layout or encoding changes: every shard's fingerprint changes with it."""
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("task", "split", "path", "samples", "bytes", "sha256", "fingerprint", "settings", "counts",
-                    "etag")
-OPTIONAL_COLUMNS = ("counts", "etag")
+                    "etag", "offsets")
+OPTIONAL_COLUMNS = ("counts", "etag", "offsets")
 STATS_KEY = b"dipro.stats"
 COMMIT_KEY = b"dipro.commit"
 STATS_FILES = ("label_stats.json", "ehr_stats.json")
@@ -103,6 +103,10 @@ class ShardRecord:
     settings: str
     counts: str = "{}"
     etag: str = ""
+    offsets: tuple[int, ...] = ()
+    """Byte offset of each sample's first tar header, then the end of the last sample (``samples + 1``
+    values; empty in manifests written before they were recorded): samples ``[i, j)`` are the bytes
+    ``[offsets[i], offsets[j])``, so a reader starting mid-shard fetches from there and no further."""
 
     @property
     def logical(self) -> str:
@@ -176,11 +180,13 @@ def read_manifest(shard_dir) -> Manifest:
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    defaults = {"counts": "{}", "etag": ""}
+    defaults = {"counts": "{}", "etag": "", "offsets": ()}
     records = []
     for row in table.to_pylist():
-        records.append(ShardRecord(**{f.name: row.get(f.name) if row.get(f.name) is not None else defaults.get(f.name)
-                                      for f in fields(ShardRecord)}))
+        values = {f.name: row.get(f.name) if row.get(f.name) is not None else defaults.get(f.name)
+                  for f in fields(ShardRecord)}
+        values["offsets"] = tuple(values["offsets"])
+        records.append(ShardRecord(**values))
     stats: dict[str, Any] = {}
     meta = table.schema.metadata or {}
     if STATS_KEY in meta:
@@ -220,7 +226,7 @@ def _manifest_table(manifest: Manifest, stats: dict[str, Any] | None = None, com
     schema = pa.schema([("task", pa.string()), ("split", pa.string()), ("path", pa.string()),
                         ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
                         ("fingerprint", pa.string()), ("settings", pa.string()), ("counts", pa.string()),
-                        ("etag", pa.string())])
+                        ("etag", pa.string()), ("offsets", pa.list_(pa.int64()))])
     meta = {}
     if stats:
         meta[STATS_KEY] = json.dumps(stats, separators=(",", ":"))  # key order kept: ehr_stats orders the features
@@ -228,7 +234,8 @@ def _manifest_table(manifest: Manifest, stats: dict[str, Any] | None = None, com
         meta[COMMIT_KEY] = commit
     if meta:
         schema = schema.with_metadata(meta)
-    return pa.Table.from_pylist([asdict(r) for r in manifest.records], schema=schema)
+    rows = [dict(asdict(r), offsets=list(r.offsets)) for r in manifest.records]
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def manifest_bytes(manifest: Manifest, stats: dict[str, Any] | None = None, commit: str | None = None) -> bytes:

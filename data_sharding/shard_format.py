@@ -220,6 +220,8 @@ class TarStream:
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        self.offsets: list[int] = []
+        """Where each sample's first header starts, relative to this stream's first byte."""
 
     def write(self, data: bytes | memoryview) -> None:
         self.sha.update(data)
@@ -237,6 +239,7 @@ class TarStream:
         """One sample's members in :data:`MEMBERS` order (the bytes of :func:`encode_members`)."""
         if not KEY_PATTERN.match(key):
             raise ValueError(f"sample key {key!r} has characters outside [A-Za-z0-9_-]")
+        self.offsets.append(self.size)
         for m in NPY_MEMBERS:
             arr = np.ascontiguousarray(arrays[m])
             head = io.BytesIO()

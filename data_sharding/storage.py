@@ -546,13 +546,17 @@ class Location:
         return sorted((o for o in out if o.path), key=lambda o: o.path)
 
     # -- reading
-    def open_input(self, chunk_bytes: int = CHUNK_BYTES, readahead: int = READAHEAD_CHUNKS) -> IO[bytes]:
+    def open_input(self, chunk_bytes: int = CHUNK_BYTES, readahead: int = READAHEAD_CHUNKS,
+                   stop: int | None = None) -> IO[bytes]:
         """A seekable binary reader: local file, or ranged reads of ``chunk_bytes`` with ``readahead``
-        further chunks fetched in the background, retried on transient failures."""
+        further chunks fetched in the background, retried on transient failures.
+
+        ``stop``: on a bucket, the object ends there for this reader (no range reaches past it), for a
+        caller that knows where the bytes it needs end; a local file ignores it."""
         if not self.scheme:
             with errors_named(self.uri):
                 return open(self.key, "rb", buffering=1 << 20)
-        return io.BufferedReader(_RangeReader(self, chunk_bytes, readahead), buffer_size=1 << 16)
+        return io.BufferedReader(_RangeReader(self, chunk_bytes, readahead, stop), buffer_size=1 << 16)
 
     def read_bytes(self) -> bytes:
         if not self.scheme:
@@ -779,13 +783,13 @@ class _RangeReader(io.RawIOBase):
     an object first (a loader segment starting mid-shard) fetches nothing before that point.
     """
 
-    def __init__(self, loc: Location, chunk_bytes: int, readahead: int) -> None:
+    def __init__(self, loc: Location, chunk_bytes: int, readahead: int, stop: int | None = None) -> None:
         super().__init__()
         self.loc, self.chunk, self.readahead = loc, max(1 << 16, int(chunk_bytes)), max(0, int(readahead))
         with errors_named(loc.uri):
             self._file = retrying(lambda: filesystem(loc.scheme, own_retries=False).open_input_file(loc.fs_path),
                                   loc.uri)
-        self.size = self._file.size()
+        self.size = self._file.size() if stop is None else min(self._file.size(), max(0, int(stop)))
         self.pos = 0
         self.base: int | None = None
         self._chunks: dict[int, Future | bytes] = {}

@@ -43,7 +43,7 @@ class Problem:
     shard: str
     """Shard path relative to the shard root (or the manifest's name)."""
     kind: str
-    """missing | size | sha256 | unreadable | sample | count | duplicate_key | unlisted | manifest."""
+    """missing | size | sha256 | unreadable | sample | count | offsets | duplicate_key | unlisted | manifest."""
     detail: str
     sample: str = ""
 
@@ -174,6 +174,8 @@ def verify_shard(root: str | Path, record: ShardRecord) -> tuple[list[Problem], 
     if size != record.bytes:
         problems.append(Problem(record.path, "size", f"{size} bytes, manifest says {record.bytes}"))
     keys: list[str] = []
+    offsets: list[int] = []  # where each sample's first header is, then where the samples end
+    end = 0
     current_key, members = None, {}
 
     def finish() -> None:
@@ -197,11 +199,19 @@ def verify_shard(root: str | Path, record: ShardRecord) -> tuple[list[Problem], 
                         if key in keys:
                             problems.append(Problem(record.path, "duplicate_key", "key appears twice", key))
                         current_key, members = key, {}
+                        offsets.append(info.offset)
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} truncated")
                     members[member] = data
+                    end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             finish()
+            if record.offsets and tuple(offsets) + (end,) != tuple(record.offsets):
+                bad = next((i for i, (a, b) in enumerate(zip(offsets + [end], record.offsets)) if a != b),
+                           min(len(offsets) + 1, len(record.offsets)))
+                problems.append(Problem(record.path, "offsets",
+                                        f"sample offsets differ from the manifest's from sample {bad} on "
+                                        f"({len(record.offsets)} recorded, {len(offsets) + 1} found)"))
         except (tarfile.TarError, EOFError, OSError) as exc:
             problems.append(Problem(record.path, "unreadable", f"tar stream broken after {len(keys)} samples: {exc}",
                                     current_key or ""))

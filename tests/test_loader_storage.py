@@ -113,6 +113,18 @@ def test_skipping_into_a_bucket_shard_reads_headers_not_samples(s3_bucket, tmp_p
     streamed, fetched = read(shard, 4 << 20)
     assert streamed == expected and fetched >= offset7  # small samples: read through by the stream
 
+    # with the manifest's sample offsets (what `dipro shard` records) a segment fetches its own bytes only
+    with tarfile.open(local) as tar:
+        members = [m for m in tar if m.isfile()]
+    offsets = [m.offset for m in members if m.name.endswith(".crops.npy")]
+    offsets.append(members[-1].offset_data + -(-members[-1].size // 512) * 512)
+    indexed = ShardInfo(loc.uri, "t/big.tar", 10, info.size, info.token, offsets=tuple(offsets))
+    for start, stop in ((7, 10), (3, 7), (0, 1)):
+        before = storage.counters().get("bytes_read", 0)
+        got = list(reader.read_segment(Segment(indexed, start, stop)))
+        assert [s["crops.npy"] for s in got] == [m["crops.npy"] for _, m in samples[start:stop]]
+        assert storage.counters().get("bytes_read", 0) - before == offsets[stop] - offsets[start]
+
 
 # ----------------------------------------------------------------------------- faults
 

@@ -100,6 +100,9 @@ def test_shards_are_the_bytes_the_per_sample_build_wrote(name, tmp_path):
     records = sorted(three.records, key=lambda r: r.path)
     assert {r.path: r.sha256[:16] for r in records} == shas
     assert fingerprints_digest(records) == fps
+    # each sample's byte offset (verify_shards checked them against the tar's headers above), also across joined parts
+    assert {r.path: r.offsets for r in records} == {r.path: r.offsets for r in report.manifest.records}
+    assert all(len(r.offsets) == r.samples + 1 for r in records)
     for r in records:  # the bytes on disk are the ones hashed, and no part file is left
         data = shard_tmp(out / r.path).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r.sha256 and len(data) == r.bytes

@@ -281,6 +281,34 @@ def test_verify_reports_bad_sample_contents(fx, tmp_path):
     assert any(p.kind == "sample" and p.sample == key and "mortality" in p.detail for p in problems)
 
 
+def test_sample_offsets_are_checked_by_verify_and_the_loader_plan(fx, tmp_path):
+    """The manifest's per-sample byte offsets (where a reader starting mid-shard seeks to): `dipro shards
+    verify` compares them with the tar's headers, and the loader's plan refuses a malformed list."""
+    from dataclasses import replace
+
+    from data_sharding.manifest import Manifest, write_manifest
+    from dipro.data.plan import read_manifest as plan_manifest
+
+    out = tmp_path / "s"
+    manifest = write_shards(fx.root, out, task="mortality_los", settings=SETTINGS, workers=1, progress=False)
+    record = next(r for r in manifest.records if r.samples >= 2)
+    with tarfile.open(out / record.path) as tar:
+        firsts = [m.offset for m in tar if m.name.endswith(".crops.npy")]
+    assert list(record.offsets[:-1]) == firsts and record.offsets[-1] <= record.bytes
+    shifted = record.offsets[:1] + tuple(o + 512 for o in record.offsets[1:])
+    others = [r for r in manifest.records if r is not record]
+    write_manifest(out, Manifest(others + [replace(record, offsets=shifted)]))
+    problems = verify_shards(out)
+    assert [(p.shard, p.kind) for p in problems] == [(record.path, "offsets")]
+    assert "from sample 1 on" in problems[0].detail
+    write_manifest(out, Manifest(others + [replace(record, offsets=record.offsets[:-1])]))
+    with pytest.raises(DataError, match=rf"{record.path} records {record.samples} sample offsets for "
+                                        rf"{record.samples} samples, expected {record.samples + 1}"):
+        plan_manifest(out, "mortality", record.split)
+    write_manifest(out, Manifest(others + [replace(record, offsets=())]))  # a manifest from before offsets
+    assert verify_shards(out) == [] and plan_manifest(out, "mortality", record.split).shards
+
+
 def test_inspect_shard_reasons_without_ray(fx, tmp_path):
     out = tmp_path / "s"
     manifest = write_shards(fx.root, out, settings=SETTINGS, workers=1, progress=False).by_path()

@@ -50,6 +50,15 @@ class ShardInfo:
     """Version of the object the plan saw (ETag / generation; empty locally): the shard cache's key."""
     sha256: str = ""
     """The manifest's digest of the shard (a cache copy is kept only when its bytes match it)."""
+    offsets: tuple[int, ...] = ()
+    """The manifest's byte offset of each sample and of the samples' end (``samples + 1`` values), or
+    empty (a manifest written before they were recorded): where a segment's bytes begin and end."""
+
+    def span(self, start: int, stop: int) -> tuple[int, int] | None:
+        """Bytes ``[begin, end)`` of samples ``[start, stop)``, when the manifest recorded offsets."""
+        if len(self.offsets) != self.samples + 1 or not 0 <= start <= stop <= self.samples:
+            return None
+        return self.offsets[start], self.offsets[stop]
 
 
 @dataclass(frozen=True)
@@ -121,8 +130,15 @@ def read_manifest(shard_dir: str | Path, task: str, split: str) -> ShardSet:
                 raise DataError(f"shard {loc} is listed in {manifest} but no such object exists "
                                 f"(run `dipro shards verify {root}`)")
             size, token = info.size, info.token
+        offsets = tuple(int(o) for o in (r.offsets or ()))
+        if offsets and len(offsets) != samples + 1:
+            raise DataError(f"shard manifest {manifest}: shard {r.path} records {len(offsets)} sample offsets for "
+                            f"{samples} samples, expected {samples + 1} (cut the shards again with `dipro shard`)")
+        if offsets and list(offsets) != sorted(offsets):
+            raise DataError(f"shard manifest {manifest}: shard {r.path} records sample offsets out of order "
+                            f"(cut the shards again with `dipro shard`)")
         shards.append(ShardInfo(path=loc.uri, rel=str(r.path), samples=samples, bytes=size, token=token,
-                                sha256=str(r.sha256 or "")))
+                                sha256=str(r.sha256 or ""), offsets=offsets))
     settings: dict = {}
     if chosen[0].settings:
         try:

@@ -10,14 +10,16 @@ or on a bucket one sequential stream of 8 MiB ranged reads with the next range i
 ``data.cache_dir`` is set (:mod:`dipro.data.shard_cache`).
 
 The samples before ``start`` are skipped, not parsed (ranks and loader workers start
-mid-shard): the tar is opened seekable and only member headers are read on the way to
-the first sample (:func:`_first_offset`); a local file or cached copy seeks over their
-bytes.  On a bucket the walk uses small ranged reads of :data:`SKIP_PROBE_BYTES` (about
-one request per skipped sample, no sample payload fetched) when the shard's samples
-average :data:`SKIP_STREAM_BELOW_BYTES` or more; below that the stream's own 8 MiB ranges
-read through them, because one request per sample would cost more time than the bytes
-(a request's latency is worth ~2 MB of one stream's bandwidth on S3/GCS).  The main
-stream's ranges begin at the segment's first sample either way.
+mid-shard).  The manifest records each sample's byte offset (``offsets``, see
+:class:`data_sharding.manifest.ShardRecord`): the reader seeks straight to the segment's first
+sample and, on a bucket, no range reaches past its last one, so a segment costs its own bytes
+and nothing else.  For a manifest written before offsets were recorded, the tar is walked
+header by header to the first sample (:func:`_first_offset`): a local file or cached copy
+seeks over the member bytes; on a bucket the walk uses small ranged reads of
+:data:`SKIP_PROBE_BYTES` (about one request per skipped sample, no sample payload fetched)
+when the shard's samples average :data:`SKIP_STREAM_BELOW_BYTES` or more; below that the
+stream's own 8 MiB ranges read through them, because one request per sample would cost more
+time than the bytes (a request's latency is worth ~2 MB of one stream's bandwidth on S3/GCS).
 
 A shard that is truncated, has a damaged header or holds fewer samples than the manifest
 says does not stop the stream: the samples it cannot deliver come out as one
@@ -65,14 +67,17 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, suffix.lower()
 
 
-def open_shard(shard: ShardInfo, cache=None) -> IO[bytes]:
+def open_shard(shard: ShardInfo, cache=None, stop: int | None = None) -> IO[bytes]:
     """A seekable binary reader of ``shard``: through ``cache`` (a :class:`dipro.data.shard_cache.ShardCache`)
-    when the shard is on a bucket and a cache is configured, else straight from the storage layer
-    (on a bucket: :data:`STREAM_READAHEAD` ranges in flight ahead of the one being read)."""
+    when the shard is on a bucket and a cache is configured and takes it, else straight from the storage
+    layer (on a bucket: :data:`STREAM_READAHEAD` ranges in flight ahead of the one being read, none past
+    byte ``stop`` when given)."""
     loc = storage.resolve(shard.path)
-    if cache is not None and loc.is_remote:
+    if not loc.is_remote:
+        return loc.open_input()
+    if cache is not None and cache.cacheable(shard.bytes, shard.token):
         return cache.open(shard)
-    return loc.open_input(readahead=STREAM_READAHEAD) if loc.is_remote else loc.open_input()
+    return loc.open_input(readahead=STREAM_READAHEAD, stop=stop)
 
 
 def _probe_remote(shard: ShardInfo, cache) -> bool:
@@ -123,9 +128,12 @@ def open_segment(segment: Segment, cache=None) -> OpenedSegment:
     reading that waits on storage (``read_stage`` does it for the next segment while this one is
     read).  A fetch failure raises (:class:`data_sharding.storage.StorageAccessError`); a damaged or
     short tar comes back as ``failure``."""
-    f = open_shard(segment.shard, cache)
+    span = segment.shard.span(segment.start, segment.stop)
+    f = open_shard(segment.shard, cache, stop=span[1] if span else None)
     try:
-        if segment.start > 0:
+        if span is not None:
+            f.seek(span[0])  # the manifest says where the segment begins: nothing before it is read
+        elif segment.start > 0:
             if _probe_remote(segment.shard, cache):
                 with storage.resolve(segment.shard.path).open_input(chunk_bytes=SKIP_PROBE_BYTES, readahead=0) as probe:
                     found, passed = _first_offset(probe, segment.start)
