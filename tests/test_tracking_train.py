@@ -8,7 +8,8 @@ retried worker group reattaches to it), with the params, tags, per-step and per-
 figures and the registered version of issue 6.  Only the MLflow server holds bucket credentials for
 the artifacts: `dipro predict --model models:/...@champion` runs without any.
 
-The shards are on the bucket too (published as `dipro shard --out s3://...` lays them out) and stream
+The shards are on the bucket too (cut there by `dipro shard`'s writer from processed tables in the bucket,
+byte for byte the local build's) and stream
 into the loaders; everything the training run writes (run.json, train.log, checkpoints, best/,
 summary.json) is on the bucket.  Only the champion's prediction, by a client without bucket
 credentials, reads a local copy of the same shards.
@@ -55,9 +56,18 @@ def test_two_worker_run_on_a_bucket_with_worker_failure_is_one_tracked_run(shard
     from dipro.tracking.provenance import data_fingerprint
     from dipro.train import run_training
 
-    from object_store import upload_shard_set
+    from data_sharding.manifest import ShardSettings, logical_path, read_manifest
+    from data_sharding.shard_writer import write_shards
+    from data_sharding.verify import verify_shards
 
-    bucket_shards = upload_shard_set(shards, f"{s3_bucket}/shards")
+    # the shards are cut in the bucket from the processed tables in the bucket, and are the local build's bytes
+    storage.resolve(f"{s3_bucket}/processed").upload_dir(shards.parent / "processed")
+    bucket_shards = f"{s3_bucket}/shards"
+    write_shards(f"{s3_bucket}/processed", bucket_shards, settings=ShardSettings(crop_size=32, max_samples_per_shard=4),
+                 workers=1, progress=False)
+    assert verify_shards(bucket_shards) == []
+    local = {(r.logical, r.sha256, r.offsets) for r in read_manifest(shards).records}
+    assert {(r.logical, r.sha256, r.offsets) for r in read_manifest(bucket_shards).records} == local
     server = Server(tmp_path, artifacts_destination=f"{s3_bucket}/mlflow", env=dict(os.environ))  # proxy mode
     server.start()
     os.environ.pop("RAY_ADDRESS", None)
@@ -142,6 +152,9 @@ def test_two_worker_run_on_a_bucket_with_worker_failure_is_one_tracked_run(shard
         assert rc == 0, capsys.readouterr().err
         champion = pd.read_parquet(tmp_path / "champion.parquet")
         assert len(champion) == 6
-        pd.testing.assert_frame_equal(champion, from_checkpoint)
+        # the same predictions; the bucket's rows name the exact shard objects read (the build's generation)
+        assert [logical_path(p) for p in from_checkpoint["shard"]] == list(champion["shard"])
+        assert all(p != logical_path(p) for p in from_checkpoint["shard"])
+        pd.testing.assert_frame_equal(champion, from_checkpoint.assign(shard=champion["shard"]))
     finally:
         server.stop()
