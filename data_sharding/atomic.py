@@ -113,11 +113,12 @@ def _fsync_path(p: Path) -> None:
 
 @contextlib.contextmanager
 def open_atomic(path: str | os.PathLike, mode: str = "wb", *, tmp: str | os.PathLike | None = None,
-                replace: bool = True, unchanged: str = "", **open_kw) -> Iterator[IO]:
+                replace: bool = True, unchanged: str = "", fsync: bool = True, **open_kw) -> Iterator[IO]:
     """Write ``path`` through a temp file (see module docstring).
 
     ``replace=False`` leaves the finished temp file in place for a caller that renames a
-    whole set of files together (shards); ``tmp`` names it.
+    whole set of files together (shards); ``tmp`` names it.  ``fsync=False``: a scratch file
+    that is never committed itself (a shard's part, which the join copies into a file that is).
     """
     path = Path(path)
     tmp_p = Path(tmp) if tmp is not None else temp_path(path)
@@ -126,7 +127,8 @@ def open_atomic(path: str | os.PathLike, mode: str = "wb", *, tmp: str | os.Path
         with open(tmp_p, mode, **open_kw) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         if replace:
             os.replace(tmp_p, path)
 

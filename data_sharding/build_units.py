@@ -120,7 +120,8 @@ def shard_sink(out, plan, generation: str | None, part: int | None = None):
         final = root.local / plan.path
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path(final) if part is None else part_tmp(final, part)
-        return final, atomic.open_atomic(final, "wb", tmp=tmp, replace=False, unchanged=UNCHANGED), tmp
+        return final, atomic.open_atomic(final, "wb", tmp=tmp, replace=False, unchanged=UNCHANGED,
+                                         fsync=part is None), tmp
     final = root / object_path(plan, generation)
     target = final if part is None else final.parent / part_tmp(Path(final.name), part).name
     return final, target.open_output(unchanged=UNCHANGED), target
@@ -270,26 +271,39 @@ def _written(final, plan) -> tuple[str, str]:
 def join_parts(processed: str, plan, settings: ShardSettings, out: str, parts: list[PartResult],
                generation: str | None = None) -> ShardRecord:
     """Concatenate a shard's parts in order into ``{shard}.tmp`` (a bucket: its generation's object), end
-    the archive; the shard's manifest row."""
+    the archive; the shard's manifest row.  Locally part 0's file becomes ``{shard}.tmp`` and the later
+    parts are appended to it (part 0 is read to hash it, not written again); the joined file is fsynced
+    (the parts, scratch files, are not)."""
+    from data_sharding import storage
     from data_sharding.samples import open_processed
 
     parts = sorted(parts, key=lambda p: p.part)
     if [p.part for p in parts] != list(range(parts[0].parts)):
         raise RuntimeError(f"{plan.path}: parts {[p.part for p in parts]} of {parts[0].parts} to join")
     sources = [shard_sink(out, plan, generation, p.part)[2] for p in parts]
-    final, sink, _ = shard_sink(out, plan, generation)
     offsets: list[int] = []
     for p in parts:
         offsets += [o + sum(q.bytes for q in parts[:p.part]) for o in p.offsets]
+    if generation is None:  # locally part 0 becomes the shard: the other parts are appended to it
+        final = storage.resolve(out).local / plan.path
+        os.replace(sources[0], tmp_path(final))
+        sink, first, rest = atomic.open_atomic(final, "r+b", tmp=tmp_path(final), replace=False,
+                                               unchanged=UNCHANGED), tmp_path(final), sources[1:]
+    else:  # an object cannot be appended to: every part is copied into the shard's object
+        final, sink, _ = shard_sink(out, plan, generation)
+        first, rest = None, sources
     with sink as f:
         stream = TarStream(f)
-        for src_loc in sources:
+        if first is not None:
+            while chunk := f.read(8 << 20):  # hashed, not written again
+                stream.written(chunk)
+        for src_loc in rest:
             with (open(src_loc, "rb") if isinstance(src_loc, Path) else src_loc.open_input()) as src:
                 while chunk := src.read(8 << 20):
                     stream.write(chunk)
         end = stream.size
         stream.finish()
-    for src_loc in sources:
+    for src_loc in rest:
         src_loc.unlink() if isinstance(src_loc, Path) else src_loc.delete()
     if stream.size > settings.max_shard_bytes:
         raise RuntimeError(f"{plan.path}: {stream.size} bytes exceed the planned bound {settings.max_shard_bytes}")

@@ -228,6 +228,11 @@ class TarStream:
         self._f.write(data)
         self.size += len(data)
 
+    def written(self, data: bytes | memoryview) -> None:
+        """Hash and count ``data`` that is already in the file at this point (not written again)."""
+        self.sha.update(data)
+        self.size += len(data)
+
     def _member(self, name: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
         self.write(tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
         for chunk in chunks:
