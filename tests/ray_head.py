@@ -262,7 +262,30 @@ class RayHead:
             self.nodes.remove(node)
         while len(self.nodes) < count:
             self.add_node(num_cpus)
+        self.wait_for_free_cpus(num_cpus)
         return list(self.nodes)
+
+    def wait_for_free_cpus(self, num_cpus: int, timeout_s: float = 120.0) -> None:
+        """Until the head's resource view shows every worker node with ``num_cpus`` CPUs, none in use.
+
+        A node the GCS already counts alive reaches the resource view some seconds later (~4 s
+        measured), and a finished job's workers release their CPUs asynchronously: a job submitted
+        before then is placed on fewer CPUs than the test started (an elastic group starts small).
+        """
+        deadline = time.monotonic() + timeout_s
+        want = {n.node_id: [0.0, float(num_cpus)] for n in self.nodes}
+        seen: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                report = self.api("/api/cluster_status")["data"]["clusterStatus"]["loadMetricsReport"]
+                seen = {k: v.get("CPU") for k, v in (report.get("usageByNode") or {}).items()}
+                if all(seen.get(node_id) == cpus for node_id, cpus in want.items()):
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, KeyError, TypeError):
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {len(want)} node(s) with {num_cpus} free "
+                           f"CPUs each; CPU [used, total] by node: {seen}")
 
     def alive_node_ids(self) -> set[str]:
         """Node ids the head's GCS reports ALIVE (Ray's state API through the dashboard)."""
