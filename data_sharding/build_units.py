@@ -157,7 +157,6 @@ class _SegmentWriter:
         self.left -= 1
 
     def finish(self) -> None:
-        self.end = self.stream.size  # where the samples end: the manifest's last offset
         if self.segment.parts == 1:
             self.stream.finish()
         self._stack.close()  # flush, fsync; the temp file stays for the commit (or the join)
@@ -258,7 +257,7 @@ def _record(view, writer: _SegmentWriter, result: UnitResult) -> None:
     result.records.append(ShardRecord(task=plan.task, split=plan.split, path=path, samples=len(plan.rows),
                                       bytes=stream.size, sha256=stream.sha.hexdigest(), fingerprint=fingerprint,
                                       settings=settings.to_json(), counts=_counts_json(writer.builder.counts),
-                                      etag=etag, offsets=(*stream.offsets, writer.end)))
+                                      etag=etag, offsets=(*stream.offsets, stream.samples_end)))
 
 
 def _written(final, plan) -> tuple[str, str]:
@@ -282,8 +281,10 @@ def join_parts(processed: str, plan, settings: ShardSettings, out: str, parts: l
         raise RuntimeError(f"{plan.path}: parts {[p.part for p in parts]} of {parts[0].parts} to join")
     sources = [shard_sink(out, plan, generation, p.part)[2] for p in parts]
     offsets: list[int] = []
-    for p in parts:
-        offsets += [o + sum(q.bytes for q in parts[:p.part]) for o in p.offsets]
+    base = 0
+    for p in parts:  # each part's offsets, shifted by the bytes of the parts before it
+        offsets += [base + o for o in p.offsets]
+        base += p.bytes
     if generation is None:  # locally part 0 becomes the shard: the other parts are appended to it
         final = storage.resolve(out).local / plan.path
         os.replace(sources[0], tmp_path(final))
@@ -301,7 +302,6 @@ def join_parts(processed: str, plan, settings: ShardSettings, out: str, parts: l
             with (open(src_loc, "rb") if isinstance(src_loc, Path) else src_loc.open_input()) as src:
                 while chunk := src.read(8 << 20):
                     stream.write(chunk)
-        end = stream.size
         stream.finish()
     for src_loc in rest:
         src_loc.unlink() if isinstance(src_loc, Path) else src_loc.delete()
@@ -317,4 +317,4 @@ def join_parts(processed: str, plan, settings: ShardSettings, out: str, parts: l
     path, etag = _written(final, plan)
     return ShardRecord(task=plan.task, split=plan.split, path=path, samples=len(plan.rows), bytes=stream.size,
                        sha256=stream.sha.hexdigest(), fingerprint=fingerprint, settings=settings.to_json(),
-                       counts=_counts_json(counts), etag=etag, offsets=(*offsets, end))
+                       counts=_counts_json(counts), etag=etag, offsets=(*offsets, stream.samples_end))

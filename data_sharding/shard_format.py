@@ -222,6 +222,8 @@ class TarStream:
         self.size = 0
         self.offsets: list[int] = []
         """Where each sample's first header starts, relative to this stream's first byte."""
+        self.samples_end: int | None = None
+        """Where the samples end (set by :meth:`finish`: the manifest's last offset)."""
 
     def write(self, data: bytes | memoryview) -> None:
         self.sha.update(data)
@@ -258,6 +260,7 @@ class TarStream:
     def finish(self, offset: int | None = None) -> None:
         """End the archive; ``offset`` = bytes of the whole archive so far (default: what this stream wrote)."""
         offset = self.size if offset is None else offset
+        self.samples_end = offset
         end = 2 * tarfile.BLOCKSIZE
         self.write(tarfile.NUL * (end + -(offset + end) % tarfile.RECORDSIZE))
 
