@@ -8,10 +8,12 @@ same cohort: a processed dir with MIMIC-sized JPEGs (``--image-size``, default
 2560 px wide) written by ``tests/processed_fixture.py``, per-stay EHR CSVs
 written from its ``ehr/`` Parquet (the authors' layout), and shards written by
 ``data_sharding.shard_writer`` from it.  Cohort building is not timed; each
-rate is steady state (timed after the first batch; build_loader's rates are the
-median of ``--repeats`` runs); the freshly written files are in the page cache for both loaders.
+rate is steady state: the baseline's timed after its first batch, build_loader's after ``--warmup``
+batches, once its shuffle buffer is full (while it fills, the loader reads two samples per sample it
+yields; from then on one, as over a whole epoch), the median of ``--repeats`` runs; the freshly
+written files are in the page cache for both loaders.
 
-    .venv/bin/python benchmarks/loader.py [--stays 24] [--workers 0,1,2] [--batches 100] [--no-s3]
+    .venv/bin/python benchmarks/loader.py [--stays 24] [--workers 0,1,2] [--batches 100] [--warmup 64] [--no-s3]
 
 Prints one table: samples/s of each loader, per loader worker, and the ratio (target >= 50x).
 
@@ -21,8 +23,8 @@ s3://...`` lays them out, and at each worker count measures build_loader from ``
 (a) its local-disk rate above and (b) what the server itself delivers for the same objects: a plain
 buffered read (pyarrow, 8 MiB buffer) of every shard of the split by as many threads as loader
 streams, bytes/s converted to samples/s with the split's bytes per sample.  Target: S3 >= 80 % of the
-lower of (a) and (b).  These loader rates, local and S3 alike, are timed after ``--s3-warmup`` batches,
-once the shuffle buffer is full (before that the loader reads two samples per sample it yields).  ``s3+cache`` is build_loader from ``s3://`` with ``cache_dir`` (after its first
+lower of (a) and (b).  These loader rates, local and S3 alike, are timed after ``--warmup`` batches
+too.  ``s3+cache`` is build_loader from ``s3://`` with ``cache_dir`` (after its first
 pass, which fills the cache and is not timed, it reads the local copy).
 ``ours+aug`` includes training augmentation as the loader does it: it draws each
 sample's transform parameters; the pixels are transformed on the device by the
@@ -181,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="build_loader timings per cell (the median is shown)")
     ap.add_argument("--work", default=None, help="keep the cohort here (default: a temp dir, removed)")
     ap.add_argument("--no-s3", action="store_true", help="skip the rows read from a local moto S3 server")
-    ap.add_argument("--s3-warmup", type=int, default=64,
-                    help="batches before the S3 table's clock starts (the shuffle buffer is full by then)")
+    ap.add_argument("--warmup", type=int, default=64,
+                    help="batches before build_loader's clock starts (the shuffle buffer is full by then)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -201,17 +203,18 @@ def main(argv: list[str] | None = None) -> int:
 
                     def shard_iter(task=task, workers=workers, augment=True):
                         return iter(build_loader(work / "shards", task, "train", args.batch_size, workers,
-                                                 steps_per_epoch=args.batches + 1, seed=0, augment=augment))
+                                                 steps_per_epoch=args.warmup + args.batches + 1, seed=0,
+                                                 augment=augment))
 
                     def base_iter(task_dir=task_dir, workers=workers):
                         return iter(baseline_loader(work, task_dir, args.batch_size, workers, args.crop_size))
 
                     # build_loader runs are short (~0.1-1 s): the median of --repeats runs damps scheduler noise
-                    timed = [samples_per_second(shard_iter, args.batches) for _ in range(args.repeats)]
+                    timed = [samples_per_second(shard_iter, args.batches, args.warmup) for _ in range(args.repeats)]
                     ours = statistics.median(rate for rate, _ in timed)
                     first = statistics.median(f for _, f in timed)
-                    plain = statistics.median(samples_per_second(lambda: shard_iter(augment=False), args.batches)[0]
-                                              for _ in range(args.repeats))
+                    plain = statistics.median(samples_per_second(lambda: shard_iter(augment=False), args.batches,
+                                                                 args.warmup)[0] for _ in range(args.repeats))
                     base = samples_per_second(base_iter, args.baseline_batches)[0]
                     rows.append((task, workers, base / procs, ours / procs, ours / base, plain / procs, plain / base, first))
                     print(f"  {task} workers={workers}: baseline {base:.2f}/s, build_loader {ours:.1f}/s "
@@ -232,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task:<20} {w:>7} {base_w:>9.2f} {ours_w:>9.1f} {ratio:>6.0f}x {plain_w:>9.1f} {plain_ratio:>6.0f}x "
               f"{first:>13.2f}")
     print("ours+aug: build_loader with shuffle + training augmentation (parameters drawn here, pixels transformed on "
-          "the device); ours: augmentation off; first batch s: build_loader's time from iter() to its first "
-          "batch (worker start-up and shuffle-buffer warm-up).\n"
+          f"the device); ours: augmentation off; both timed over {args.batches} batches after {args.warmup} (the "
+          "shuffle buffer full); first batch s: build_loader's time from iter() to its first batch (worker "
+          "start-up and shuffle-buffer warm-up).\n"
           "target: ratio >= 50x per worker; length_of_stay reads the mortality shards (same numbers as mortality).")
     if s3_rows:
         print_s3_table(s3_rows, args)
@@ -297,17 +301,15 @@ def server_samples_per_second(uri: str, task: str, streams: int, repeats: int) -
 
 
 def measure_s3(s3: LocalS3, shards: Path, scratch: Path, task: str, workers: int, args) -> tuple:
-    """One row of the S3 table.  Every loader rate here is timed in steady state: after
-    ``--s3-warmup`` batches, when the shuffle buffer is full (while it fills, the loader reads two
-    samples per sample it yields: ~1.5x the bytes over the first table's 100 batches, which a local
-    disk hides and a server does not)."""
+    """One row of the S3 table.  Every loader rate here is timed in steady state, after
+    ``--warmup`` batches, as in the first table."""
     def make(shards, cache_dir=None):
         return lambda: iter(build_loader(shards, task, "train", args.batch_size, workers, seed=0, augment=True,
-                                         steps_per_epoch=args.s3_warmup + args.batches + 1, cache_dir=cache_dir,
+                                         steps_per_epoch=args.warmup + args.batches + 1, cache_dir=cache_dir,
                                          cache_max_gb=100.0))
 
     def rate(make_iter) -> float:
-        return statistics.median(samples_per_second(make_iter, args.batches, args.s3_warmup)[0]
+        return statistics.median(samples_per_second(make_iter, args.batches, args.warmup)[0]
                                  for _ in range(args.repeats))
 
     local = rate(make(shards))
@@ -332,7 +334,7 @@ def print_s3_table(rows: list[tuple], args) -> None:
         print(f"{task:<20} {w:>7} {local:>9.1f} {server:>10.1f} {mbps:>11.0f} {remote:>8.1f} {ratio:>12.0%} "
               f"{cached:>9.1f}")
     print(f"(a) build_loader (shuffle + augmentation) on local disk (page cache); s3: the same from s3:// (ranged "
-          f"8 MiB reads, two ahead); both timed over {args.batches} batches after {args.s3_warmup} (the shuffle "
+          f"8 MiB reads, two ahead); both timed over {args.batches} batches after {args.warmup} (the shuffle "
           "buffer full); (b) a plain buffered read of every shard object by as many threads as loader streams, "
           "converted to samples/s; target s3 >= 80 % of min(a, b).")
 

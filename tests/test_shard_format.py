@@ -92,3 +92,93 @@ def test_load_npy_refuses_pickled_objects_and_short_payloads():
     data = sf.npy_bytes(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="needs 24"):
         sf.load_npy(data[:-1])
+
+
+# ----------------------------------------------------------------------------- TarReader
+
+def _members_by_tarfile(data: bytes, start: int = 0) -> list[tuple]:
+    f = io.BytesIO(data)
+    f.seek(start)
+    out = []
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        while (m := tar.next()) is not None:
+            payload = tar.extractfile(m).read() if m.isfile() else None
+            out.append((m.name, m.offset, m.offset_data, m.size, m.isfile(), payload))
+    return out
+
+
+def _members_by_reader(data: bytes, start: int = 0) -> list[tuple]:
+    f = io.BytesIO(data)
+    f.seek(start)
+    tar = sf.TarReader(f)
+    out = []
+    while (m := tar.next()) is not None:
+        out.append((m.name, m.offset, m.offset_data, m.size, m.isfile, tar.read(m) if m.isfile else None))
+    return out
+
+
+def _tar(fmt: int, entries: list[tuple[str, bytes | None]], pax_global: dict | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=pax_global or {}) as tar:
+        for name, payload in entries:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+ENTRIES = [("s1_0.crops.npy", b"x" * 1000), ("d", None), ("s1_0.meta.json", b"{}"), ("s1_0.empty", b""),
+           ("p/" * 60 + "s2_0.labels.json", b"[1]"), ("s2_0.big", bytes(range(256)) * 9)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_reads_what_tarfile_reads(fmt):
+    """Names (a 180-character one: ustar prefix, GNU long name, pax path), offsets, sizes and payloads
+    are tarfile's, for regular members, a directory and an empty member, from the start and mid-archive."""
+    data = _tar(fmt, ENTRIES)
+    expected = _members_by_tarfile(data)
+    assert [e[0] for e in expected] == [n for n, _ in ENTRIES] and _members_by_reader(data) == expected
+    mid = expected[2][1]  # a header mid-archive: readers start there (segments begin mid-shard)
+    assert _members_by_reader(data, mid) == _members_by_tarfile(data, mid) == expected[2:]
+
+
+def test_tar_reader_after_a_pax_global_header_and_on_the_writers_own_shards():
+    data = _tar(tarfile.PAX_FORMAT, ENTRIES[:3], pax_global={"comment": "global"})
+    assert _members_by_reader(data) == _members_by_tarfile(data)
+    buf = io.BytesIO()
+    stream = sf.TarStream(buf)
+    for i in range(3):
+        stream.add_sample(f"s7_{i}", _arrays(), {"mortality": 1}, {"stay_id": 7, "row": i})
+    stream.finish()
+    own = buf.getvalue()
+    assert _members_by_reader(own) == _members_by_tarfile(own) and len(_members_by_tarfile(own)) == 3 * len(sf.MEMBERS)
+
+
+def test_tar_reader_on_damage_behaves_as_tarfile():
+    data = _tar(tarfile.USTAR_FORMAT, [("a.x", b"1" * 700), ("a.y", b"2" * 10), ("b.x", b"3" * 5)])
+    second = _members_by_tarfile(data)[1][1]
+    bad_sum = bytearray(data)
+    bad_sum[second + 20] ^= 0xFF  # the second header's checksum no longer matches: tarfile ends there
+    assert _members_by_reader(bytes(bad_sum)) == _members_by_tarfile(bytes(bad_sum)) == _members_by_tarfile(data)[:1]
+    bad_first = bytearray(data)
+    bad_first[20] ^= 0xFF  # ... and on the very first header it raises
+    for read in (_members_by_reader, _members_by_tarfile):
+        with pytest.raises(tarfile.ReadError):
+            read(bytes(bad_first))
+    for cut in (second - 100, second + 300, len(data) - 2000):  # truncated in a payload or in a header
+        got, want = [], []
+        for read, out in ((_members_by_reader, got), (_members_by_tarfile, want)):
+            try:
+                out.extend(read(data[:cut]))
+            except tarfile.ReadError as exc:
+                out.append(("ReadError", str(exc)))
+        assert got == want, cut
+    tar = sf.TarReader(io.BytesIO(data))
+    first = tar.next()
+    tar.next()
+    with pytest.raises(ValueError, match="not the member just read"):
+        tar.read(first)

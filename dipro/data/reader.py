@@ -9,7 +9,8 @@ or on a bucket one sequential stream of 8 MiB ranged reads with the next range i
 (transient failures retried and counted there), or the node's local copy when
 ``data.cache_dir`` is set (:mod:`dipro.data.shard_cache`).
 
-The samples before ``start`` are skipped, not parsed (ranks and loader workers start
+Headers are parsed by :class:`data_sharding.shard_format.TarReader` (the ustar headers of
+this project's shards directly, any other through ``tarfile``).  The samples before ``start`` are skipped, not parsed (ranks and loader workers start
 mid-shard).  The manifest records each sample's byte offset (``offsets``, see
 :class:`data_sharding.manifest.ShardRecord`): the reader seeks straight to the segment's first
 sample and, on a bucket, no range reaches past its last one, so a segment costs its own bytes
@@ -91,14 +92,14 @@ def _probe_remote(shard: ShardInfo, cache) -> bool:
 
 def _first_offset(f: IO[bytes], start: int) -> tuple[int | None, int]:
     """(offset of the first header of sample ``start`` in the tar ``f``, or None when it has fewer
-    samples; samples passed).  Only headers are read: tarfile seeks over member data."""
-    tar = tarfile.open(fileobj=f, mode="r:")
+    samples; samples passed).  Only headers are read: the reader seeks over member data."""
+    tar = shard_format.TarReader(f)
     ordinal, key = -1, None
     while True:
         member = tar.next()
         if member is None:
             return None, ordinal + 1
-        if not member.isfile():
+        if not member.isfile:
             continue
         k, _ = split_member_name(member.name)
         if k != key:
@@ -169,12 +170,13 @@ def read_segment(segment: Segment, cache=None, opened: OpenedSegment | None = No
     ordinal = opened.passed - 1 if failure else segment.start - 1
     try:
         if opened.file is not None:
-            with opened.file as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            with opened.file as f:
+                tar = shard_format.TarReader(f)
                 while True:
                     member = tar.next()
                     if member is None:
                         break
-                    if not member.isfile():
+                    if not member.isfile:
                         continue
                     key, suffix = split_member_name(member.name)
                     if cur is None or key != cur["__key__"]:
@@ -191,8 +193,7 @@ def read_segment(segment: Segment, cache=None, opened: OpenedSegment | None = No
                     if suffix in cur:
                         cur["__error__"] = f"duplicate member {member.name}"
                         continue
-                    handle = tar.extractfile(member)
-                    cur[suffix] = handle.read() if handle is not None else b""
+                    cur[suffix] = tar.read(member)
                 if cur is not None and ordinal >= segment.start:
                     yield cur
                     accounted = ordinal + 1
