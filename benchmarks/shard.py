@@ -1,6 +1,6 @@
 """Benchmark `dipro shard` and `dipro shards regenerate` on MIMIC-sized synthetic films.
 
-    .venv/bin/python benchmarks/shard.py [--sizes 16 48] [--image-size 2560] [--workers N] [--workdir DIR]
+    .venv/bin/python benchmarks/shard.py [--sizes 16 48] [--image-size 2560] [--workers N] [--repeats 3] [--workdir DIR]
 
 Two cohorts are generated once (``dipro synth --image-size 2560``, then ``dipro prepare``; not
 timed, kept under ``--workdir``).  On each cohort, every measurement runs in a fresh subprocess
@@ -17,7 +17,10 @@ timed, kept under ``--workdir``).  On each cohort, every measurement runs in a f
 
 Rates are *marginal*: films/s = (films of the large cohort - films of the small) / (time of the
 large - time of the small), so start-up (imports, spawning workers, reading the processed
-tables) cancels; the time of each run on the large cohort is printed too.  ``films/CPU-s`` is
+tables) cancels; the time of each run on the large cohort is printed too.  Every build and decode
+measurement runs ``--repeats`` times, round-robin over the rows (so a slow minute of a shared
+machine hits every row alike), and each time is the median of its repeats (peak RSS: the largest); the ``--workers N`` /
+``--workers 1`` ratio of every repeat is printed too, so its spread is visible.  ``films/CPU-s`` is
 the same ratio over CPU time (the decode loop's, the build units' summed over workers): on a
 machine shared with other jobs it stays meaningful when wall-clock rates do not.  ``peak RSS/worker``
 is the largest peak RSS of a process that built units (the main process at 1 worker).  The
@@ -166,6 +169,18 @@ def crop_error(a: Path, b: Path) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+def median_run(runs: list[dict]) -> dict:
+    """The run whose wall time is the median (its other figures with it); CPU seconds: their median;
+    peak RSS: the largest of the runs."""
+    import statistics
+
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    mid = dict(ordered[(len(ordered) - 1) // 2])
+    mid["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in runs)
+    mid["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return mid
+
+
 def child(args: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run([sys.executable, __file__, "--_measure", *args], capture_output=True, text=True, env=env)
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=2560)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N of the N-worker rows (default: cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every build/decode row (medians shown)")
     ap.add_argument("--regen-shard-samples", type=int, default=16, metavar="N",
                     help="max samples per shard of the regeneration rows (default 16)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep cohorts and shards here (default: a temp dir)")
@@ -223,16 +239,21 @@ def main(argv: list[str] | None = None) -> int:
                ("dipro shard --workers 1 --crop-resample nearest", "shard", 1, "nearest"),
                ("dipro shard --workers 1 --crop-resample bilinear-fast", "shard", 1, "bilinear-fast")]
     res: dict[tuple[str, int], dict] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
     regen: dict[int, dict] = {}
     for size in args.sizes:
         processed = cohort(work, size, args.image_size, args.seed)
-        for label, kind, w, mode in configs:
-            if kind == "decode":
-                res[(label, size)] = child(["decode", str(processed)])
-            else:
-                out = work / f"shards-{size}-{mode}-w{w}"
-                res[(label, size)] = child(["shard", str(processed), str(out), str(w), mode])
-            print(f"  {size:>3} patients  {label}: {res[(label, size)]['seconds']:.2f} s", file=sys.stderr)
+        for rep in range(args.repeats):
+            for label, kind, w, mode in configs:
+                if kind == "decode":
+                    r = child(["decode", str(processed)])
+                else:
+                    out = work / f"shards-{size}-{mode}-w{w}"
+                    r = child(["shard", str(processed), str(out), str(w), mode])
+                runs.setdefault((label, size), []).append(r)
+                print(f"  {size:>3} patients  run {rep + 1}  {label}: {r['seconds']:.2f} s", file=sys.stderr)
+        for label, *_ in configs:
+            res[(label, size)] = median_run(runs[(label, size)])
         regen[size] = child(["regenerate", str(processed), str(work / f"shards-{size}-regen"), str(n),
                              str(args.regen_shard_samples)])
     small, large = args.sizes
@@ -274,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
           f"with the Ray start); one film / full: {g['one']['seconds'] / g['full_s']:.2f}x")
     print(f"--workers {n}: per-worker seconds {full['worker_seconds']} (CPU {full['worker_cpu']}), "
           f"{full['joined']} of {full['shards']} shards joined from parts")
+    w1, wn = configs[1][0], configs[2][0]
+    per_run = [(runs[(w1, large)][i]["seconds"] - runs[(w1, small)][i]["seconds"])
+               / max(1e-9, runs[(wn, large)][i]["seconds"] - runs[(wn, small)][i]["seconds"])
+               for i in range(args.repeats)]
+    print(f"--workers {n} / --workers 1 per repeat: " + ", ".join(f"{r:.2f}x" for r in per_run))
     print(f"bilinear-fast vs bilinear crops: mean |diff| {err['mean']:.3f} grey levels, max {err['max']}")
     if tmp is not None:
         tmp.cleanup()
