@@ -4,7 +4,7 @@
 
 For each size a synthetic raw tree is generated once (``data_sharding.synth.generate``,
 not timed), then ``prepare`` runs in a fresh subprocess that reports its own wall
-time and peak RSS (``resource.getrusage``), so the sizes do not share a heap.
+time and peak RSS (``data_sharding.procstat``: VmHWM), so the sizes do not share a heap.
 "Peak RSS" is the whole process; "RSS over base" subtracts the RSS after imports.
 The last line gives the large/small ratios of work, time and memory: linear growth
 means time ratio ~ cohort ratio (per-stay cost flat), and memory growing no faster.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,20 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    """Peak RSS of this process in MiB.
-
-    Linux ``VmHWM`` is reset by exec; ``ru_maxrss`` is not (a child would report
-    the parent's peak, e.g. the generator's), so it is only the fallback.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from data_sharding.procstat import peak_rss_mb as _rss_mb  # noqa: E402
 
 
 def measure(raw: Path, out: Path, block_mb: int) -> dict:

@@ -43,12 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return 0.0
+from data_sharding.procstat import peak_rss_mb as _rss_mb  # noqa: E402
 
 
 def referenced_films(processed: Path) -> list[str]:

@@ -27,14 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data_sharding import atomic
+from data_sharding import atomic, procstat
 from data_sharding.build_plan import BuildUnit, Segment
 from data_sharding.constants import BOX_COLUMNS, SPLITS
 from data_sharding.film_fingerprints import FilmKey, film_digest, read_film
@@ -167,10 +166,6 @@ class _SegmentWriter:
             self._stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def run_unit(processed: str, unit: BuildUnit, settings: dict[str, ShardSettings], out: str,
              generation: str | None = None) -> UnitResult:
     """Build ``unit`` (module docstring); ``settings`` per task dir; temp files under ``out`` (on a bucket
@@ -232,7 +227,7 @@ def run_unit(processed: str, unit: BuildUnit, settings: dict[str, ShardSettings]
     result.film_counts = dict(sorted(film_counts.items()))
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
-    result.peak_rss_mb = _peak_rss_mb()
+    result.peak_rss_mb = procstat.peak_rss_mb()
     return result
 
 
