@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_sharding.procstat import peak_rss_mb as _rss_mb  # noqa: E402
+from data_sharding.procstat import peak_rss_mb  # noqa: E402
 
 
 def measure(raw: Path, out: Path, block_mb: int) -> dict:
@@ -31,12 +31,12 @@ def measure(raw: Path, out: Path, block_mb: int) -> dict:
     from data_sharding.prepare import PrepareOptions, prepare
     from data_sharding.readers import resolve_roots
 
-    base = _rss_mb()  # after the imports: the interpreter + pandas/pyarrow baseline
+    base = peak_rss_mb()  # after the imports: the interpreter + pandas/pyarrow baseline
     t0 = time.perf_counter()
     res = prepare(resolve_roots(raw), out, PrepareOptions(progress=False, overwrite=True, block_size=block_mb << 20))
     seconds = time.perf_counter() - t0
     chart = next((raw / "mimiciv/2.0/icu").glob("chartevents.csv*"))
-    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "base_rss_mb": base,
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base,
             "stays": res.counts["stays"], "cxrs": res.counts["cxrs"], "ehr_rows": res.counts["ehr_rows"],
             "events": res.counts["ehr_events_used"], "chartevents_mb": chart.stat().st_size / 2**20}
 

@@ -16,17 +16,17 @@ timed, kept under ``--workdir``).  On each cohort, every measurement runs in a f
   --workers N`` of them (the reference), a no-op regeneration, then one film rewritten.
 
 Rates are *marginal*: films/s = (films of the large cohort - films of the small) / (time of the
-large - time of the small), so start-up (imports, spawning workers, reading the processed
-tables) cancels; the time of each run on the large cohort is printed too.  Every build and decode
+large - time of the small), so start-up (imports, spawning workers, reading the processed tables)
+cancels; the time of each run on the large cohort is printed too.  Every build and decode
 measurement runs ``--repeats`` times, round-robin over the rows (so a slow minute of a shared
-machine hits every row alike), and each time is the median of its repeats (peak RSS: the largest); the ``--workers N`` /
-``--workers 1`` ratio of every repeat is printed too, so its spread is visible.  ``films/CPU-s`` is
-the same ratio over CPU time (the decode loop's, the build units' summed over workers): on a
-machine shared with other jobs it stays meaningful when wall-clock rates do not.  ``peak RSS/worker``
-is the largest peak RSS of a process that built units (the main process at 1 worker).  The
-error of ``bilinear-fast`` is the mean (and max) absolute difference of its crops from the
-default's, in grey levels, over every region crop of the large cohort.  Speed targets are read
-from this table, never asserted in tests.
+machine hits every row alike), and each time is the median of its repeats (peak RSS: the largest);
+the ``--workers N`` / ``--workers 1`` ratio of every repeat is printed too, so its spread is
+visible.  ``films/CPU-s`` is the same ratio over CPU time (the decode loop's, the build units'
+summed over workers): on a machine shared with other jobs it stays meaningful when wall-clock
+rates do not.  ``peak RSS/worker`` is the largest peak RSS of a process that built units (the main
+process at 1 worker).  The error of ``bilinear-fast`` is the mean (and max) absolute difference of
+its crops from the default's, in grey levels, over every region crop of the large cohort.  Speed
+targets are read from this table, never asserted in tests.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_sharding.procstat import peak_rss_mb as _rss_mb  # noqa: E402
+from data_sharding.procstat import peak_rss_mb  # noqa: E402
 
 
 def referenced_films(processed: Path) -> list[str]:
@@ -69,7 +69,7 @@ def measure_decode(processed: Path) -> dict:
         with Image.open(path) as img:
             img.load()
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "films": len(films),
-            "peak_rss_mb": _rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_shard(processed: Path, out: Path, workers: int, resample: str) -> dict:

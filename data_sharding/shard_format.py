@@ -368,7 +368,7 @@ class TarReader:
 
     def next(self) -> TarMember | None:
         if self._tar is not None:
-            return self._member(self._tar.next())
+            return self._member(self._tar, self._tar.next())
         self._seek_header(self._pos)
         offset = self._pos
         buf = self._f.read(tarfile.BLOCKSIZE)
@@ -394,10 +394,10 @@ class TarReader:
         tar = tarfile.open(fileobj=self._f, mode="r:")  # reads (and may raise on) the header at offset
         if tar.pax_headers:
             self._tar = tar
-        return self._member(tar.next(), tar)  # the member at offset (read when the archive opened)
+        return self._member(tar, tar.next())  # the member at offset (read when the archive opened)
 
-    def _member(self, info: tarfile.TarInfo | None, tar: tarfile.TarFile | None = None) -> TarMember | None:
-        tar = tar or self._tar
+    def _member(self, tar: tarfile.TarFile, info: tarfile.TarInfo | None) -> TarMember | None:
+        """What ``tar`` read, as a :class:`TarMember`; the next header is where ``tar`` stopped."""
         if info is None:
             self._current = None
             return None

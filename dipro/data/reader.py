@@ -9,18 +9,18 @@ or on a bucket one sequential stream of 8 MiB ranged reads with the next range i
 (transient failures retried and counted there), or the node's local copy when
 ``data.cache_dir`` is set (:mod:`dipro.data.shard_cache`).
 
-Headers are parsed by :class:`data_sharding.shard_format.TarReader` (the ustar headers of
-this project's shards directly, any other through ``tarfile``).  The samples before ``start``
-are skipped, not parsed (ranks and loader workers start mid-shard).  The manifest records
-each sample's byte offset (``offsets``, see :class:`data_sharding.manifest.ShardRecord`): the
-reader seeks straight to the segment's first sample and, on a bucket, no range reaches past its
-last one, so a segment costs its own bytes and nothing else.  For a manifest written before offsets were recorded, the tar is walked
-header by header to the first sample (:func:`_first_offset`): a local file or cached copy
-seeks over the member bytes; on a bucket the walk uses small ranged reads of
-:data:`SKIP_PROBE_BYTES` (about one request per skipped sample, no sample payload fetched)
-when the shard's samples average :data:`SKIP_STREAM_BELOW_BYTES` or more; below that the
-stream's own 8 MiB ranges read through them, because one request per sample would cost more
-time than the bytes (a request's latency is worth ~2 MB of one stream's bandwidth on S3/GCS).
+Headers are parsed by :class:`data_sharding.shard_format.TarReader` (the ustar headers of this
+project's shards directly, any other through ``tarfile``).  The samples before ``start`` are
+skipped, not parsed (ranks and loader workers start mid-shard).  The manifest records each
+sample's byte offset (``offsets``, see :class:`data_sharding.manifest.ShardRecord`): the reader
+seeks straight to the segment's first sample and, on a bucket, no range reaches past its last one,
+so a segment costs its own bytes and nothing else.  For a manifest written before offsets were
+recorded, the tar is walked header by header to the first sample (:func:`_first_offset`): a local
+file or cached copy seeks over the member bytes; on a bucket the walk uses small ranged reads of
+:data:`SKIP_PROBE_BYTES` (about one request per skipped sample, no sample payload fetched) when
+the shard's samples average :data:`SKIP_STREAM_BELOW_BYTES` or more; below that the stream's own
+8 MiB ranges read through them, because one request per sample would cost more time than the bytes
+(a request's latency is worth ~2 MB of one stream's bandwidth on S3/GCS).
 
 A shard that is truncated, has a damaged header or holds fewer samples than the manifest
 says does not stop the stream: the samples it cannot deliver come out as one
