@@ -25,7 +25,9 @@ visible.  ``films/CPU-s`` is the same ratio over CPU time (the decode loop's, th
 summed over workers): on a machine shared with other jobs it stays meaningful when wall-clock
 rates do not.  ``peak RSS/worker`` is the largest peak RSS of a process that built units (the main
 process at 1 worker).  The error of ``bilinear-fast`` is the mean (and max) absolute difference of
-its crops from the default's, in grey levels, over every region crop of the large cohort.  Speed
+its crops from the default's, in grey levels, over every region crop of the large cohort.
+``dipro shards verify`` of the large cohort's shards (one process, ``--repeats`` runs, median) is
+set against reading and hashing the same files alone, the limit of any check of their sha256.  Speed
 targets are read from this table, never asserted in tests.
 """
 from __future__ import annotations
@@ -131,6 +133,32 @@ def measure_regenerate(processed: Path, out: Path, workers: int, max_samples: in
                     "peak_rss_mb": max((w.peak_rss_mb for w in one.build.workers), default=0.0)}}
 
 
+def measure_verify(shards: Path) -> dict:
+    """Reading + sha256 of every shard file (the limit of any check that hashes the bytes), then
+    ``verify_shards`` (one process: hash, parse, decode and check every sample)."""
+    import hashlib
+
+    from data_sharding.manifest import read_manifest
+    from data_sharding.verify import verify_shards
+
+    read_manifest(shards)  # its imports (pyarrow.dataset, pandas: ~0.5 s) once, outside the timing
+    files = sorted(shards.glob("*/*.tar"))
+    t0 = time.perf_counter()
+    for path in files:
+        sha = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+    hash_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    problems = verify_shards(shards)
+    verify_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    if problems:
+        raise SystemExit(f"{shards}: verify found {len(problems)} problem(s): {problems[0]}")
+    return {"bytes": sum(p.stat().st_size for p in files), "shards": len(files), "hash_s": hash_s,
+            "seconds": verify_s, "cpu_seconds": cpu_s, "peak_rss_mb": peak_rss_mb()}
+
+
 def _warm() -> int:
     import data_sharding.build_units  # noqa: F401
     import data_sharding.regenerate  # noqa: F401
@@ -217,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             r = measure_decode(Path(rest[0]))
         elif kind == "shard":
             r = measure_shard(Path(rest[0]), Path(rest[1]), int(rest[2]), rest[3])
+        elif kind == "verify":
+            r = measure_verify(Path(rest[0]))
         elif kind == "regenerate":
             r = measure_regenerate(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]))
         else:
@@ -253,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                              str(args.regen_shard_samples)])
     small, large = args.sizes
     err = child(["error", str(work / f"shards-{large}-bilinear-w1"), str(work / f"shards-{large}-bilinear-fast-w1")])
+    ver = median_run([child(["verify", str(work / f"shards-{large}-bilinear-w1")]) for _ in range(args.repeats)])
 
     def rate(label: str, key: str = "seconds") -> float:
         a, b = res[(label, small)], res[(label, large)]
@@ -295,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                / max(1e-9, runs[(wn, large)][i]["seconds"] - runs[(wn, small)][i]["seconds"])
                for i in range(args.repeats)]
     print(f"--workers {n} / --workers 1 per repeat: " + ", ".join(f"{r:.2f}x" for r in per_run))
+    mb = ver["bytes"] / 2**20
+    print(f"dipro shards verify (1 process) of the {large}-patient shards ({ver['shards']} shards, {mb:.0f} MiB): "
+          f"{mb / ver['seconds']:.0f} MiB/s, {100 * ver['hash_s'] / ver['seconds']:.0f} % of reading + sha256 alone "
+          f"({mb / ver['hash_s']:.0f} MiB/s)")
     print(f"bilinear-fast vs bilinear crops: mean |diff| {err['mean']:.3f} grey levels, max {err['max']}")
     if tmp is not None:
         tmp.cleanup()

@@ -1,8 +1,9 @@
 """``dipro shards verify``: every shard against the manifest, every sample decoded and checked.
 
-Per shard, one streaming pass: the bytes are hashed while tarfile parses
-them, so presence, size, sha256, truncation and member-level damage are found
-together.  Every sample must have exactly the members of
+Per shard, one streaming pass: the bytes are hashed while
+:class:`~data_sharding.shard_format.TarReader` (the loader's header parser, ``tarfile``'s
+behaviour for anything but plain ustar headers) parses them, so presence, size, sha256,
+truncation and member-level damage are found together.  Every sample must have exactly the members of
 :data:`data_sharding.shard_format.MEMBERS`, decode without pickle, and have the
 shapes, dtypes and label ranges :mod:`data_sharding.shard_format` defines
 (docs/ARCHITECTURE.md section 2).
@@ -29,6 +30,7 @@ from data_sharding.shard_format import (
     MEMBERS,
     META_FIELDS,
     NPY_MEMBERS,
+    TarReader,
     load_json,
     load_npy,
     split_member_name,
@@ -48,23 +50,79 @@ class Problem:
     sample: str = ""
 
 
-class _HashingReader:
-    """Read-only file wrapper that hashes and counts every byte read."""
+class HashingStream:
+    """A forward-only binary stream (a file, a bucket object's body) as the seekable file
+    :class:`~data_sharding.shard_format.TarReader` reads: every byte is hashed once, in order, and
+    counted.
+
+    Seeking forward reads (and hashes) through the skipped bytes; seeking back is possible only into
+    the last :attr:`LOOKBACK` bytes read, which is as far as a reader steps back (``TarReader``
+    hands a header it does not parse itself to ``tarfile`` from that header's first byte).
+    """
+
+    LOOKBACK = 8 * tarfile.BLOCKSIZE
+    CHUNK = 1 << 20
 
     def __init__(self, f) -> None:
         self._f = f
         self.sha = hashlib.sha256()
-        self.size = 0
+        self.size = 0  # bytes read from f (all hashed)
+        self._pos = 0  # the reader's position, >= self.size - len(self._tail)
+        self._tail = b""  # the last bytes read from f, ending at self.size
 
-    def read(self, n: int = -1) -> bytes:
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence == 2:
+            self.drain()
+            pos += self.size
+        if pos < self.size - len(self._tail) or pos < 0:
+            raise OSError(f"seek to byte {pos} of a forward-only stream already read to byte {self.size}")
+        self._pos = pos
+        return pos
+
+    def _pull(self, n: int) -> bytes:
+        """Up to ``n`` more bytes of ``f`` (fewer only at its end), hashed and kept in the tail."""
         data = self._f.read(n)
+        while 0 < len(data) < n:  # a stream may answer short before its end
+            more = self._f.read(n - len(data))
+            if not more:
+                break
+            data += more
         self.sha.update(data)
         self.size += len(data)
+        self._tail = data[-self.LOOKBACK:] if len(data) >= self.LOOKBACK else (self._tail + data)[-self.LOOKBACK:]
         return data
 
+    def read(self, n: int = -1) -> bytes:
+        while self._pos > self.size:  # a seek past what was read: read through
+            if not self._pull(min(self._pos - self.size, self.CHUNK)):
+                return b""
+        parts = []
+        if self._pos < self.size:  # inside the tail
+            start = len(self._tail) - (self.size - self._pos)
+            part = self._tail[start:] if n < 0 else self._tail[start:start + n]
+            parts.append(part)
+            self._pos += len(part)
+            n = n if n < 0 else n - len(part)
+        if n < 0:
+            while data := self._pull(self.CHUNK):
+                parts.append(data)
+                self._pos += len(data)
+        elif n > 0:
+            data = self._pull(n)
+            parts.append(data)
+            self._pos += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def drain(self) -> None:
-        while self.read(1 << 20):
+        """Hash the rest of the stream."""
+        while self._pull(self.CHUNK):
             pass
+        self._pos = max(self._pos, self.size)
 
 
 def check_sample(key: str, members: dict[str, bytes], record: ShardRecord, crop_size: int) -> list[str]:
@@ -186,25 +244,22 @@ def verify_shard(root: str | Path, record: ShardRecord) -> tuple[list[Problem], 
             problems.append(Problem(record.path, "sample", err, current_key))
 
     with path.open_input() as f:
-        reader = _HashingReader(f)
+        reader = HashingStream(f)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        problems.append(Problem(record.path, "unreadable", f"non-file member {info.name!r}"))
-                        continue
-                    key, member = split_member_name(info.name)
-                    if key != current_key:
-                        finish()
-                        if key in keys:
-                            problems.append(Problem(record.path, "duplicate_key", "key appears twice", key))
-                        current_key, members = key, {}
-                        offsets.append(info.offset)
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} truncated")
-                    members[member] = data
-                    end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            tar = TarReader(reader)
+            while (info := tar.next()) is not None:
+                if not info.isfile:
+                    problems.append(Problem(record.path, "unreadable", f"non-file member {info.name!r}"))
+                    continue
+                key, member = split_member_name(info.name)
+                if key != current_key:
+                    finish()
+                    if key in keys:
+                        problems.append(Problem(record.path, "duplicate_key", "key appears twice", key))
+                    current_key, members = key, {}
+                    offsets.append(info.offset)
+                members[member] = tar.read(info)  # tarfile.ReadError when the payload is cut short
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             finish()
             if record.offsets and tuple(offsets) + (end,) != tuple(record.offsets):
                 bad = next((i for i, (a, b) in enumerate(zip(offsets + [end], record.offsets)) if a != b),
