@@ -10,6 +10,12 @@
   member falls in cluster c (a set overlap of the same samples, where the paper's Dice is spatial
   overlap of tissue maps).  1 = every pair lands in one cluster whatever its setting.
   Also ``same_cluster``: the fraction of pairs whose two members fall in one cluster.
+  With ``groups`` (the region of each pair) k-means runs inside each group and every figure is the
+  pair-weighted mean of the groups' figures.  Pooling the ten regions' rows lets the region identity,
+  which a pair's two members always share, decide clusters even after each region is centred (its
+  features' spread and shape differ): on a planted cohort the pooled ARI of the entangled features
+  read 0.35 with 75 % of twins in one cluster, while inside each region the twins' clusters agreed
+  no better than chance (mean ARI 0.015).
 
   ARI and NMI compare the two partitions up to a relabelling of the clusters, so they cannot tell
   "the twins share a cluster" from "every first member's cluster maps to one second member's
@@ -64,8 +70,34 @@ def dice_per_cluster(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return out
 
 
-def cluster_consistency(x: np.ndarray, first: np.ndarray, second: np.ndarray, k: int, seed: int = 0) -> dict:
-    """k-means on the rows ``first`` ∪ ``second`` of ``x``; agreement of ``first[i]`` and ``second[i]``'s clusters."""
+def cluster_consistency(x: np.ndarray, first: np.ndarray, second: np.ndarray, k: int, seed: int = 0,
+                        groups: np.ndarray | None = None) -> dict:
+    """k-means on the rows ``first`` ∪ ``second`` of ``x``; agreement of ``first[i]`` and ``second[i]``'s clusters.
+
+    ``groups`` [len(first)]: cluster each group's pairs apart and average the groups' figures weighted by
+    their pair counts (``groups_used``: the groups clustered; a group with fewer than ``k`` distinct rows
+    is left out and counted in ``groups_skipped``)."""
+    first, second = np.asarray(first), np.asarray(second)
+    if groups is None:
+        return _consistency(x, first, second, k, seed)
+    groups = np.asarray(groups)
+    parts, weights, skipped = [], [], 0
+    for g in np.unique(groups):
+        m = groups == g
+        if len(np.union1d(first[m], second[m])) < k:
+            skipped += 1
+            continue
+        parts.append(_consistency(x, first[m], second[m], k, seed))
+        weights.append(int(m.sum()))
+    if not parts:
+        raise ValueError(f"no group has {k} distinct rows to cluster into {k} clusters")
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    out = {name: float(sum(wi * p[name] for wi, p in zip(w, parts))) for name in ("ari", "nmi", "dice", "same_cluster")}
+    out.update(groups_used=len(parts), groups_skipped=skipped)
+    return out
+
+
+def _consistency(x: np.ndarray, first: np.ndarray, second: np.ndarray, k: int, seed: int) -> dict:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 

@@ -9,8 +9,9 @@
 3. the rotation (:func:`.rotation.fit_rotation`), saved as ``rotation.pt`` + ``rotation.json``;
 4. the table, entangled vs rotated-biological vs ComBat: probe AUROC of the setting from the
    region features F and of "the setting changed within the pair" from STD's dynamic feature D;
-   ARI / NMI / Dice / same-cluster rate of the proxy twins' k-means clusters; the task metric (the model's monitor)
-   with the technical coordinates projected out of F inside the model, next to the model's own.
+   ARI / NMI / Dice / same-cluster rate of the proxy twins' k-means clusters (inside each region);
+   the task metric (the model's monitor) with the technical coordinates projected out of F inside
+   the model, next to the model's own.
 """
 from __future__ import annotations
 
@@ -150,8 +151,9 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
     for name in REPRESENTATIONS:
         r: dict[str, float] = {"probe_auroc_F": M.probe_auroc(x[name], s_known, g_known, seed)}
         if len(pairs.rows):
-            c = M.cluster_consistency(region_centred(x[name], feats.region[known]), pos[pairs.rows[:, 0]],
-                                      pos[pairs.rows[:, 1]], clusters, seed)
+            # k-means inside each region: pooled, the region identity a pair shares would decide clusters
+            c = M.cluster_consistency(x[name], pos[pairs.rows[:, 0]], pos[pairs.rows[:, 1]], clusters, seed,
+                                      groups=feats.region[pairs.rows[:, 0]])
             r.update(ari=c["ari"], nmi=c["nmi"], dice=c["dice"], same_cluster=c["same_cluster"])
         if len(d_pairs) and 0 < changed.sum() < len(changed):
             _, dyn = std_of_pairs(model, full[name], d_pairs)
@@ -186,17 +188,6 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
     figure = projection_figure(feats.F[known], rot, s_known, out / "projection.png", seed)
     return HarmonizeResult(rows=rows, counts=counts, rotation_files=files, table=table, monitor=monitor, out=out,
                            figure=figure, details=details)
-
-
-def region_centred(x: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """``x`` minus its mean over the rows of the same region: clusters then group what varies inside a
-    region (anatomy, pathology, acquisition) instead of recovering the ten region identities, which a
-    pair's two members share whatever the representation."""
-    out = np.asarray(x, dtype=np.float64).copy()
-    for r in np.unique(region):
-        m = region == r
-        out[m] -= out[m].mean(axis=0)
-    return out
 
 
 def _finite(o):
