@@ -104,7 +104,9 @@ def test_harmonize_cli_table_rotation_mlflow_and_removal(planted, capsys):
     printed = capsys.readouterr().out
     assert rc == 0
     assert "film pairs of one stay in two orientation settings" in printed
-    rows = json.loads((out / "harmonize.json").read_text())["rows"]
+    result = json.loads((out / "harmonize.json").read_text())
+    rows = result["rows"]
+    assert result["counts"]["regions_clustered"] == 10  # k-means inside each of the ten regions
     ent, rot, cb = rows["entangled"], rows["rotated-biological"], rows["combat"]
     print(f"probe {ent['probe_auroc_F']:.3f} -> {rot['probe_auroc_F']:.3f} (combat {cb['probe_auroc_F']:.3f}); "
           f"ARI {ent['ari']:.3f} -> {rot['ari']:.3f} (combat {cb['ari']:.3f}); "

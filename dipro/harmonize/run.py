@@ -148,6 +148,7 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
     d_pairs = feats.pairs[known[feats.pairs[:, 0]] & known[feats.pairs[:, 1]]]
     changed = (setting[d_pairs[:, 0]] != setting[d_pairs[:, 1]]).astype(int)
     rows: dict[str, dict[str, float]] = {}
+    clustered_regions = 0
     for name in REPRESENTATIONS:
         r: dict[str, float] = {"probe_auroc_F": M.probe_auroc(x[name], s_known, g_known, seed)}
         if len(pairs.rows):
@@ -155,6 +156,10 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
             c = M.cluster_consistency(x[name], pos[pairs.rows[:, 0]], pos[pairs.rows[:, 1]], clusters, seed,
                                       groups=feats.region[pairs.rows[:, 0]])
             r.update(ari=c["ari"], nmi=c["nmi"], dice=c["dice"], same_cluster=c["same_cluster"])
+            if c["groups_skipped"] and name == REPRESENTATIONS[0]:
+                say(f"cluster consistency: {c['groups_skipped']} region(s) with fewer than {clusters} distinct "
+                    f"films among the twins left out, {c['groups_used']} clustered")
+            clustered_regions = c["groups_used"]
         if len(d_pairs) and 0 < changed.sum() < len(changed):
             _, dyn = std_of_pairs(model, full[name], d_pairs)
             r["probe_auroc_D_change"] = M.probe_auroc(dyn, changed, feats.stay[d_pairs[:, 0]], seed)
@@ -173,7 +178,7 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
 
     counts = {"split": split, "cxrs": len(set(feats.dicom)), "region_features": int(len(feats.F)),
               "settings": films, "film_pairs": n_pairs, "region_pairs": int(len(pairs.rows)), "pairing": pairing,
-              "std_pairs": int(len(d_pairs)), "std_pairs_changed": int(changed.sum()), "skipped": feats.skipped,
+              "regions_clustered": clustered_regions, "std_pairs": int(len(d_pairs)), "std_pairs_changed": int(changed.sum()), "skipped": feats.skipped,
               "task_samples": own.num_samples}
     title = (f"{cfg.task} / {split} / factor {factor} ({', '.join(classes)}), k={k}, K={clusters}, "
              f"{n_pairs} film pairs ({pairing})")
