@@ -178,8 +178,8 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
 
     counts = {"split": split, "cxrs": len(set(feats.dicom)), "region_features": int(len(feats.F)),
               "settings": films, "film_pairs": n_pairs, "region_pairs": int(len(pairs.rows)), "pairing": pairing,
-              "regions_clustered": clustered_regions, "std_pairs": int(len(d_pairs)), "std_pairs_changed": int(changed.sum()), "skipped": feats.skipped,
-              "task_samples": own.num_samples}
+              "regions_clustered": clustered_regions, "std_pairs": int(len(d_pairs)),
+              "std_pairs_changed": int(changed.sum()), "skipped": feats.skipped, "task_samples": own.num_samples}
     title = (f"{cfg.task} / {split} / factor {factor} ({', '.join(classes)}), k={k}, K={clusters}, "
              f"{n_pairs} film pairs ({pairing})")
     table = format_table(rows, monitor, title)
