@@ -130,3 +130,50 @@ def test_shards_do_not_read_the_acquisition_table(planted, tmp_path):
     m1 = pq.read_table(tmp_path / "s1/manifest.parquet").to_pandas()
     m2 = pq.read_table(tmp_path / "s2/manifest.parquet").to_pandas()
     assert m1["sha256"].tolist() == m2["sha256"].tolist() and m1["fingerprint"].tolist() == m2["fingerprint"].tolist()
+
+
+def test_anatomy_types_draw_an_oriented_grating_and_change_nothing_else(tmp_path, monkeypatch, capsys):
+    """``--anatomy-types N``: every subject gets a type (recorded in SYNTH.json), its frontal films show a
+    grating of the type's orientation, and every table, scene graph and other film is the cohort's without it."""
+    import data_sharding.synth.writer as writer
+    from data_sharding.synth import anatomy_types as atypes
+    from data_sharding.errors import UserError
+    from data_sharding.synth.anatomy import NUM_LOCI, Anatomy
+    from data_sharding.synth.images import StayPatterns, render_frontal
+    from dipro.cli import main
+
+    # the grating's orientation in the pixels is the type's: the difference of one film drawn with and
+    # without it has its spectral peak along the type's direction
+    for t in range(4):
+        rng = np.random.default_rng(0)
+        a, pat = Anatomy.sample(rng), StayPatterns.sample(rng)
+        sev = np.zeros(NUM_LOCI)
+        plain, _ = render_frontal(a, sev, pat, 112, 128, np.random.default_rng(1))
+        typed, _ = render_frontal(a, sev, pat, 112, 128, np.random.default_rng(1), anatomy_type=(t, 4))
+        diff = typed.astype(float) - plain.astype(float)
+        assert 4 < np.abs(diff).max() <= atypes.TYPE_AMPLITUDE + 1
+        spec = np.abs(np.fft.fftshift(np.fft.fft2(diff)))
+        spec[64, 56] = 0  # the mean
+        fy, fx = np.unravel_index(np.argmax(spec), spec.shape)
+        angle = np.arctan2((fy - 64) / 128, (fx - 56) / 112) % np.pi  # wave vector, in cycles per pixel
+        assert min(abs(angle - atypes.type_angle(t, 4)), np.pi - abs(angle - atypes.type_angle(t, 4))) < 0.2, (t, angle)
+
+    monkeypatch.setattr(writer, "encode_jpeg", _raw_pixels)
+    synth.generate(tmp_path / "plain", patients=12, seed=5, image_size=64, progress=False)
+    assert main(["synth", "--out", str(tmp_path / "typed"), "--patients", "12", "--seed", "5", "--image-size", "64",
+                 "--anatomy-types", "3", "--quiet"]) == 0
+    assert "3 anatomy types: " in capsys.readouterr().out
+    meta = json.loads((tmp_path / "typed" / "SYNTH.json").read_text())
+    types = meta["anatomy_type_of_subject"]
+    assert meta["anatomy_types"] == 3 and len(types) == 12 and set(types.values()) <= {0, 1, 2}
+    assert sum(meta["counts"][f"subjects_anatomy_type_{t}"] for t in range(3)) == 12
+    changed = set()
+    for p in sorted((tmp_path / "plain").rglob("*")):
+        q = tmp_path / "typed" / p.relative_to(tmp_path / "plain")
+        if p.is_file() and p.name != "SYNTH.json" and p.read_bytes() != q.read_bytes():
+            changed.add(p)
+    md = pd.read_csv(tmp_path / "plain/mimic-cxr-jpg/2.0.0/mimic-cxr-2.0.0-metadata.csv.gz")
+    frontal = set(md.loc[md["ViewPosition"] != "LATERAL", "dicom_id"])
+    assert changed and {p.stem for p in changed} == frontal  # exactly the frontal films
+    with pytest.raises(UserError, match="--anatomy-types must be 0"):
+        synth.generate(tmp_path / "bad", patients=2, seed=5, image_size=64, progress=False, anatomy_types=1)

@@ -10,12 +10,15 @@
     DIR/chest-imagenome/1.0.0/gold_dataset/gold_object_comparison_with_coordinates.txt
     DIR/SYNTH.json   (generator settings and counts; not part of the real datasets)
 
-Same (patients, seed, image_size, acquisition_shift) -> byte-identical files.
+Same (patients, seed, image_size, acquisition_shift, anatomy_types) -> byte-identical files.
 
 ``acquisition_shift=S > 0`` plants a technical factor (:mod:`.acquisition`): each AP film is
 taken erect or recumbent (recumbent more often for sicker stays), written to
 ``PatientOrientationCodeSequence_CodeMeaning`` and applied to the pixels as a gamma plus noise.
 ``S = 0`` (the default) writes exactly the files the generator wrote before the factor existed.
+``anatomy_types=N > 0`` gives every subject one of N discrete anatomy types, drawn on its frontal
+films as a grating of the type's orientation (:mod:`.anatomy_types`): biology that clusters, for
+``dipro harmonize``'s cluster consistency; 0 (the default) draws nothing.
 
 Planted signal
 --------------
@@ -98,6 +101,7 @@ class SynthSummary:
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     acquisition_shift: float = 0.0
+    anatomy_types: int = 0
 
 
 def image_relpath(subject_id: int, study_id: int, dicom_id: str) -> str:
@@ -113,12 +117,15 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     acquisition_shift: float = 0.0,
+    anatomy_types: int = 0,
 ) -> SynthSummary:
     """Write a synthetic raw cohort of ``patients`` subjects under ``out_dir`` (atomically).
 
-    ``acquisition_shift`` > 0 plants the erect/recumbent factor (:mod:`.acquisition`)."""
+    ``acquisition_shift`` > 0 plants the erect/recumbent factor (:mod:`.acquisition`);
+    ``anatomy_types`` > 0 gives every subject one of that many anatomy types (:mod:`.anatomy_types`)."""
     from data_sharding.errors import UserError
     from data_sharding.synth import acquisition as acq
+    from data_sharding.synth import anatomy_types as atypes
 
     if patients < 1:
         raise UserError(f"--patients must be >= 1, got {patients}")
@@ -128,6 +135,8 @@ def generate(
         raise UserError(f"--seed must be >= 0, got {seed}")
     if not 0.0 <= acquisition_shift <= acq.MAX_SHIFT:
         raise UserError(f"--acquisition-shift must be in [0, {acq.MAX_SHIFT:g}], got {acquisition_shift}")
+    if not (anatomy_types == 0 or 2 <= anatomy_types <= atypes.MAX_TYPES):
+        raise UserError(f"--anatomy-types must be 0 (none) or in [2, {atypes.MAX_TYPES}], got {anatomy_types}")
 
     import pandas as pd
     from tqdm import tqdm
@@ -141,6 +150,7 @@ def generate(
     cohort = build_cohort(patients, seed, image_size)
     plan = imagenome.plan_annotations(cohort)
     settings = acq.draw_settings(cohort, seed) if acquisition_shift > 0 else None
+    types = atypes.draw_types(cohort, anatomy_types, seed) if anatomy_types > 0 else None
     counts: dict[str, int] = {}
     with atomic_directory(Path(out_dir), overwrite) as tmp:
         cxr = tmp / CXR_ROOT
@@ -157,7 +167,9 @@ def generate(
                 pixels = render_lateral(anatomy, film.width, film.height, rng)
             else:
                 patterns = cohort.stays[film.stay_index].patterns if film.stay_index is not None else StayPatterns.sample(rng)
-                pixels, boxes[film.index] = render_frontal(anatomy, cohort.film_severity(film), patterns, film.width, film.height, rng)
+                planted = (types[film.subject_index], anatomy_types) if types is not None else None
+                pixels, boxes[film.index] = render_frontal(anatomy, cohort.film_severity(film), patterns, film.width,
+                                                           film.height, rng, anatomy_type=planted)
                 if settings is not None:
                     pixels = acq.apply_setting(pixels, settings[film.index], acquisition_shift, seed, film.index)
                 graph = imagenome.scene_graph(cohort, film, boxes[film.index], plan)
@@ -207,11 +219,17 @@ def generate(
         }
         if settings is not None:
             counts["images_recumbent"] = sum(settings[f.index] == acq.RECUMBENT for f in cohort.films)
+        extra = {}
+        if types is not None:
+            for t in range(anatomy_types):
+                counts[f"subjects_anatomy_type_{t}"] = sum(v == t for v in types.values())
+            extra["anatomy_type_of_subject"] = {str(s.subject_id): types[i] for i, s in enumerate(cohort.subjects)}
         summary = SynthSummary(str(Path(out_dir).resolve()), patients, seed, image_size, counts,
-                               acquisition_shift=float(acquisition_shift))
-        # the shift is recorded only when planted: a default cohort's SYNTH.json keeps its bytes
-        hidden = ("out_dir", "seconds") + (() if settings is not None else ("acquisition_shift",))
-        write_json(tmp / "SYNTH.json", {k: v for k, v in asdict(summary).items() if k not in hidden})
+                               acquisition_shift=float(acquisition_shift), anatomy_types=int(anatomy_types))
+        # a planted factor is recorded only when planted: a default cohort's SYNTH.json keeps its bytes
+        hidden = (("out_dir", "seconds") + (() if settings is not None else ("acquisition_shift",))
+                  + (() if types is not None else ("anatomy_types",)))
+        write_json(tmp / "SYNTH.json", {**{k: v for k, v in asdict(summary).items() if k not in hidden}, **extra})
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -158,11 +158,13 @@ def render_frontal(
     width: int,
     height: int,
     rng: np.random.Generator,
+    anatomy_type: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, dict[str, tuple[int, int, int, int]]]:
     """Draw one frontal film; return (uint8 [H, W] image, region -> pixel box x1, y1, x2, y2).
 
     ``anatomy`` should already be jittered for this film; ``severity`` is
-    float [NUM_LOCI] in [0, 1].
+    float [NUM_LOCI] in [0, 1]; ``anatomy_type`` = (type, number of types) draws the subject's
+    planted type (:mod:`.anatomy_types`) over the body; None (the default) draws nothing.
     """
     a = anatomy
     cv = _Canvas(width, height)
@@ -191,6 +193,14 @@ def render_frontal(
     d = np.sqrt(((u - hu) / hw) ** 2 + ((v - hv) / hh) ** 2) - 1.0
     heart = _soft(d * min(hw, hh), cv.edge)
     cv.img[sl] = cv.img[sl] * (1.0 - heart) + 182.0 * heart
+
+    if anatomy_type is not None:  # over everything the body holds, before the exposure and noise
+        from data_sharding.synth.anatomy_types import type_pattern
+
+        sl, u, v = cv.window(a.cx - a.thorax_hw - 0.01, 0.0, a.cx + a.thorax_hw + 0.01, 1.0)
+        d = np.sqrt(((u - a.cx) / a.thorax_hw) ** 2 + ((v - 0.56) / 0.56) ** 2) - 1.0
+        grating = type_pattern(u, v, width / height, a.cx, a.lung_top, a.thorax_hw, *anatomy_type)
+        cv.img[sl] = cv.img[sl] + grating * _soft(d * a.thorax_hw, cv.edge)
 
     gain = rng.uniform(0.97, 1.03)
     offset = rng.uniform(-3.0, 3.0)

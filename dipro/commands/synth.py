@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "sicker stays), written to PatientOrientationCodeSequence_CodeMeaning and applied to the "
                         "pixels as gamma 1 + 0.5 S plus noise sd 3 S (default 0: none, the files are byte-identical "
                         "to a cohort without the factor)")
+    p.add_argument("--anatomy-types", type=int, default=0, metavar="N",
+                   help="plant N discrete anatomy types (2-12): each subject's frontal films show a fine grating "
+                        "of its type's orientation, biology that clusters for `dipro harmonize` (default 0: none, "
+                        "the files are byte-identical to a cohort without them)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         acquisition_shift=args.acquisition_shift,
+        anatomy_types=args.anatomy_types,
     )
     c = summary.counts
     print(
@@ -63,5 +68,8 @@ def run(args: argparse.Namespace) -> int:
         f"{c['chartevents_rows']} chartevents rows"
         + (f"; acquisition shift {summary.acquisition_shift:g}: {c['images_recumbent']} recumbent films"
            if summary.acquisition_shift > 0 else "")
+        + (f"; {summary.anatomy_types} anatomy types: "
+           + ", ".join(str(c[f"subjects_anatomy_type_{t}"]) for t in range(summary.anatomy_types)) + " subjects"
+           if summary.anatomy_types > 0 else "")
     )
     return 0
