@@ -1,6 +1,6 @@
 """``dipro harmonize`` on the demo cohort with a planted acquisition factor: the full table (README).
 
-    python benchmarks/harmonize.py [--patients 300] [--shift 1.0] [--epochs 3] [--k 1,3] [--work DIR]
+    python benchmarks/harmonize.py [--patients 300] [--shift 1.0] [--epochs 3] [--k 4,8] [--anatomy-types 4] [--work DIR]
 
 ``dipro synth --acquisition-shift S`` (the demo's 300 patients, 128-px films), prepare, shard (32-px
 crops), then a demo-sized DiPro (configs/demo.yaml) trained in-process as tests/test_learning.py
@@ -65,14 +65,15 @@ def run(args, root: Path) -> None:
     from dipro.train.evaluate import evaluate_model
 
     key = {"patients": args.patients, "image_size": args.image_size, "shift": args.shift, "seed": args.seed,
-           "epochs": args.epochs, "task": args.task}
+           "epochs": args.epochs, "task": args.task, "anatomy_types": args.anatomy_types}
     stamp = root / "benchmark.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != key:
         raise SystemExit(f"--work {root} holds a run with other settings ({stamp.read_text().strip()}): use another DIR")
     t0 = time.perf_counter()
     if not (root / "shards" / "manifest.parquet").is_file():
         synth.generate(root / "raw", patients=args.patients, seed=args.seed, image_size=args.image_size,
-                       progress=False, acquisition_shift=args.shift, overwrite=True)
+                       progress=False, acquisition_shift=args.shift, anatomy_types=args.anatomy_types,
+                       overwrite=True)
         prepare(resolve_roots(str(root / "raw"), None, None, None), root / "processed", PrepareOptions(progress=False))
         write_shards(root / "processed", root / "shards", settings=ShardSettings(crop_size=32), progress=False)
     t1 = time.perf_counter()
@@ -112,9 +113,10 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=300)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--anatomy-types", type=int, default=4, help="planted anatomy types (dipro synth --anatomy-types)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--task", default="disease_progression")
-    ap.add_argument("--k", default="1,3", help="comma-separated k values")
+    ap.add_argument("--k", default="4,8", help="comma-separated k values")
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--splits", default="train,val")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,32 +1,32 @@
 """``dipro harmonize`` end to end on a small planted cohort, through the CLI, MLflow and --remove-acquisition.
 
-One cohort shared by every assertion: ``dipro synth --acquisition-shift 1`` (80 patients, 64-px films),
-prepare, shard (32-px crops), a demo-sized DiPro trained 2 epochs on disease progression as
-tests/test_learning.py trains it; the rotation is fitted on the train split (54 proxy-twin film pairs),
-k=4, K=4.  Calibrated over cohort/model seeds 0 / 1 / 2 (2026-12-02, on the code with the task configs'
-interleaved pair reversal, which changed the trained model: k=3, the earlier calibration, now leaves
-the probe at 0.640 on seed 0; MEASURED, rerun 2026-12-03): the probe AUROC of the setting from the
-region features falls from ~0.8 to 0.540 / 0.486 / 0.487 (k=4), asserted <= 0.6, the smallest margin
-0.060.  The cluster-consistency gain is NOT asserted: with k-means inside each region (pooled over the
-ten regions, the region identity a pair shares leaked into the clusters: entangled ARI 0.362 with 75 %
-of twins in one cluster on seed 0, where inside each region the twins agree by chance), ARI goes
-0.012 -> 0.048, 0.081 -> 0.056 and 0.001 -> 0.029 (twins in one cluster 0.39 -> 0.34, 0.27 -> 0.26,
-0.24 -> 0.27), so the issue's ">= +0.15 ARI" does not hold.  Why (measured on seed 0,
-2026-12-02, features of checkpoints of this recipe, README "Benchmarks" has the numbers):
+One cohort shared by every assertion: ``dipro synth --acquisition-shift 1 --anatomy-types 4`` (80
+patients, 64-px films), prepare, shard (32-px crops), a demo-sized DiPro trained 2 epochs on disease
+progression as tests/test_learning.py trains it; the rotation is fitted on the train split (54 proxy-twin
+film pairs), k=8, K=4 (k-means inside each region).  Calibrated over cohort/model seeds 0 / 1 / 2
+(2026-12-03, this test with SEED set to each; MEASURED below):
 
-* the largest technical variation in F is the planted *per-film* exposure (the gamma's spread z, which
-  no setting label names), not the setting: linear R^2 from F of z 0.28, of the setting 0.28, of the
-  region's disease severity 0.05; two consecutive films of one stay in the *same* setting are 0.62 of
-  a random pair's distance apart, so the proxy twins are not twins and no setting-fitted removal can
-  make them agree (regressing the true setting out of every region's features: ARI 0.05);
-* the rotation works where the shift is linear in the features: on 8x8-pooled crops ARI 0.07 -> 0.53
-  (k=3), on the untrained network 0.06 -> 0.16-0.23; the trained model encodes the exposure through
-  its ReLU features in a content-dependent way (after removing 1-10 directions the cross-setting
-  twins stay at 0.68-0.86 of a random pair's distance);
-* with the spread cut to 0.05 (tried, not adopted) the entangled clusters split by setting, and the
-  ARI (blind to relabelling) rewards that: ARI 0.27 with 8 % of twins sharing a cluster; hence the
-  table's same-cluster column.  300 patients at 128 px, 2-8 epochs: no ARI gain either.
-(The figures of these bullets were measured with the pooled clustering.)  The values are printed by the test.
+* the probe AUROC of the setting from the region features: 0.728 / 0.739 / 0.733 entangled (asserted
+  >= 0.7, margin 0.028) -> 0.505 / 0.422 / 0.492 rotated (asserted <= 0.6, margin 0.095);
+* the proxy twins' cluster consistency: ARI 0.115 -> 0.217, 0.111 -> 0.300, 0.105 -> 0.320 (gains
+  0.102 / 0.189 / 0.215: the issue's +0.15 holds on seeds 1 and 2, not on seed 0; asserted >= +0.05,
+  margin 0.052), per-cluster Dice 0.341 -> 0.532, 0.343 -> 0.588, 0.258 -> 0.569 (gains 0.191 / 0.245 /
+  0.311, asserted >= +0.15, margin 0.041); twins in one cluster 0.42 -> 0.55, 0.39 -> 0.62, 0.32 -> 0.61.
+  (``benchmarks/harmonize.py`` on the same settings trains with torch's default thread count, the tests
+  with OMP_NUM_THREADS=1 (conftest.py), and gets other weights: ARI gains 0.141 / 0.133 / 0.194 there.)
+
+Why the planted anatomy types: without them the cohort's biology is a continuum (anatomy sizes the
+crops normalise away, disease severities), the twins' clusters agreed by chance in every representation
+(ARI 0.001-0.081 entangled and rotated, 2026-12-03) and there was nothing for the rotation to restore.
+With four types drawn as gratings of four orientations (``data_sharding/synth/anatomy_types.py``), the
+biology clusters; the entangled features' k-means clusters do not follow the types (ARI against the
+planted type 0.00-0.03 per region, 2026-12-03), and with the technical coordinates removed half again as
+many twins share a cluster.  Why the ARI gain stays near +0.15 rather than far above it: the planted
+per-film exposure (the gamma's spread, which no setting label names) is what the rotation fitted on
+the setting cannot remove, and the trained network encodes it non-linearly (README, benchmarks/harmonize.py
+section); with the spread cut to 0.1 (tried, not adopted) the entangled clusters split by setting and ARI,
+blind to relabelling, rewards that (0.16-0.25 at 16 % of twins in one cluster).  The values are printed by
+the test.
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ import torch
 pytestmark = pytest.mark.slow
 
 SEED = 0
-K_TECH, CLUSTERS = 4, 4
-# seed: (probe entangled, probe rotated, ARI entangled, ARI rotated)
-MEASURED = {0: (0.788, 0.540, 0.012, 0.048), 1: (0.807, 0.486, 0.081, 0.056), 2: (0.796, 0.487, 0.001, 0.029)}
-PROBE_ENTANGLED_MIN, PROBE_ROTATED_MAX = 0.7, 0.6
+K_TECH, CLUSTERS = 8, 4
+# seed: (probe entangled, probe rotated, ARI entangled, ARI rotated, Dice entangled, Dice rotated)
+MEASURED = {0: (0.728, 0.505, 0.115, 0.217, 0.341, 0.532), 1: (0.739, 0.422, 0.111, 0.300, 0.343, 0.588),
+            2: (0.733, 0.492, 0.105, 0.320, 0.258, 0.569)}
+PROBE_ENTANGLED_MIN, PROBE_ROTATED_MAX, ARI_GAIN_MIN, DICE_GAIN_MIN = 0.7, 0.6, 0.05, 0.15
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def planted(tmp_path_factory):
     from helpers import config_path
 
     root = tmp_path_factory.mktemp("harmonize")
-    synth.generate(root / "raw", patients=80, seed=SEED, image_size=64, progress=False, acquisition_shift=1.0)
+    synth.generate(root / "raw", patients=80, seed=SEED, image_size=64, progress=False, acquisition_shift=1.0,
+                   anatomy_types=4)
     prepare(resolve_roots(str(root / "raw")), root / "processed", PrepareOptions(progress=False))
     write_shards(root / "processed", root / "shards", settings=ShardSettings(crop_size=32), progress=False)
     cfg = load_config(str(config_path("demo")), [
@@ -110,9 +112,10 @@ def test_harmonize_cli_table_rotation_mlflow_and_removal(planted, capsys):
     ent, rot, cb = rows["entangled"], rows["rotated-biological"], rows["combat"]
     print(f"probe {ent['probe_auroc_F']:.3f} -> {rot['probe_auroc_F']:.3f} (combat {cb['probe_auroc_F']:.3f}); "
           f"ARI {ent['ari']:.3f} -> {rot['ari']:.3f} (combat {cb['ari']:.3f}); "
-          f"same cluster {ent['same_cluster']:.2f} -> {rot['same_cluster']:.2f}")
+          f"Dice {ent['dice']:.3f} -> {rot['dice']:.3f}; same cluster {ent['same_cluster']:.2f} -> {rot['same_cluster']:.2f}")
     assert ent["probe_auroc_F"] >= PROBE_ENTANGLED_MIN
     assert rot["probe_auroc_F"] <= PROBE_ROTATED_MAX
+    assert rot["ari"] >= ent["ari"] + ARI_GAIN_MIN and rot["dice"] >= ent["dice"] + DICE_GAIN_MIN
     assert all(0.0 <= r["dice"] <= 1.0 and -1.0 <= r["ari"] <= 1.0 and 0.0 <= r["same_cluster"] <= 1.0
                for r in (ent, rot, cb))
     assert math.isfinite(ent["task_metric"]) and math.isfinite(rot["task_metric"]) and cb["task_metric"] is None
