@@ -182,10 +182,17 @@ def test_shard_regeneration_job(head, cohort, tmp_path):
 
 
 def test_two_worker_training_job(head, cohort, tmp_path):
-    """`dipro train` with the demo config and 2 DeepSpeed workers as a job: one MLflow run, a registered model."""
+    """`dipro train` with the demo config and 2 DeepSpeed workers as a job: one MLflow run, a registered model.
+
+    ZeRO-2 in bf16 with the compiled step (traced before the engine wraps the module; evaluation eager):
+    one ZeRO optimizer partition per rank in the checkpoint, fp32 weights in model.pt, and the best
+    checkpoint evaluates in bf16 in this process."""
+    import torch
     from mlflow import MlflowClient
 
     from dipro.tracking.provenance import data_fingerprint
+    from dipro.train import checkpoint as ck
+    from dipro.train.evaluate import evaluate_checkpoint
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -193,14 +200,21 @@ def test_two_worker_training_job(head, cohort, tmp_path):
     job = sid("train")
     entry = ["python", "-m", "dipro", "train", "--config", "configs/demo.yaml",
              f"data.shards={cohort / 'shards'}", f"trainer.storage_path={tmp_path / 'runs'}",
-             "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.precision=fp32",
-             "trainer.max_epochs=1", f"trainer.run_name={run_name}"]
+             "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.precision=bf16",
+             "model.compile=true", "model.compile_backend=eager", "trainer.max_epochs=1", f"trainer.run_name={run_name}"]
     proc = head.submit(job, entry, runtime_env(MLFLOW_TRACKING_URI=uri), cwd=REPO, timeout=900)
     logs = head.logs(job)
     assert proc.returncode == 0 and head.job_info(job)["status"] == "SUCCEEDED", logs[-5000:]
     assert "micro batch 4 x workers 2 x accumulation 1" in logs
     assert "[dipro train rank 1] world rank 1 of 2" in logs  # a second Ray Train worker ran
-    assert (tmp_path / "runs" / run_name / "best" / "model.pt").is_file()
+    best = tmp_path / "runs" / run_name / "best"
+    last = sorted((tmp_path / "runs" / run_name).glob("checkpoint_*"))[-1]
+    assert len(list((last / "deepspeed" / "state").glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank
+    weights = torch.load(best / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert ck.load_model(best)[1].trainer.strategy == "deepspeed"
+    res = evaluate_checkpoint(best, "val", precision="bf16")
+    assert res.num_samples > 0 and torch.isfinite(torch.tensor(res.metrics["loss"]))
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("dipro")

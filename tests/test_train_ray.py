@@ -1,6 +1,7 @@
 """Ray Train end to end on CPU (tiny DiPro, 32-pixel crops, a few steps): DDP and DeepSpeed,
 1 vs 2 workers, --resume after stopping the driver, ZeRO-3 evaluation, NaN stop.  (A SIGKILLed worker:
-tests/test_tracking_train.py, whose tracked run is that scenario.)
+tests/test_tracking_train.py, whose tracked run is that scenario; ZeRO-2 in bf16 with the compiled
+step: tests/test_cluster_jobs.py's two-worker job.)
 
 Shards come from the real writer: tests/processed_fixture.py -> data_sharding.shard_writer.
 One local Ray (2 CPUs, 127.0.0.1, no dashboard) serves the module.
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -91,22 +91,6 @@ def test_ddp_two_workers_matches_one_worker(shards, tmp_path, ray_local):
         assert (last / name).is_file(), name
     res = evaluate_checkpoint(two.best_checkpoint, "test")
     assert res.num_samples == 6 and res.metrics["loss"] == pytest.approx(two.metrics["test/loss"], rel=1e-5)
-
-
-def test_deepspeed_zero2_bf16_two_workers(shards, tmp_path, ray_local):
-    """ZeRO-2 in bf16 with the compiled step (traced before the engine wraps the module; evaluation eager)."""
-    r = run_training(cfg_for(shards, tmp_path, "trainer.num_workers=2", "data.batch_size=1", "optim.grad_accum=2",
-                             "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.precision=bf16",
-                             "trainer.max_epochs=1", "model.compile=true", "model.compile_backend=eager"))
-    assert r.global_step == 3 and r.epochs_completed == 1
-    ds = r.last_checkpoint / "deepspeed" / "state"
-    assert len(list(ds.glob("*optim_states.pt"))) == 2  # one ZeRO partition per rank, merged by Ray
-    weights = torch.load(r.best_checkpoint / "model.pt", weights_only=True)
-    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
-    model, cfg = ck.load_model(r.best_checkpoint)
-    assert cfg.trainer.strategy == "deepspeed"
-    res = evaluate_checkpoint(r.best_checkpoint, "val", precision="bf16")
-    assert res.num_samples == 6 and torch.isfinite(torch.tensor(res.metrics["loss"]))
 
 
 def test_nan_loss_stops_with_step_and_sample_keys(shards, tmp_path, ray_local, monkeypatch):
