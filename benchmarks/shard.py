@@ -221,7 +221,7 @@ def cohort(work: Path, patients: int, image_size: int, seed: int) -> Path:
     raw, processed = work / f"raw-{patients}", work / f"processed-{patients}"
     if not (processed / "cxr.parquet").is_file():
         t0 = time.perf_counter()
-        generate(raw, patients=patients, seed=seed, image_size=image_size)
+        generate(raw, patients=patients, seed=seed, image_size=image_size, progress=False)
         prepare(resolve_roots(raw), processed, PrepareOptions(progress=False, overwrite=True))
         print(f"cohort of {patients} patients at {image_size} px in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return processed

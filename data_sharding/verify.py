@@ -87,11 +87,12 @@ class HashingStream:
     def _pull(self, n: int) -> bytes:
         """Up to ``n`` more bytes of ``f`` (fewer only at its end), hashed and kept in the tail."""
         data = self._f.read(n)
-        while 0 < len(data) < n:  # a stream may answer short before its end
-            more = self._f.read(n - len(data))
-            if not more:
-                break
-            data += more
+        if 0 < len(data) < n:  # a stream may answer short before its end: gather the rest without re-copying
+            parts, got = [data], len(data)
+            while got < n and (more := self._f.read(n - got)):
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
         self.sha.update(data)
         self.size += len(data)
         self._tail = data[-self.LOOKBACK:] if len(data) >= self.LOOKBACK else (self._tail + data)[-self.LOOKBACK:]
