@@ -65,7 +65,8 @@ def run(args, root: Path) -> None:
     from dipro.train.evaluate import evaluate_model
 
     key = {"patients": args.patients, "image_size": args.image_size, "shift": args.shift, "seed": args.seed,
-           "epochs": args.epochs, "task": args.task, "anatomy_types": args.anatomy_types}
+           "epochs": args.epochs, "task": args.task, "anatomy_types": args.anatomy_types,
+           "threads": args.threads}
     stamp = root / "benchmark.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != key:
         raise SystemExit(f"--work {root} holds a run with other settings ({stamp.read_text().strip()}): use another DIR")
@@ -120,9 +121,15 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--splits", default="train,val")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1, as the tests run: tests/conftest.py sets OMP_NUM_THREADS=1, and "
+                         "other thread counts sum in another order and train other weights)")
     ap.add_argument("--work", default=None, metavar="DIR",
                     help="keep the cohort, shards and trained model in DIR and reuse them (default: a temp dir)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         run(args, Path(args.work))

@@ -12,10 +12,10 @@ film pairs), k=8, K=4 (k-means inside each region).  Calibrated over cohort/mode
   0.102 / 0.189 / 0.215: the issue's +0.15 holds on seeds 1 and 2, not on seed 0; asserted >= +0.05,
   margin 0.052), per-cluster Dice 0.341 -> 0.532, 0.343 -> 0.588, 0.258 -> 0.569 (gains 0.191 / 0.245 /
   0.311, asserted >= +0.15, margin 0.041); twins in one cluster 0.42 -> 0.55, 0.39 -> 0.62, 0.32 -> 0.61.
-  (``benchmarks/harmonize.py`` on the same settings trains with torch's default thread count, the tests
-  with OMP_NUM_THREADS=1 (conftest.py), and gets other weights: ARI gains 0.141 / 0.133 / 0.194 there.
-  With OMP_NUM_THREADS=1 it trains this test's models; on three further seeds 3 / 4 / 5 the k=8 gain
-  is +0.115 / +0.027 / +0.111: seeds 0-2 are the kinder ones, README "Benchmarks".)
+  (``benchmarks/harmonize.py --patients 80 --image-size 64 --epochs 2 --k 8 --splits train`` trains this
+  test's models (one torch thread, as conftest.py sets); with torch's default two threads the weights
+  differ and the gains were 0.141 / 0.133 / 0.194.  On three further seeds 3 / 4 / 5 the k=8 gain is
+  +0.115 / +0.027 / +0.111: seeds 0-2 are the kinder ones, README "Benchmarks".)
 
 Why the planted anatomy types: without them the cohort's biology is a continuum (anatomy sizes the
 crops normalise away, disease severities), the twins' clusters agreed by chance in every representation
