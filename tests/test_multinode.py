@@ -216,8 +216,6 @@ def test_elastic_group_continues_with_fewer_workers(cluster, nodes, cohort, subm
     samples = train_samples(cohort)
     two, one = samples // (2 * 2), samples // (2 * 1)  # steps per epoch with 2 and with 1 worker
     assert (two, one) == (5, 11)
-    # step-2 checkpoint of the 2-worker group: 2 micro batches per rank done = 4 for a single rank
-    final_step = 2 + (one - 4) + one
     job = submit("trainer.num_workers=1-2", f"trainer.cpus_per_worker={CPUS_PER_NODE}", "trainer.max_failures=1",
                  # each group start may take schedule_timeout_s / 4 = 20 s: after the kill, Ray Train first
                  # tries 2 workers again (the dead node's CPUs still count until the GCS marks it dead)
@@ -234,11 +232,21 @@ def test_elastic_group_continues_with_fewer_workers(cluster, nodes, cohort, subm
     logs = job.logs()
     assert info["status"] == "SUCCEEDED", logs[-6000:]
     assert job.rank_nodes()[-1] == {0: survivor.node_id}
-    assert "epoch 0, step 2, 4 micro batches of that epoch done" in logs
+    # The step-2 checkpoint is normally the 2-worker group's: 2 micro batches per rank = 4 for a single
+    # rank.  When the group first started with 1 worker (the re-added node's CPUs not yet in the view Ray
+    # Train places by; seen once in CI, 2026-12-03) that group wrote it, Ray Train grew it to 2 workers,
+    # and the 1-worker group after the kill resumes from 2 micro batches: the rescaling is the same rule.
+    meta = json.loads((job.storage / job.run_name / "checkpoint_s00000002" / "meta.json").read_text())
+    done = meta["batches_in_epoch"] * meta["world_size"]
+    final_step = 2 + (one - done) + one
+    assert f"epoch 0, step 2, {done} micro batches of that epoch done" in logs
     client, run = job.mlflow_run()
     assert run.info.status == "FINISHED"
     sizes = [(m.step, int(m.value)) for m in history(client, run.info.run_id, "train/world_size")]
-    assert sizes == [(s, 2) for s in range(1, HOLD_AT_STEP + 1)] + [(s, 1) for s in range(3, final_step + 1)], sizes
+    after_kill = [(s, 1) for s in range(3, final_step + 1)]
+    assert sizes[-len(after_kill):] == after_kill and (HOLD_AT_STEP, 2) in sizes, sizes
+    if meta["world_size"] == 2:
+        assert sizes == [(s, 2) for s in range(1, HOLD_AT_STEP + 1)] + after_kill, sizes
     assert json.loads((job.storage / job.run_name / "summary.json").read_text())["global_step"] == final_step
 
 
