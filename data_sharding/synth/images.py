@@ -171,7 +171,7 @@ def render_frontal(
     ecs = float(severity[LOCI[-1].index])
 
     # soft tissue of the thorax, brighter medially and below the diaphragm
-    sl, u, v = cv.window(a.cx - a.thorax_hw - 0.01, 0.0, a.cx + a.thorax_hw + 0.01, 1.0)
+    body_sl, body_u, body_v = sl, u, v = cv.window(a.cx - a.thorax_hw - 0.01, 0.0, a.cx + a.thorax_hw + 0.01, 1.0)
     d = np.sqrt(((u - a.cx) / a.thorax_hw) ** 2 + ((v - 0.56) / 0.56) ** 2) - 1.0
     body = _soft(d * a.thorax_hw, cv.edge)
     tissue = 92.0 + 28.0 * (1.0 - np.abs(u - a.cx) / a.thorax_hw) + 35.0 * _soft((a.lung_bottom - v) * np.ones_like(u), 0.03)
@@ -197,10 +197,8 @@ def render_frontal(
     if anatomy_type is not None:  # over everything the body holds, before the exposure and noise
         from data_sharding.synth.anatomy_types import type_pattern
 
-        sl, u, v = cv.window(a.cx - a.thorax_hw - 0.01, 0.0, a.cx + a.thorax_hw + 0.01, 1.0)
-        d = np.sqrt(((u - a.cx) / a.thorax_hw) ** 2 + ((v - 0.56) / 0.56) ** 2) - 1.0
-        grating = type_pattern(u, v, width / height, a.cx, a.lung_top, a.thorax_hw, *anatomy_type)
-        cv.img[sl] = cv.img[sl] + grating * _soft(d * a.thorax_hw, cv.edge)
+        grating = type_pattern(body_u, body_v, width / height, a.cx, a.lung_top, a.thorax_hw, *anatomy_type)
+        cv.img[body_sl] = cv.img[body_sl] + grating * body  # the body mask of the soft tissue above
 
     gain = rng.uniform(0.97, 1.03)
     offset = rng.uniform(-3.0, 3.0)
