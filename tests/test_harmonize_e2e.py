@@ -101,7 +101,10 @@ def test_harmonize_cli_table_rotation_mlflow_and_removal(planted, capsys):
     root, best, cfg = planted
     uri = cfg.tracking.uri
     client = MlflowClient(tracking_uri=uri)
-    parent = client.create_run(client.create_experiment("harmonize-test"), run_name="RUN").info.run_id
+    from dipro.tracking.tracker import _get_or_create_experiment
+
+    # the training run's experiment as dipro train creates it (sqlite: artifacts beside the database)
+    parent = client.create_run(_get_or_create_experiment(client, "harmonize-test"), run_name="RUN").info.run_id
     out = root / "h"
     rc = main(["harmonize", "--checkpoint", str(best), "--processed", str(root / "processed"), "--split", "train",
                "--k", str(K_TECH), "--clusters", str(CLUSTERS), "--out", str(out), "--tracking-uri", uri, "--quiet"])
@@ -131,6 +134,7 @@ def test_harmonize_cli_table_rotation_mlflow_and_removal(planted, capsys):
     arts = {a.path for a in client.list_artifacts(child[0].info.run_id, "harmonize")}
     assert {"harmonize/harmonize.txt", "harmonize/projection.png", "harmonize/rotation.pt"} <= arts
     assert child[0].data.metrics["rotated-biological/probe_auroc_F"] == pytest.approx(rot["probe_auroc_F"])
+    assert child[0].info.artifact_uri.startswith((root / "mlruns").as_uri()), child[0].info.artifact_uri
 
     # --remove-acquisition: evaluation reproduces the table's projected task metric (same batches as
     # harmonize's, --batch-size 16: a 2-epoch model has near-ties that float noise could flip); predictions change
@@ -157,3 +161,24 @@ def test_too_few_pairs_is_one_line_refusal(planted, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "too few contrasts" in err and "--min-pairs 100000" in err and "Traceback" not in err
     assert not (root / "h2" / "rotation.pt").exists()
+
+
+def test_without_a_training_run_the_harmonize_run_is_top_level_beside_its_database(planted, capsys, tmp_path):
+    """A tracking store that never saw the model's training run: the harmonize run is logged un-nested in the
+    model's experiment, created as dipro train creates it (sqlite: artifacts beside the database, not in the cwd)."""
+    from mlflow import MlflowClient
+
+    from dipro.cli import main
+
+    root, best, cfg = planted
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    rc = main(["harmonize", "--checkpoint", str(best), "--processed", str(root / "processed"), "--split", "train",
+               "--k", "2", "--clusters", str(CLUSTERS), "--out", str(tmp_path / "h"), "--tracking-uri", uri, "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "the harmonize run is not nested" in printed, printed
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert "mlflow.parentRunId" not in run.data.tags and run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri()), run.info.artifact_uri
+    assert "harmonize/rotation.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "harmonize")}

@@ -50,6 +50,7 @@ def log_harmonize(result: Any, cfg: Any, model_ref: str, checkpoint: Path | None
     from mlflow import MlflowClient
 
     from dipro.tracking.registry import _tracking_uri
+    from dipro.tracking.tracker import _get_or_create_experiment
     from dipro.tracking.uri import check_reachable, redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(explicit=tracking_uri)
@@ -60,8 +61,8 @@ def log_harmonize(result: Any, cfg: Any, model_ref: str, checkpoint: Path | None
         if parent is not None:
             experiment_id = client.get_run(parent).info.experiment_id
         else:
-            exp = client.get_experiment_by_name(cfg.tracking.experiment)
-            experiment_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.tracking.experiment)
+            # as dipro train creates it: with a sqlite backend the artifacts go beside the database, not into the cwd
+            experiment_id = _get_or_create_experiment(client, cfg.tracking.experiment)
             say(f"no training run found for {model_ref} in {redact_uri(uri)}: the harmonize run is not nested")
         d = result.details
         tags = {"mlflow.runName": f"harmonize-{d['factor']}-{result.counts['split']}", "dipro.harmonize.model": model_ref}
