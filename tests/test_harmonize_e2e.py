@@ -4,18 +4,21 @@ One cohort shared by every assertion: ``dipro synth --acquisition-shift 1 --anat
 patients, 64-px films), prepare, shard (32-px crops), a demo-sized DiPro trained 2 epochs on disease
 progression as tests/test_learning.py trains it; the rotation is fitted on the train split (54 proxy-twin
 film pairs), k=8, K=4 (k-means inside each region).  Calibrated over cohort/model seeds 0 / 1 / 2
-(2026-12-03, this test with SEED set to each; MEASURED below):
+(2026-12-04, this test with SEED set to each, a fresh install: scikit-learn 1.9.1, numpy 2.4.6, torch
+2.14.1; MEASURED below):
 
-* the probe AUROC of the setting from the region features: 0.728 / 0.739 / 0.733 entangled (asserted
-  >= 0.7, margin 0.028) -> 0.505 / 0.422 / 0.492 rotated (asserted <= 0.6, margin 0.095);
-* the proxy twins' cluster consistency: ARI 0.115 -> 0.217, 0.111 -> 0.300, 0.105 -> 0.320 (gains
-  0.102 / 0.189 / 0.215: the issue's +0.15 holds on seeds 1 and 2, not on seed 0; asserted >= +0.05,
-  margin 0.052), per-cluster Dice 0.341 -> 0.532, 0.343 -> 0.588, 0.258 -> 0.569 (gains 0.191 / 0.245 /
-  0.311, asserted >= +0.15, margin 0.041); twins in one cluster 0.42 -> 0.55, 0.39 -> 0.62, 0.32 -> 0.61.
-  (``benchmarks/harmonize.py --patients 80 --image-size 64 --epochs 2 --k 8 --splits train`` trains this
-  test's models (one torch thread, as conftest.py sets); with torch's default two threads the weights
-  differ and the gains were 0.141 / 0.133 / 0.194.  On three further seeds 3 / 4 / 5 the k=8 gain is
-  +0.115 / +0.027 / +0.111: seeds 0-2 are the kinder ones, README "Benchmarks".)
+* the probe AUROC of the setting from the region features: 0.723 / 0.736 / 0.730 entangled (asserted
+  >= 0.7, margin 0.023) -> 0.482 / 0.463 / 0.489 rotated (asserted <= 0.6, margin 0.111);
+* the proxy twins' cluster consistency: ARI 0.116 -> 0.283, 0.125 -> 0.249, 0.108 -> 0.301 (gains
+  0.167 / 0.124 / 0.193: the issue's +0.15 holds on seeds 0 and 2, not on seed 1; asserted >= +0.05,
+  margin 0.074), per-cluster Dice 0.324 -> 0.584, 0.356 -> 0.558, 0.257 -> 0.549 (gains 0.260 / 0.202 /
+  0.292, asserted >= +0.15, margin 0.052); twins in one cluster 0.39 -> 0.60, 0.42 -> 0.59, 0.31 -> 0.60.
+  On the install of 2026-12-03 (same code, same torch; scikit-learn and numpy are not pinned) the same
+  seeds had measured ARI gains 0.102 / 0.189 / 0.215.  Held-out seeds 3 / 4 / 5: ARI +0.085 / +0.056 /
+  +0.087, Dice +0.220 / +0.152 / +0.312, probe 0.682 / 0.752 / 0.760 -> 0.552 / 0.560 / 0.523 (seed 3's
+  entangled probe is below this test's 0.7).  At 160 patients (seeds 0-3) the ARI gains were +0.134 /
+  +0.133 / +0.092 / +0.224, with 4 epochs +0.059 / +0.174 / +0.096 / +0.097: neither more twins nor a
+  longer-trained model makes +0.15 hold on every seed (README "Benchmarks").
 
 Why the planted anatomy types: without them the cohort's biology is a continuum (anatomy sizes the
 crops normalise away, disease severities), the twins' clusters agreed by chance in every representation
@@ -46,8 +49,8 @@ pytestmark = pytest.mark.slow
 SEED = 0
 K_TECH, CLUSTERS = 8, 4
 # seed: (probe entangled, probe rotated, ARI entangled, ARI rotated, Dice entangled, Dice rotated)
-MEASURED = {0: (0.728, 0.505, 0.115, 0.217, 0.341, 0.532), 1: (0.739, 0.422, 0.111, 0.300, 0.343, 0.588),
-            2: (0.733, 0.492, 0.105, 0.320, 0.258, 0.569)}
+MEASURED = {0: (0.723, 0.482, 0.116, 0.283, 0.324, 0.584), 1: (0.736, 0.463, 0.125, 0.249, 0.356, 0.558),
+            2: (0.730, 0.489, 0.108, 0.301, 0.257, 0.549)}
 PROBE_ENTANGLED_MIN, PROBE_ROTATED_MAX, ARI_GAIN_MIN, DICE_GAIN_MIN = 0.7, 0.6, 0.05, 0.15
 
 
