@@ -14,11 +14,8 @@ film pairs), k=8, K=4 (k-means inside each region).  Calibrated over cohort/mode
   margin 0.074), per-cluster Dice 0.324 -> 0.584, 0.356 -> 0.558, 0.257 -> 0.549 (gains 0.260 / 0.202 /
   0.292, asserted >= +0.15, margin 0.052); twins in one cluster 0.39 -> 0.60, 0.42 -> 0.59, 0.31 -> 0.60.
   On the install of 2026-12-03 (same code, same torch; scikit-learn and numpy are not pinned) the same
-  seeds had measured ARI gains 0.102 / 0.189 / 0.215.  Held-out seeds 3 / 4 / 5: ARI +0.085 / +0.056 /
-  +0.087, Dice +0.220 / +0.152 / +0.312, probe 0.682 / 0.752 / 0.760 -> 0.552 / 0.560 / 0.523 (seed 3's
-  entangled probe is below this test's 0.7).  At 160 patients (seeds 0-3) the ARI gains were +0.134 /
-  +0.133 / +0.092 / +0.224, with 4 epochs +0.059 / +0.174 / +0.096 / +0.097: neither more twins nor a
-  longer-trained model makes +0.15 hold on every seed (README "Benchmarks").
+  seeds had measured ARI gains 0.102 / 0.189 / 0.215.  Held-out seeds 3-5 and the larger cohorts,
+  longer training and other fits tried: README "Benchmarks" (none makes +0.15 hold on every seed).
 
 Why the planted anatomy types: without them the cohort's biology is a continuum (anatomy sizes the
 crops normalise away, disease severities), the twins' clusters agreed by chance in every representation
@@ -100,12 +97,11 @@ def test_harmonize_cli_table_rotation_mlflow_and_removal(planted, capsys):
     from mlflow import MlflowClient
 
     from dipro.cli import main
+    from dipro.tracking.tracker import _get_or_create_experiment
 
     root, best, cfg = planted
     uri = cfg.tracking.uri
     client = MlflowClient(tracking_uri=uri)
-    from dipro.tracking.tracker import _get_or_create_experiment
-
     # the training run's experiment as dipro train creates it (sqlite: artifacts beside the database)
     parent = client.create_run(_get_or_create_experiment(client, "harmonize-test"), run_name="RUN").info.run_id
     out = root / "h"

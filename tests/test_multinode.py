@@ -158,13 +158,25 @@ class Job:
         assert [r.info.run_name for r in runs] == [self.run_name]  # one MLflow run, whatever happened
         return client, runs[0]
 
+    def lose_node_of_rank(self, nodes, rank: int):
+        """Kill the raylet of the node holding ``rank`` in the held group, wait for the job to succeed;
+        (the node left, the job's logs)."""
+        first = self.rank_nodes()[-1]
+        victim = next(n for n in nodes if n.node_id == first[rank])
+        survivor = next(n for n in nodes if n is not victim)
+        victim.kill_raylet()
+        info = self.cluster.wait_for_job(self.id, timeout_s=600)
+        logs = self.logs()
+        assert info["status"] == "SUCCEEDED", logs[-6000:]
+        return survivor, logs
+
 
 def history(client, run_id: str, key: str) -> list:
     """Metric values in the order they were logged."""
     return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
 
 
-def test_elastic_group_continues_with_fewer_workers(cluster, nodes, cohort, submit):
+def test_elastic_group_continues_with_fewer_workers(nodes, cohort, submit):
     """``trainer.num_workers=1-2`` with a node's worth of CPUs per worker: 2 workers while both
     nodes live, 1 after one node is lost, resumed from the step-2 checkpoint with the data position
     rescaled to the new world size.
@@ -186,13 +198,7 @@ def test_elastic_group_continues_with_fewer_workers(cluster, nodes, cohort, subm
     # was just re-added is restarted by Ray Train before any step: its ranks' lines come first).
     first = job.rank_nodes()[-1]
     assert sorted(first) == [0, 1] and first[0] != first[1], first
-    victim = next(n for n in nodes if n.node_id == first[1])
-    survivor = next(n for n in nodes if n is not victim)
-    victim.kill_raylet()
-
-    info = cluster.wait_for_job(job.id, timeout_s=600)
-    logs = job.logs()
-    assert info["status"] == "SUCCEEDED", logs[-6000:]
+    survivor, logs = job.lose_node_of_rank(nodes, 1)
     assert job.rank_nodes()[-1] == {0: survivor.node_id}
     # The step-2 checkpoint is normally the 2-worker group's: 2 micro batches per rank = 4 for a single
     # rank.  When the group first started with 1 worker (the re-added node's CPUs not yet in the view Ray
@@ -223,13 +229,7 @@ def test_node_loss_resumes_from_last_checkpoint_on_what_is_left(cluster, nodes, 
     worker_ids = {n.node_id for n in nodes}
     assert sorted(first) == [0, 1] and first[0] != first[1], first  # SPREAD: one rank per node
     assert set(first.values()) == worker_ids and cluster.node_id not in first.values()
-    victim = next(n for n in nodes if n.node_id == first[0])
-    survivor = next(n for n in nodes if n is not victim)
-    victim.kill_raylet()
-
-    info = cluster.wait_for_job(job.id, timeout_s=600)
-    logs = job.logs()
-    assert info["status"] == "SUCCEEDED", logs[-6000:]
+    survivor, logs = job.lose_node_of_rank(nodes, 0)
     groups = job.rank_nodes()
     assert len(groups) == 2 and groups[1] == {0: survivor.node_id, 1: survivor.node_id}, groups
     run_dir = job.storage / job.run_name
