@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 # pip byte-compiles every file it installs (21 000 here, ~100 s of the install's ~200 s on 2 cores);
 # without it Python compiles a module the first time it is imported, and most are never imported.
 NO_COMPILE := --no-compile
-# The non-cluster tests run on this many pytest-xdist workers, each test file on one worker
-# (--dist loadfile: a file's module fixtures are built once).  The cluster tests run alone, one
-# at a time: their timing bounds (scheduling timeouts, elastic resizes) assume an unloaded machine.
+# The non-cluster tests run on this many pytest-xdist workers (--dist loadgroup, groups set in tests/conftest.py):
+# each test file on one worker, so its module fixtures are built once, except that the files that train on a local
+# Ray cluster share one group and run one after the other, first. The cluster tests run alone, one at a time: their
+# timing bounds (scheduling timeouts, elastic resizes) assume an unloaded machine.
 TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast test-cluster bench bench-gpu clean
@@ -30,11 +31,11 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test; that is a failure of the suite here.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not cluster" tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 -m "not cluster" tests
 	$(BIN)/python -m pytest --durations=15 -m cluster tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no cluster tests collected"; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not cluster" tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slow and not cluster" tests
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster tests

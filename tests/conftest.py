@@ -106,3 +106,33 @@ def gcs_bucket(request, gcs_server, monkeypatch) -> str:
 def bucket(request) -> str:
     """The same test on an S3 bucket and on a GCS bucket."""
     return request.getfixturevalue("s3_bucket" if request.param == "s3" else "gcs_bucket")
+
+
+# ----------------------------------------------------------------------------- pytest-xdist scheduling
+
+# Test files that start a local Ray cluster for training or a Ray Tune sweep, several times each, with
+# bounds on how long scheduling may take (trainer.schedule_timeout_s, the sweep's hold waits, the fault
+# tests' recovery bounds). Two of them at once on a 2-core machine starve each other's raylets past those
+# bounds, so under `pytest -n N --dist loadgroup` they form one group: one worker runs them one after the
+# other, first (they are the longest), while the other workers take the remaining files.
+RAY_HEAVY = ("test_train_ray", "test_faults_train", "test_sweep", "test_tracking_train", "test_demo")
+RAY_GROUP = "ray-training"
+
+
+def xdist_group_of(module: str) -> str:
+    """The xdist group of a test file: the Ray-training group, or the file itself (module fixtures are
+    then built once, as with ``--dist loadfile``)."""
+    return RAY_GROUP if module in RAY_HEAVY else module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which appends the group to each node id
+def pytest_collection_modifyitems(config, items):
+    """Give every test its xdist group and put the Ray-training group first.
+
+    The order is a stable sort of the collection, so it is the same on every worker (xdist requires
+    that) and tests keep their order within a file; without xdist only the order changes.
+    """
+    groups = {item.nodeid: xdist_group_of(item.module.__name__.rsplit(".", 1)[-1]) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(name=groups[item.nodeid]))
+    items.sort(key=lambda item: groups[item.nodeid] != RAY_GROUP)
