@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip byte-compiles every file it installs (21 000 here, ~100 s of the install's ~200 s on 2 cores);
 # without it Python compiles a module the first time it is imported, and most are never imported.
 NO_COMPILE := --no-compile
-# The non-cluster tests run on this many pytest-xdist workers (--dist loadgroup, groups set in tests/conftest.py):
+# The non-cluster tests run on this many pytest-xdist workers (--dist loadgroup, units set in tests/xdist_groups.py):
 # each test file on one worker, so its module fixtures are built once, except that the files that train on a local
 # Ray cluster share one group and run one after the other, first. The cluster tests run alone, one at a time: their
 # timing bounds (scheduling timeouts, elastic resizes) assume an unloaded machine.

@@ -1,7 +1,7 @@
 """Shared pytest setup: keep every test on this machine and quiet; fixtures used by several test files.
 
 Helpers shared by test files live in modules next to this one (``helpers``, ``loader_shards``,
-``mlflow_server``, ``processed_fixture``, ``prepare_raw``, ``ray_head``, ``authors_golden``,
+``mlflow_server``, ``processed_fixture``, ``prepare_raw``, ``ray_head``, ``xdist_groups``, ``authors_golden``,
 ``authors_reference``); pytest puts ``tests/`` on ``sys.path``, and no test file imports another.
 """
 from __future__ import annotations
@@ -110,29 +110,16 @@ def bucket(request) -> str:
 
 # ----------------------------------------------------------------------------- pytest-xdist scheduling
 
-# Test files that start a local Ray cluster for training or a Ray Tune sweep, several times each, with
-# bounds on how long scheduling may take (trainer.schedule_timeout_s, the sweep's hold waits, the fault
-# tests' recovery bounds). Two of them at once on a 2-core machine starve each other's raylets past those
-# bounds, so under `pytest -n N --dist loadgroup` they form one group: one worker runs them one after the
-# other, first (they are the longest), while the other workers take the remaining files.
-RAY_HEAVY = ("test_train_ray", "test_faults_train", "test_sweep", "test_tracking_train", "test_demo")
-RAY_GROUP = "ray-training"
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: files, and one group for the Ray-training files (``xdist_groups``)."""
+    from xdist_groups import make_scheduler
+
+    return make_scheduler(config, log)
 
 
-def xdist_group_of(module: str) -> str:
-    """The xdist group of a test file: the Ray-training group, or the file itself (module fixtures are
-    then built once, as with ``--dist loadfile``)."""
-    return RAY_GROUP if module in RAY_HEAVY else module
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which appends the group to each node id
 def pytest_collection_modifyitems(config, items):
-    """Give every test its xdist group and put the Ray-training group first.
+    """Put the Ray-training group first: a stable sort, so the order is the same on every worker (xdist
+    requires that) and tests keep their order within a file; without xdist only the order changes."""
+    from xdist_groups import RAY_GROUP, xdist_group_of
 
-    The order is a stable sort of the collection, so it is the same on every worker (xdist requires
-    that) and tests keep their order within a file; without xdist only the order changes.
-    """
-    groups = {item.nodeid: xdist_group_of(item.module.__name__.rsplit(".", 1)[-1]) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(name=groups[item.nodeid]))
-    items.sort(key=lambda item: groups[item.nodeid] != RAY_GROUP)
+    items.sort(key=lambda item: xdist_group_of(item.nodeid) != RAY_GROUP)
