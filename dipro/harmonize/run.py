@@ -156,10 +156,11 @@ def run_harmonize(model: Any, cfg: Any, shard_dir: str | Path, processed: str | 
             c = M.cluster_consistency(x[name], pos[pairs.rows[:, 0]], pos[pairs.rows[:, 1]], clusters, seed,
                                       groups=feats.region[pairs.rows[:, 0]])
             r.update(ari=c["ari"], nmi=c["nmi"], dice=c["dice"], same_cluster=c["same_cluster"])
-            if c["groups_skipped"] and name == REPRESENTATIONS[0]:
-                say(f"cluster consistency: {c['groups_skipped']} region(s) with fewer than {clusters} distinct "
-                    f"films among the twins left out, {c['groups_used']} clustered")
-            clustered_regions = c["groups_used"]
+            if name == REPRESENTATIONS[0]:  # which regions are clustered depends on the twins, not the features
+                clustered_regions = c["groups_used"]
+                if c["groups_skipped"]:
+                    say(f"cluster consistency: {c['groups_skipped']} region(s) with fewer than {clusters} distinct "
+                        f"films among the twins left out, {c['groups_used']} clustered")
         if len(d_pairs) and 0 < changed.sum() < len(changed):
             _, dyn = std_of_pairs(model, full[name], d_pairs)
             r["probe_auroc_D_change"] = M.probe_auroc(dyn, changed, feats.stay[d_pairs[:, 0]], seed)
